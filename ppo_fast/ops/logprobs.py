@@ -1,0 +1,250 @@
+"""Chosen-token log-probabilities and entropy from logits, forward and backward.
+
+With x = logits / T over a row of V entries, lse = log sum_v exp(x_v), p = exp(x - lse):
+
+    logp     = x_y - lse
+    entropy  = lse - sum_v p_v x_v
+    d logp / d x_v    = [v == y] - p_v
+    d entropy / d x_v = -p_v (log p_v + entropy)
+
+The forward kernel reads each row once (online log-sum-exp, fp32) and keeps lse and the
+entropy per row; the backward kernel re-reads the logits and recomputes p from lse, so no
+[N, V] fp32 tensor is ever saved.
+"""
+from __future__ import annotations
+
+import torch
+
+from ppo_fast import reference
+from ppo_fast._checks import (
+    require_float,
+    require_integer,
+    require_labels_in_range,
+    require_positive,
+    require_same_device,
+    require_shape,
+)
+from ppo_fast._triton import tl, triton
+from ppo_fast.backend import resolve_backend
+
+FP32_MIN = -3.4028234663852886e38  # running-max start: finite, so (m_old - m_new) never is inf - inf
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row):
+    # Rows of a [B, T, V] view (e.g. logits[:, :-1]) need two strides; a flat [N, V] view
+    # passes rows_per_batch = N and stride_batch = 0.
+    return logits_ptr + (row // rows_per_batch) * stride_batch + (row % rows_per_batch) * stride_row
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    V, rows_per_batch, stride_batch, stride_row,
+    inv_temperature, ignore_index,
+    HAS_LABELS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row)
+
+    # Online log-sum-exp: m = running max, d = sum exp(x - m), s = sum exp(x - m) (x - m).
+    m = tl.full([], FP32_MIN, tl.float32)
+    d = tl.zeros([], tl.float32)
+    s = tl.zeros([], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        if WITH_ENTROPY:
+            # Re-centre the old sum on m_new: sum e_old (x - m_new) = alpha (s + (m - m_new) d).
+            s = alpha * (s + (m - m_new) * d) + tl.sum(e * tl.where(e > 0, x - m_new, 0.0), axis=0)
+        d = alpha * d + tl.sum(e, axis=0)
+        m = m_new
+
+    log_d = tl.log(d)
+    tl.store(lse_ptr + row, m + log_d)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, log_d - s / d)  # H = lse - E[x] = log d - E[x - m]
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        ignored = label == ignore_index
+        x_label = tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) * inv_temperature
+        tl.store(logp_ptr + row, tl.where(ignored, 0.0, x_label - m - log_d))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr, grad_logits_ptr, labels_ptr, grad_logp_ptr, grad_entropy_ptr, lse_ptr, entropy_ptr,
+    V, rows_per_batch, stride_batch, stride_row,
+    inv_temperature, ignore_index,
+    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row)
+    grad_row_ptr = grad_logits_ptr + row * V
+    lse = tl.load(lse_ptr + row)
+
+    g_logp = tl.zeros([], tl.float32)
+    label = tl.full([], -1, tl.int64)
+    if HAS_GRAD_LOGP:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        ignored = label == ignore_index
+        g_logp = tl.where(ignored, 0.0, tl.load(grad_logp_ptr + row).to(tl.float32))
+    g_entropy = tl.zeros([], tl.float32)
+    entropy = tl.zeros([], tl.float32)
+    if HAS_GRAD_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        entropy = tl.load(entropy_ptr + row)
+
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
+        logp = x - lse
+        p = tl.exp(logp)
+        # d/dx = g_logp ([v == y] - p) - g_entropy p (log p + H); [v == y] - p stays in fp32.
+        grad = tl.where(cols == label, 1.0 - p, -p) * g_logp
+        if HAS_GRAD_ENTROPY:
+            grad -= g_entropy * p * tl.where(p > 0, logp + entropy, 0.0)
+        grad = grad * inv_temperature
+        tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _rows_layout(logits: torch.Tensor):
+    """(logits, rows_per_batch, stride_batch, stride_row) addressing every row of [..., V]
+    without a copy where the strides allow (flat views and [B, T, V] slices)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    V = logits.shape[-1]
+    n_rows = logits.numel() // V
+    if logits.dim() == 3 and logits.stride(0) != logits.stride(1) * logits.shape[1]:
+        return logits, logits.shape[1], logits.stride(0), logits.stride(1)
+    try:
+        flat = logits.view(n_rows, V)
+    except RuntimeError:
+        logits = logits.contiguous()
+        flat = logits.view(n_rows, V)
+    return logits, max(n_rows, 1), 0, flat.stride(0)
+
+
+def _block_config(V: int):
+    block_v = min(triton.next_power_of_2(V), 4096)
+    return block_v, (8 if block_v >= 2048 else 4)
+
+
+def _launch_forward(logits, labels, inv_temperature, ignore_index, with_entropy):
+    logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
+    V = logits.shape[-1]
+    n_rows = logits.numel() // V
+    out_shape = logits.shape[:-1]
+    dev = logits.device
+    lse = torch.empty(out_shape, device=dev, dtype=torch.float32)
+    logp = torch.empty(out_shape, device=dev, dtype=torch.float32) if labels is not None else None
+    entropy = torch.empty(out_shape, device=dev, dtype=torch.float32) if with_entropy else None
+    if n_rows:
+        block_v, num_warps = _block_config(V)
+        _logprobs_fwd_kernel[(n_rows,)](
+            logits, labels, logp, entropy, lse,
+            V, rows_per_batch, stride_batch, stride_row,
+            inv_temperature, ignore_index,
+            HAS_LABELS=labels is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+    return logp, entropy, lse
+
+
+def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
+    grad_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+    logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
+    V = logits.shape[-1]
+    n_rows = logits.numel() // V
+    if n_rows:
+        block_v, num_warps = _block_config(V)
+        _logprobs_bwd_kernel[(n_rows,)](
+            logits, grad_logits, labels,
+            None if grad_logp is None else grad_logp.contiguous(),
+            None if grad_entropy is None else grad_entropy.contiguous(),
+            lse, entropy,
+            V, rows_per_batch, stride_batch, stride_row,
+            inv_temperature, ignore_index,
+            HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+            BLOCK_V=block_v, num_warps=num_warps,
+        )
+    return grad_logits
+
+
+# ----------------------------------------------------------------------------- autograd
+class _LogprobsTriton(torch.autograd.Function):
+    """Outputs: logp (when labels are given), then entropy (when asked)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy):
+        inv_temperature = 1.0 / temperature
+        logp, entropy, lse = _launch_forward(logits, labels, inv_temperature, ignore_index, with_entropy)
+        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
+        ctx.set_materialize_grads(False)
+        return tuple(t for t in (logp, entropy) if t is not None)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        grads = list(grads)
+        grad_logp = grads.pop(0) if labels is not None else None
+        grad_entropy = grads.pop(0) if entropy is not None else None
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
+        grad_logits = _launch_backward(
+            logits, labels, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, ctx.ignore_index
+        )
+        return grad_logits, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+def _validate_logits(logits, temperature) -> float:
+    require_float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    return require_positive("temperature", temperature)
+
+
+def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """Log-probability of each label under softmax(logits / temperature), in one pass.
+
+    Args:
+        logits: [..., V] float32/bfloat16/float16.
+        labels: [...] integer token ids; positions equal to `ignore_index` give logp 0 and
+            no gradient through logp (their entropy is still computed).
+        temperature: float > 0 dividing the logits.
+        return_entropy: also return the entropy of softmax(logits / temperature).
+
+    Returns:
+        float32 logp shaped like labels, or (logp, entropy) with return_entropy.
+        Differentiable to `logits` through both outputs; the gradient has logits' dtype.
+    """
+    temperature = _validate_logits(logits, temperature)
+    require_integer("labels", labels)
+    require_same_device(logits=logits, labels=labels)
+    require_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
+    require_labels_in_range(labels, logits.shape[-1], ignore_index)
+
+    backend = resolve_backend(logits.device, "logprobs_from_logits", supported=("triton", "torch"))
+    if backend == "torch":
+        return reference.logprobs_from_logits(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        )
+    outputs = _LogprobsTriton.apply(logits, labels.contiguous(), temperature, ignore_index, return_entropy)
+    return outputs if return_entropy else outputs[0]
+
+
+def entropy_from_logits(logits, *, temperature=1.0):
+    """Entropy of softmax(logits / temperature) over the last dim: float32 [...], differentiable."""
+    temperature = _validate_logits(logits, temperature)
+    backend = resolve_backend(logits.device, "entropy_from_logits", supported=("triton", "torch"))
+    if backend == "torch":
+        return reference.entropy_from_logits(logits, temperature=temperature)
+    return _LogprobsTriton.apply(logits, None, temperature, -100, True)[0]
