@@ -1,0 +1,257 @@
+"""Benchmarks of the ppo_fast ops against the plain-PyTorch reference.
+
+Every case times one op in one mode ("fwd" or "fwd+bwd") on each implementation available
+here: `torch` (the `ppo_fast.reference` function, the baseline), `torch-compile` (the same
+under torch.compile, GPU only) and `ppo_fast-<backend>` for every ppo_fast backend that can
+run on the device. Each row reports milliseconds (median), peak memory above the inputs
+(GPU), and achieved GB/s over the bytes the op must move, which the run also expresses as a
+fraction of the device's measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+import ppo_fast
+from ppo_fast import reference
+from ppo_fast.backend import BackendError, available_backends
+from ppo_fast.ops import logprobs_from_logits
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+
+
+@dataclasses.dataclass
+class Case:
+    """One op, mode, dtype and shape; `make_inputs()` builds fresh inputs, each impl maps
+    inputs -> None (it runs the op once)."""
+
+    op: str
+    mode: str
+    dtype: torch.dtype
+    shape: dict
+    make_inputs: Callable[[], dict]
+    impls: dict
+    bytes_moved: int
+    flops: int = 0
+
+
+# ----------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, min_time_s: float = 0.3, max_reps: int = 50) -> float:
+    """Median wall time of fn in ms, after warm-up. CUDA: triton.testing.do_bench (CUDA events)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time_s and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device):
+    """Peak allocated memory above what was allocated before fn (CUDA only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device-to-device copy rate: bytes read + written per second."""
+    n = (2**28 if device.type == "cuda" else 2**25)  # 1 GiB / 128 MiB of fp32
+    src = torch.empty(n, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """Dense matmul rate: bf16 8192^3 on GPU, fp32 1024^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+# ----------------------------------------------------------------------------- impls
+def backend_impls(device: torch.device, public_fn, reference_fn, *, compile_reference: bool) -> dict:
+    """{impl name: function with the op's signature} for every implementation that can run."""
+    impls = {"torch": reference_fn}
+    if compile_reference:
+        impls["torch-compile"] = torch.compile(reference_fn, dynamic=False)
+    for name in available_backends(device):
+        if name != "torch":
+            impls[f"ppo_fast-{name}"] = _on_backend(name, public_fn)
+    return impls
+
+
+def _on_backend(name, fn):
+    def run(*args, **kwargs):
+        with ppo_fast.use_backend(name):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- cases
+def logprobs_cases(device: torch.device, quick: bool) -> list:
+    if device.type == "cuda":
+        dtype = torch.bfloat16
+        shapes = [(4096, 32000)] if quick else [(4096, 128256), (8192, 128256), (16384, 128256)]
+    else:
+        dtype = torch.float32
+        shapes = [(512, 32000)] if quick else [(2048, 32000)]
+    impls = backend_impls(
+        device, logprobs_from_logits, reference.logprobs_from_logits, compile_reference=device.type == "cuda"
+    )
+    cases = []
+    for n, v in shapes:
+        def make_inputs(n=n, v=v, grad=False):
+            logits = torch.randn(n, v, device=device, dtype=dtype, requires_grad=grad)
+            labels = torch.randint(0, v, (n,), device=device)
+            up = torch.randn(2, n, device=device)
+            return {"logits": logits, "labels": labels, "up_logp": up[0], "up_entropy": up[1]}
+
+        logits_bytes = n * v * dtype.itemsize
+        cases.append(Case("logprobs", "fwd", dtype, {"N": n, "V": v}, make_inputs,
+                          {k: _logprobs_fwd(f) for k, f in impls.items()}, logits_bytes))
+        cases.append(Case("logprobs", "fwd+bwd", dtype, {"N": n, "V": v},
+                          lambda make=make_inputs: make(grad=True),
+                          {k: _logprobs_fwd_bwd(f) for k, f in impls.items()},
+                          3 * logits_bytes))  # read (fwd), read (bwd), write the gradient
+    return cases
+
+
+def _logprobs_fwd(fn):
+    def run(x):
+        with torch.no_grad():
+            fn(x["logits"], x["labels"], return_entropy=True)
+
+    return run
+
+
+def _logprobs_fwd_bwd(fn):
+    def run(x):
+        logp, entropy = fn(x["logits"], x["labels"], return_entropy=True)
+        torch.autograd.grad((logp, entropy), x["logits"], (x["up_logp"], x["up_entropy"]))
+
+    return run
+
+
+CASES = {"logprobs": logprobs_cases}
+
+
+# ----------------------------------------------------------------------------- runner
+def run_case(case: Case, device: torch.device) -> list:
+    rows = []
+    inputs = case.make_inputs()
+    for impl, fn in case.impls.items():
+        try:
+            ms = time_ms(lambda: fn(inputs), device)
+            peak = peak_memory_mb(lambda: fn(inputs), device)
+        except BackendError as err:
+            print(f"  skip {impl}: {err}")
+            continue
+        rows.append({
+            "op": case.op, "impl": impl, "mode": case.mode, "dtype": str(case.dtype).replace("torch.", ""),
+            "shape": case.shape, "ms": round(ms, 4),
+            "peak_mem_mb": None if peak is None else round(peak, 1),
+            "gbps": round(case.bytes_moved / (ms * 1e-3) / 1e9, 3),
+            "tflops": round(case.flops / (ms * 1e-3) / 1e12, 2) if case.flops else None,
+        })
+    del inputs
+    return rows
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(device=None, *, ops=None, quick=False) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    record = {
+        "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+        "commit": git_commit(), "date": datetime.date.today().isoformat(), "quick": quick,
+        "copy_gbps": round(copy_bandwidth_gbps(device), 1), "matmul_tflops": round(matmul_tflops(device), 2),
+        "results": [],
+    }
+    for op in ops or CASES:
+        for case in CASES[op](device, quick):
+            print(f"{case.op} {case.mode} {case.shape} {case.dtype} ...", flush=True)
+            record["results"].extend(run_case(case, device))
+    return record
+
+
+def markdown_table(record: dict) -> str:
+    """One line per result: time, speed-up over `torch` of the same case, GB/s and % of copy bandwidth."""
+    baseline = {(r["op"], r["mode"], r["dtype"], json.dumps(r["shape"])): r["ms"]
+                for r in record["results"] if r["impl"] == "torch"}
+    lines = [
+        f"Device: {record['device']} — torch {record['torch']}, triton {record['triton']}, "
+        f"copy {record['copy_gbps']} GB/s, matmul {record['matmul_tflops']} TFLOP/s, {record['date']}",
+        "",
+        "| op | mode | dtype | shape | impl | ms | speed-up vs torch | GB/s | % of copy BW | peak MB |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in record["results"]:
+        base = baseline.get((r["op"], r["mode"], r["dtype"], json.dumps(r["shape"])))
+        speedup = f"{base / r['ms']:.2f}x" if base else "-"
+        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+        pct = 100 * r["gbps"] / record["copy_gbps"]
+        peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {shape} | {r['impl']} | {r['ms']:.3f} | "
+                     f"{speedup} | {r["gbps"]:.1f} | {pct:.1f}% | {peak} |")
+    return "\n".join(lines)
+
+
+def save(record: dict, out_dir: str = RESULTS_DIR) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in record["device"].lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    stem = os.path.join(out_dir, f"{slug}-{record['date']}{'-quick' if record['quick'] else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown_table(record) + "\n")
+    return stem + ".json"
