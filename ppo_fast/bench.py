@@ -240,7 +240,7 @@ def markdown_table(record: dict) -> str:
         pct = 100 * r["gbps"] / record["copy_gbps"]
         peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {shape} | {r['impl']} | {r['ms']:.3f} | "
-                     f"{speedup} | {r["gbps"]:.1f} | {pct:.1f}% | {peak} |")
+                     f"{speedup} | {r['gbps']:.1f} | {pct:.1f}% | {peak} |")
     return "\n".join(lines)
 
 
