@@ -56,3 +56,43 @@ def require_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index:
             f"labels: values must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
             f"found {int(labels[where])} at index {where}"
         )
+
+
+def require_mask(name: str, mask, shape) -> None:
+    """A [B, T] mask of bools or 0/1 values (one device sync for non-bool masks)."""
+    require_tensor(name, mask)
+    require_shape(name, mask, shape, "the shape of the per-token inputs")
+    if mask.dtype != torch.bool and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name}: expected a bool or 0/1 mask, found values other than 0 and 1 ({mask.dtype})")
+
+
+def require_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def require_optional_count(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}: expected None or a number > 0 (a global count), got {value!r}")
+
+
+def require_nonnegative(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
+    return float(value)
+
+
+def require_per_token(names_and_tensors: dict, dtypes=LOWP_FLOATS):
+    """Float [B, T] tensors of one shape, on one device. Returns the shape."""
+    first_name, first = next(iter(names_and_tensors.items()))
+    for name, x in names_and_tensors.items():
+        require_float(name, x, dtypes)
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a [B, T] tensor, got shape {tuple(x.shape)}")
+        require_shape(name, x, first.shape, f"the shape of {first_name}")
+    require_same_device(**names_and_tensors)
+    return first.shape

@@ -1,0 +1,154 @@
+"""PPO clipped policy loss (asymmetric and dual clip), forward and backward in one pass each.
+
+Per token, with D = clamp(log_prob - old, -20, 20), r = exp(D):
+
+    L1 = -A r,  L2 = -A clamp(r, 1 - c_low, 1 + c_high),  Lc = max(L1, L2)
+    L  = min(-A c, Lc) where A < 0 (dual clip c), else Lc
+    dL / d log_prob = r * dL/dr * [-20 <= log_prob - old <= 20],
+    dL/dr = -A where L1 >= L2 (and not dual-clipped), else 0.
+
+The forward kernel writes per-row masked sums of L and of the statistics, and m * dL/dlog_prob
+for the backward, which only scales it by the aggregation weight of its row.
+"""
+from __future__ import annotations
+
+import torch
+
+from ppo_fast import reference
+from ppo_fast._checks import (
+    require_choice,
+    require_mask,
+    require_nonnegative,
+    require_optional_count,
+    require_per_token,
+    require_same_device,
+)
+from ppo_fast._triton import tl, triton
+from ppo_fast.backend import resolve_backend
+from ppo_fast.ops.masked import AGG_MODES, _block_t, scale_rows, weighted_row_total
+
+N_ROW_STATS = 5  # sum m L, sum m, sum m clipped, sum m (-D), sum m lower-clipped
+
+
+# ----------------------------------------------------------------------------- kernel
+@triton.jit
+def _policy_loss_fwd_kernel(
+    log_prob_ptr, old_ptr, adv_ptr, mask_ptr, dloss_ptr, row_stats_ptr, T,
+    clip_low, clip_high, dual_clip,
+    HAS_DUAL_CLIP: tl.constexpr, NEEDS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    loss_sum = tl.zeros([BLOCK_T], tl.float32)
+    count = tl.zeros([BLOCK_T], tl.float32)
+    clipped_sum = tl.zeros([BLOCK_T], tl.float32)
+    neg_delta_sum = tl.zeros([BLOCK_T], tl.float32)
+    lower_sum = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        ok = cols < T
+        offs = row * T + cols
+        log_prob = tl.load(log_prob_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32)
+
+        raw_delta = log_prob - old
+        delta = tl.minimum(tl.maximum(raw_delta, -20.0), 20.0)
+        ratio = tl.exp(delta)
+        loss_unclipped = -adv * ratio
+        loss_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+        loss = tl.maximum(loss_unclipped, loss_clipped)
+        dloss_dratio = tl.where(loss_unclipped >= loss_clipped, -adv, 0.0)
+        if HAS_DUAL_CLIP:
+            loss_dual = -adv * dual_clip
+            lower = (adv < 0) & (loss > loss_dual)
+            loss = tl.where(lower, loss_dual, loss)
+            dloss_dratio = tl.where(lower, 0.0, dloss_dratio)
+            lower_sum += m * lower.to(tl.float32)
+        if NEEDS_GRAD:
+            in_range = (raw_delta >= -20.0) & (raw_delta <= 20.0)
+            tl.store(dloss_ptr + offs, tl.where(in_range, m * dloss_dratio * ratio, 0.0), mask=ok)
+
+        loss_sum += m * loss
+        count += m
+        clipped_sum += m * (loss_clipped > loss_unclipped).to(tl.float32)
+        neg_delta_sum -= m * delta
+    out = row_stats_ptr + row * 5
+    tl.store(out, tl.sum(loss_sum, axis=0))
+    tl.store(out + 1, tl.sum(count, axis=0))
+    tl.store(out + 2, tl.sum(clipped_sum, axis=0))
+    tl.store(out + 3, tl.sum(neg_delta_sum, axis=0))
+    tl.store(out + 4, tl.sum(lower_sum, axis=0))
+
+
+# ----------------------------------------------------------------------------- launcher
+def _launch_forward(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad):
+    B, T = log_prob.shape
+    row_stats = torch.empty(B, N_ROW_STATS, device=log_prob.device, dtype=torch.float32)
+    dloss = torch.empty(B, T, device=log_prob.device, dtype=torch.float32) if needs_grad else None
+    if B:
+        _policy_loss_fwd_kernel[(B,)](
+            log_prob, old_log_prob, advantages, mask, dloss, row_stats, T,
+            clip_low, clip_high, 1.0 if dual_clip is None else dual_clip,
+            HAS_DUAL_CLIP=dual_clip is not None, NEEDS_GRAD=needs_grad, BLOCK_T=_block_t(T),
+        )
+    return row_stats, dloss
+
+
+def _stats(row_stats):
+    n = row_stats[:, 1].sum().clamp(min=1)
+    clipfrac, approx_kl, lower = (row_stats[:, 2:].sum(0) / n).unbind()
+    return {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}
+
+
+# ----------------------------------------------------------------------------- autograd
+class _PolicyLossTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens,
+                num_seqs):
+        row_stats, dloss = _launch_forward(log_prob, old_log_prob, advantages, mask, clip_low, clip_high,
+                                           dual_clip, ctx.needs_input_grad[0])
+        loss, weights = weighted_row_total(row_stats[:, 0], row_stats[:, 1], agg, num_tokens, num_seqs)
+        ctx.save_for_backward(dloss, weights)
+        ctx.dtype = log_prob.dtype
+        stats = _stats(row_stats)
+        ctx.mark_non_differentiable(*stats.values())
+        return loss, stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stat_grads):
+        dloss, weights = ctx.saved_tensors
+        grad = scale_rows(weights, grad_loss, dloss.shape, ctx.dtype, x=dloss)
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                    agg="token-mean", num_tokens=None, num_seqs=None):
+    """PPO clipped surrogate loss over [B, T] tokens (verl / OpenRLHF conventions).
+
+    Returns (loss, stats): a float32 scalar differentiable to `log_prob` only, and a dict of
+    detached float32 scalars `clipfrac`, `approx_kl`, `clipfrac_lower` (masked token means).
+    `agg`, `num_tokens`, `num_seqs` as in `agg_loss`. A fully masked batch gives 0s.
+    """
+    shape = require_per_token({"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages})
+    require_mask("mask", mask, shape)
+    require_same_device(log_prob=log_prob, mask=mask)
+    clip_low = require_nonnegative("clip_low", clip_low)
+    clip_high = require_nonnegative("clip_high", clip_high)
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
+        raise ValueError(f"dual_clip: expected None or a value > 1, got {dual_clip!r}")
+    require_choice("agg", agg, AGG_MODES)
+    require_optional_count("num_tokens", num_tokens)
+    require_optional_count("num_seqs", num_seqs)
+
+    if resolve_backend(log_prob.device, "ppo_policy_loss", supported=("triton", "torch")) == "torch":
+        return reference.ppo_policy_loss(log_prob, old_log_prob, advantages, mask, clip_low=clip_low,
+                                         clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,
+                                         num_seqs=num_seqs)
+    loss, clipfrac, approx_kl, lower = _PolicyLossTriton.apply(
+        log_prob.contiguous(), old_log_prob.detach().contiguous(), advantages.detach().contiguous(),
+        mask.contiguous(), clip_low, clip_high, None if dual_clip is None else float(dual_clip), agg, num_tokens,
+        num_seqs,
+    )
+    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}
