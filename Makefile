@@ -6,12 +6,22 @@ PIP := $(PYTHON) -m pip
 # Installed only where no torch is present; an existing (e.g. CUDA) torch is never replaced.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install native test demo bench clean
 
+# Metadata-only editable install (fast), then the native extensions built in place: ninja
+# keeps its objects under build/, so a rebuild compiles only what changed. A failed native
+# build leaves the Triton and torch backends working; PPO_FAST_REQUIRE_NATIVE=1 makes it fatal.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -q "setuptools>=64" wheel "pybind11>=2.10" ninja
-	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	PPO_FAST_NO_EXT=1 $(PIP) install -q --no-build-isolation -e ".[dev]"
+	@$(MAKE) --no-print-directory native
+
+native:
+	@mkdir -p build; $(PYTHON) setup.py build_ext --inplace > build/native.log 2>&1 || tail -n 30 build/native.log; \
+	if $(PYTHON) -c "import ppo_fast._C" 2>/dev/null; then echo "native: ppo_fast._C built"; \
+	elif [ "$$PPO_FAST_REQUIRE_NATIVE" = 1 ]; then echo "native: build failed" >&2; exit 1; \
+	else echo "native: build failed; CPU tensors use the torch backend" >&2; fi
 
 test: install
 	$(PYTHON) -m pytest tests

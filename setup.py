@@ -38,7 +38,7 @@ def native_extensions():
                 "ppo_fast._C",
                 cpu_sources,
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": ["-O3"]},
             )
         )
     if cuda_sources and cpp_extension.CUDA_HOME is not None and _torch_has_cuda():
@@ -47,7 +47,7 @@ def native_extensions():
                 "ppo_fast._C_cuda",
                 cuda_sources,
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
             )
         )
     return extensions, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

@@ -24,6 +24,7 @@ import torch
 import ppo_fast
 from ppo_fast import reference
 from ppo_fast.backend import BackendError, available_backends
+from ppo_fast import ops
 from ppo_fast.ops import logprobs_from_logits
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
@@ -161,7 +162,73 @@ def _logprobs_fwd_bwd(fn):
     return run
 
 
+def token_shapes(device: torch.device, quick: bool) -> list:
+    """[B, T] shapes for the per-token ops: RLHF batch sizes on GPU, scaled down on CPU."""
+    if device.type == "cuda":
+        return [(64, 1024)] if quick else [(64, 1024), (512, 4096)]
+    return [(16, 512)] if quick else [(64, 2048)]
+
+
+def _token_inputs(device, B, T, grad=False, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    old = torch.randn(B, T, device=device, generator=g) * 0.5 - 2
+    mask = torch.rand(B, T, device=device, generator=g) < 0.9
+    return {
+        "x": (old + 0.3 * torch.randn(B, T, device=device, generator=g)).requires_grad_(grad),
+        "old": old, "other": torch.randn(B, T, device=device, generator=g), "mask": mask,
+        "scores": torch.randn(B, device=device, generator=g),
+    }
+
+
+# op name -> (public fn, reference fn, call(fn, inputs) -> output, bytes per token fwd, fwd+bwd or None).
+# Bytes per token: fp32 inputs read (4 each), a bool mask (1), outputs and gradients written (4 each).
+TOKEN_OPS = {
+    "ppo_policy_loss": (ops.ppo_policy_loss, reference.ppo_policy_loss,
+                        lambda f, x: f(x["x"], x["old"], x["other"], x["mask"], dual_clip=3.0)[0], 13, 17),
+    "value_loss": (ops.value_loss, reference.value_loss,
+                   lambda f, x: f(x["x"], x["old"], x["other"], x["mask"])[0], 13, 17),
+    "kl_penalty": (ops.kl_penalty, reference.kl_penalty,
+                   lambda f, x: f(x["x"], x["old"], estimator="k3"), 12, 20),
+    "compute_rewards": (ops.compute_rewards, reference.compute_rewards,
+                        lambda f, x: f(x["scores"], x["x"], x["old"], x["mask"], kl_coef=0.05), 13, None),
+    "gae": (ops.gae, reference.gae, lambda f, x: f(x["other"], x["old"], x["mask"], gamma=1.0, lam=0.95), 17, None),
+    "masked_whiten": (ops.masked_whiten, reference.masked_whiten, lambda f, x: f(x["x"], x["mask"]), 9, None),
+}
+
+
+def token_op_cases(op: str, device: torch.device, quick: bool) -> list:
+    public, ref, call, bytes_fwd, bytes_fwd_bwd = TOKEN_OPS[op]
+    impls = backend_impls(device, public, ref, compile_reference=device.type == "cuda" and op != "gae")
+    cases = []
+    for B, T in token_shapes(device, quick):
+        shape = {"B": B, "T": T}
+        cases.append(Case(op, "fwd", torch.float32, shape, lambda B=B, T=T: _token_inputs(device, B, T),
+                          {k: _no_grad(call, f) for k, f in impls.items()}, bytes_fwd * B * T))
+        if bytes_fwd_bwd:
+            cases.append(Case(op, "fwd+bwd", torch.float32, shape,
+                              lambda B=B, T=T: _token_inputs(device, B, T, grad=True),
+                              {k: _with_grad(call, f) for k, f in impls.items()}, bytes_fwd_bwd * B * T))
+    return cases
+
+
+def _no_grad(call, fn):
+    def run(x):
+        with torch.no_grad():
+            call(fn, x)
+
+    return run
+
+
+def _with_grad(call, fn):
+    def run(x):
+        out = call(fn, x)
+        torch.autograd.grad(out, x["x"], torch.ones_like(out))
+
+    return run
+
+
 CASES = {"logprobs": logprobs_cases}
+CASES.update({op: (lambda device, quick, op=op: token_op_cases(op, device, quick)) for op in TOKEN_OPS})
 
 
 # ----------------------------------------------------------------------------- runner

@@ -23,7 +23,7 @@ from ppo_fast._checks import (
     require_same_device,
 )
 from ppo_fast._triton import tl, triton
-from ppo_fast.backend import resolve_backend
+from ppo_fast.backend import native_module, resolve_backend
 from ppo_fast.ops.masked import _block_t
 
 GROUP_MODES = reference.GROUP_MODES
@@ -91,8 +91,12 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     require_same_device(rewards=rewards, mask=mask)
     gamma = require_nonnegative("gamma", gamma)
     lam = require_nonnegative("lam", lam)
-    if resolve_backend(rewards.device, "gae", supported=("triton", "torch")) == "torch":
+    backend = resolve_backend(rewards.device, "gae", supported=("triton", "cpp", "torch"))
+    if backend == "torch":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    if backend == "cpp":
+        inputs = (t.detach().float().contiguous() for t in (rewards, values, mask))
+        return tuple(native_module("_C").gae_forward(*inputs, gamma, lam))
     return _gae_triton(rewards.detach().contiguous(), values.detach().contiguous(), mask.contiguous(), gamma, lam)
 
 

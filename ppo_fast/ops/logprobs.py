@@ -25,7 +25,7 @@ from ppo_fast._checks import (
     require_shape,
 )
 from ppo_fast._triton import tl, triton
-from ppo_fast.backend import resolve_backend
+from ppo_fast.backend import native_module, resolve_backend
 
 FP32_MIN = -3.4028234663852886e38  # running-max start: finite, so (m_old - m_new) never is inf - inf
 
@@ -177,14 +177,41 @@ def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_
     return grad_logits
 
 
+def _cpp_forward(logits, labels, inv_temperature, ignore_index, with_entropy):
+    logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
+    V = logits.shape[-1]
+    out_shape = logits.shape[:-1]
+    logp, entropy, lse = native_module("_C").logprobs_forward(
+        logits, labels, logits.numel() // V, V, rows_per_batch, stride_batch, stride_row,
+        inv_temperature, ignore_index, with_entropy,
+    )
+    return tuple(None if t is None else t.view(out_shape) for t in (logp, entropy, lse))
+
+
+def _cpp_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
+    shape = logits.shape
+    logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
+    V = logits.shape[-1]
+    grad = native_module("_C").logprobs_backward(
+        logits, labels, logits.numel() // V, V, rows_per_batch, stride_batch, stride_row, lse,
+        entropy, *(None if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy)),
+        inv_temperature, ignore_index,
+    )
+    return grad.view(shape)
+
+
+_LAUNCHERS = {"triton": (_launch_forward, _launch_backward), "cpp": (_cpp_forward, _cpp_backward)}
+
+
 # ----------------------------------------------------------------------------- autograd
-class _LogprobsTriton(torch.autograd.Function):
+class _Logprobs(torch.autograd.Function):
     """Outputs: logp (when labels are given), then entropy (when asked)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy):
+    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, backend):
         inv_temperature = 1.0 / temperature
-        logp, entropy, lse = _launch_forward(logits, labels, inv_temperature, ignore_index, with_entropy)
+        launch_forward, ctx.launch_backward = _LAUNCHERS[backend]
+        logp, entropy, lse = launch_forward(logits, labels, inv_temperature, ignore_index, with_entropy)
         ctx.save_for_backward(logits, labels, lse, entropy)
         ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
         ctx.set_materialize_grads(False)
@@ -197,14 +224,17 @@ class _LogprobsTriton(torch.autograd.Function):
         grad_logp = grads.pop(0) if labels is not None else None
         grad_entropy = grads.pop(0) if entropy is not None else None
         if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None
-        grad_logits = _launch_backward(
+            return None, None, None, None, None, None
+        grad_logits = ctx.launch_backward(
             logits, labels, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, ctx.ignore_index
         )
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public
+SUPPORTED = ("triton", "cpp", "torch")
+
+
 def _validate_logits(logits, temperature) -> float:
     require_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
@@ -232,19 +262,20 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
     require_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     require_labels_in_range(labels, logits.shape[-1], ignore_index)
 
-    backend = resolve_backend(logits.device, "logprobs_from_logits", supported=("triton", "torch"))
+    backend = resolve_backend(logits.device, "logprobs_from_logits", supported=SUPPORTED)
     if backend == "torch":
         return reference.logprobs_from_logits(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
-    outputs = _LogprobsTriton.apply(logits, labels.contiguous(), temperature, ignore_index, return_entropy)
+    labels = labels.reshape(-1).long() if backend == "cpp" else labels.contiguous()
+    outputs = _Logprobs.apply(logits, labels, temperature, ignore_index, return_entropy, backend)
     return outputs if return_entropy else outputs[0]
 
 
 def entropy_from_logits(logits, *, temperature=1.0):
     """Entropy of softmax(logits / temperature) over the last dim: float32 [...], differentiable."""
     temperature = _validate_logits(logits, temperature)
-    backend = resolve_backend(logits.device, "entropy_from_logits", supported=("triton", "torch"))
+    backend = resolve_backend(logits.device, "entropy_from_logits", supported=SUPPORTED)
     if backend == "torch":
         return reference.entropy_from_logits(logits, temperature=temperature)
-    return _LogprobsTriton.apply(logits, None, temperature, -100, True)[0]
+    return _Logprobs.apply(logits, None, temperature, -100, True, backend)[0]

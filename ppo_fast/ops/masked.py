@@ -21,7 +21,7 @@ from ppo_fast._checks import (
     require_same_device,
 )
 from ppo_fast._triton import tl, triton
-from ppo_fast.backend import resolve_backend
+from ppo_fast.backend import native_module, resolve_backend
 
 AGG_MODES = reference.AGG_MODES
 
@@ -90,9 +90,12 @@ def masked_row_sums(x, mask, center=None):
     return out
 
 
-def scale_rows(row_weight, upstream, shape, out_dtype, *, x=None, mask=None):
+def scale_rows(row_weight, upstream, shape, out_dtype, *, x=None, mask=None, backend="triton"):
     """upstream * row_weight[:, None] (* x) (* mask): a [B, T] tensor of out_dtype."""
     B, T = shape
+    if backend == "cpp":
+        x, mask = (None if t is None else t.float().contiguous() for t in (x, mask))
+        return native_module("_C").scale_rows(row_weight, upstream.float(), B, T, x, mask).to(out_dtype)
     out = torch.empty(shape, device=row_weight.device, dtype=out_dtype)
     if B * T:
         block = _block_t(T)

@@ -24,7 +24,7 @@ from ppo_fast._checks import (
     require_same_device,
 )
 from ppo_fast._triton import tl, triton
-from ppo_fast.backend import resolve_backend
+from ppo_fast.backend import native_module, resolve_backend
 from ppo_fast.ops.masked import AGG_MODES, _block_t, scale_rows, weighted_row_total
 
 N_ROW_STATS = 5  # sum m L, sum m, sum m clipped, sum m (-D), sum m lower-clipped
@@ -82,7 +82,10 @@ def _policy_loss_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launcher
-def _launch_forward(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad):
+def _launch_forward(backend, log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad):
+    if backend == "cpp":
+        inputs = (t.float().contiguous() for t in (log_prob, old_log_prob, advantages, mask))
+        return native_module("_C").policy_loss_forward(*inputs, clip_low, clip_high, dual_clip, needs_grad)
     B, T = log_prob.shape
     row_stats = torch.empty(B, N_ROW_STATS, device=log_prob.device, dtype=torch.float32)
     dloss = torch.empty(B, T, device=log_prob.device, dtype=torch.float32) if needs_grad else None
@@ -102,15 +105,15 @@ def _stats(row_stats):
 
 
 # ----------------------------------------------------------------------------- autograd
-class _PolicyLossTriton(torch.autograd.Function):
+class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens,
-                num_seqs):
-        row_stats, dloss = _launch_forward(log_prob, old_log_prob, advantages, mask, clip_low, clip_high,
+                num_seqs, backend):
+        row_stats, dloss = _launch_forward(backend, log_prob, old_log_prob, advantages, mask, clip_low, clip_high,
                                            dual_clip, ctx.needs_input_grad[0])
         loss, weights = weighted_row_total(row_stats[:, 0], row_stats[:, 1], agg, num_tokens, num_seqs)
         ctx.save_for_backward(dloss, weights)
-        ctx.dtype = log_prob.dtype
+        ctx.dtype, ctx.backend = log_prob.dtype, backend
         stats = _stats(row_stats)
         ctx.mark_non_differentiable(*stats.values())
         return loss, stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]
@@ -118,8 +121,8 @@ class _PolicyLossTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_stat_grads):
         dloss, weights = ctx.saved_tensors
-        grad = scale_rows(weights, grad_loss, dloss.shape, ctx.dtype, x=dloss)
-        return grad, None, None, None, None, None, None, None, None, None
+        grad = scale_rows(weights, grad_loss, dloss.shape, ctx.dtype, x=dloss, backend=ctx.backend)
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public
@@ -142,13 +145,14 @@ def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, c
     require_optional_count("num_tokens", num_tokens)
     require_optional_count("num_seqs", num_seqs)
 
-    if resolve_backend(log_prob.device, "ppo_policy_loss", supported=("triton", "torch")) == "torch":
+    backend = resolve_backend(log_prob.device, "ppo_policy_loss", supported=("triton", "cpp", "torch"))
+    if backend == "torch":
         return reference.ppo_policy_loss(log_prob, old_log_prob, advantages, mask, clip_low=clip_low,
                                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,
                                          num_seqs=num_seqs)
-    loss, clipfrac, approx_kl, lower = _PolicyLossTriton.apply(
+    loss, clipfrac, approx_kl, lower = _PolicyLoss.apply(
         log_prob.contiguous(), old_log_prob.detach().contiguous(), advantages.detach().contiguous(),
         mask.contiguous(), clip_low, clip_high, None if dual_clip is None else float(dual_clip), agg, num_tokens,
-        num_seqs,
+        num_seqs, backend,
     )
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}

@@ -19,7 +19,7 @@ from ppo_fast._checks import (
     require_same_device,
 )
 from ppo_fast._triton import tl, triton
-from ppo_fast.backend import resolve_backend
+from ppo_fast.backend import native_module, resolve_backend
 from ppo_fast.ops.masked import AGG_MODES, _block_t, scale_rows, weighted_row_total
 
 
@@ -56,7 +56,10 @@ def _value_loss_fwd_kernel(values_ptr, old_ptr, returns_ptr, mask_ptr, dloss_ptr
     tl.store(out + 2, tl.sum(clipped_sum, axis=0))
 
 
-def _launch_forward(values, old_values, returns, mask, clip, needs_grad):
+def _launch_forward(backend, values, old_values, returns, mask, clip, needs_grad):
+    if backend == "cpp":
+        inputs = (t.float().contiguous() for t in (values, old_values, returns, mask))
+        return native_module("_C").value_loss_forward(*inputs, clip, needs_grad)
     B, T = values.shape
     row_stats = torch.empty(B, 3, device=values.device, dtype=torch.float32)
     dloss = torch.empty(B, T, device=values.device, dtype=torch.float32) if needs_grad else None
@@ -66,13 +69,13 @@ def _launch_forward(values, old_values, returns, mask, clip, needs_grad):
     return row_stats, dloss
 
 
-class _ValueLossTriton(torch.autograd.Function):
+class _ValueLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, old_values, returns, mask, clip, agg, num_tokens, num_seqs):
-        row_stats, dloss = _launch_forward(values, old_values, returns, mask, clip, ctx.needs_input_grad[0])
+    def forward(ctx, values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, backend):
+        row_stats, dloss = _launch_forward(backend, values, old_values, returns, mask, clip, ctx.needs_input_grad[0])
         total, weights = weighted_row_total(row_stats[:, 0], row_stats[:, 1], agg, num_tokens, num_seqs)
         ctx.save_for_backward(dloss, 0.5 * weights)
-        ctx.dtype = values.dtype
+        ctx.dtype, ctx.backend = values.dtype, backend
         clipfrac = row_stats[:, 2].sum() / row_stats[:, 1].sum().clamp(min=1)
         ctx.mark_non_differentiable(clipfrac)
         return 0.5 * total, clipfrac
@@ -80,7 +83,8 @@ class _ValueLossTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_clipfrac):
         dloss, weights = ctx.saved_tensors
-        return scale_rows(weights, grad_loss, dloss.shape, ctx.dtype, x=dloss), None, None, None, None, None, None, None
+        grad = scale_rows(weights, grad_loss, dloss.shape, ctx.dtype, x=dloss, backend=ctx.backend)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", num_tokens=None, num_seqs=None):
@@ -92,8 +96,9 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
     require_choice("agg", agg, AGG_MODES)
     require_optional_count("num_tokens", num_tokens)
     require_optional_count("num_seqs", num_seqs)
-    if resolve_backend(values.device, "value_loss", supported=("triton", "torch")) == "torch":
+    backend = resolve_backend(values.device, "value_loss", supported=("triton", "cpp", "torch"))
+    if backend == "torch":
         return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg, num_tokens=num_tokens,
                                     num_seqs=num_seqs)
-    return _ValueLossTriton.apply(values.contiguous(), old_values.detach().contiguous(), returns.detach().contiguous(),
-                                  mask.contiguous(), clip, agg, num_tokens, num_seqs)
+    return _ValueLoss.apply(values.contiguous(), old_values.detach().contiguous(), returns.detach().contiguous(),
+                            mask.contiguous(), clip, agg, num_tokens, num_seqs, backend)

@@ -1,0 +1,145 @@
+// Log-probs and entropy from logits on the CPU: one task per row (at::parallel_for), two
+// sweeps over a row that stays in cache (max, then sum of exp), fp32 accumulation in fixed
+// lanes so the compiler vectorises without reassociating (no -ffast-math).
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+
+#include "fast_math.h"
+#include "ops.h"
+
+namespace ppo_fast {
+namespace {
+
+constexpr int kLanes = 16;
+
+template <typename scalar_t>
+inline const scalar_t* row_ptr(const scalar_t* base, const RowLayout& l, int64_t row) {
+  return base + (row / l.rows_per_batch) * l.stride_batch + (row % l.rows_per_batch) * l.stride_row;
+}
+
+template <typename scalar_t>
+float row_max(const scalar_t* row, int64_t V, float inv_t) {
+  float lanes[kLanes];
+  for (int i = 0; i < kLanes; ++i) lanes[i] = -std::numeric_limits<float>::infinity();
+  int64_t v = 0;
+  for (; v + kLanes <= V; v += kLanes)
+    for (int i = 0; i < kLanes; ++i) {
+      const float x = static_cast<float>(row[v + i]) * inv_t;
+      lanes[i] = x > lanes[i] ? x : lanes[i];
+    }
+  float m = -std::numeric_limits<float>::infinity();
+  for (int i = 0; i < kLanes; ++i) m = lanes[i] > m ? lanes[i] : m;
+  for (; v < V; ++v) m = std::max(m, static_cast<float>(row[v]) * inv_t);
+  return m;
+}
+
+// d = sum exp(x - m); s = sum exp(x - m) (x - m)   (s only when with_entropy).
+template <typename scalar_t>
+void row_exp_sums(const scalar_t* row, int64_t V, float inv_t, float m, bool with_entropy, float* d_out,
+                  float* s_out) {
+  float d_lanes[kLanes] = {0}, s_lanes[kLanes] = {0};
+  auto term = [&](int64_t v, float& d, float& s) {
+    const float centred = static_cast<float>(row[v]) * inv_t - m;
+    const float e = fast_exp(centred);
+    d += e;
+    if (with_entropy) s += e > 0.0f ? e * centred : 0.0f;
+  };
+  int64_t v = 0;
+  for (; v + kLanes <= V; v += kLanes)
+    for (int i = 0; i < kLanes; ++i) term(v + i, d_lanes[i], s_lanes[i]);
+  float d = 0.0f, s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) d += d_lanes[i], s += s_lanes[i];
+  for (; v < V; ++v) term(v, d, s);
+  *d_out = d;
+  *s_out = s;
+}
+
+template <typename scalar_t>
+void forward_rows(const at::Tensor& logits, const int64_t* labels, const RowLayout& layout, float inv_t,
+                  int64_t ignore_index, float* logp, float* entropy, float* lse) {
+  const scalar_t* base = logits.data_ptr<scalar_t>();
+  at::parallel_for(0, layout.n_rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = row_ptr(base, layout, r);
+      const float m = row_max(row, layout.vocab, inv_t);
+      float d, s;
+      row_exp_sums(row, layout.vocab, inv_t, m, entropy != nullptr, &d, &s);
+      const float log_d = std::log(d);
+      lse[r] = m + log_d;
+      if (entropy) entropy[r] = log_d - s / d;  // H = lse - E[x] = log d - E[x - m]
+      if (labels) {
+        const int64_t y = labels[r];
+        logp[r] = y == ignore_index ? 0.0f : static_cast<float>(row[y]) * inv_t - lse[r];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_rows(const at::Tensor& logits, const int64_t* labels, const RowLayout& layout, const float* lse,
+                   const float* entropy, const float* grad_logp, const float* grad_entropy, float inv_t,
+                   int64_t ignore_index, scalar_t* grad) {
+  const scalar_t* base = logits.data_ptr<scalar_t>();
+  const int64_t V = layout.vocab;
+  at::parallel_for(0, layout.n_rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = row_ptr(base, layout, r);
+      scalar_t* out = grad + r * V;
+      const int64_t y = labels ? labels[r] : -1;
+      const float g_logp = (grad_logp && y != ignore_index) ? grad_logp[r] : 0.0f;
+      const float g_entropy = grad_entropy ? grad_entropy[r] : 0.0f;
+      const float H = grad_entropy ? entropy[r] : 0.0f;
+      const float row_lse = lse[r];
+      // d/dx_v = g_logp ([v == y] - p_v) - g_entropy p_v (log p_v + H), times 1/T.
+      auto grad_at = [&](int64_t v, bool is_label) {
+        const float logp_v = static_cast<float>(row[v]) * inv_t - row_lse;
+        const float p = fast_exp(logp_v);
+        const float entropy_term = p > 0.0f ? p * (logp_v + H) : 0.0f;
+        return ((is_label ? 1.0f - p : -p) * g_logp - g_entropy * entropy_term) * inv_t;
+      };
+      for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(grad_at(v, false));
+      if (y >= 0 && y != ignore_index) out[y] = static_cast<scalar_t>(grad_at(y, true));
+    }
+  });
+}
+
+const float* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
+    const at::Tensor& logits, const c10::optional<at::Tensor>& labels, RowLayout layout, double inv_temperature,
+    int64_t ignore_index, bool with_entropy) {
+  auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({layout.n_rows}, f32);
+  at::Tensor logp = labels.has_value() ? at::empty({layout.n_rows}, f32) : at::Tensor();
+  at::Tensor entropy = with_entropy ? at::empty({layout.n_rows}, f32) : at::Tensor();
+  const int64_t* label_ptr = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_forward", [&] {
+    forward_rows<scalar_t>(logits, label_ptr, layout, static_cast<float>(inv_temperature), ignore_index,
+                           logp.defined() ? logp.data_ptr<float>() : nullptr,
+                           entropy.defined() ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>());
+  });
+  return {logp, entropy, lse};
+}
+
+at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::Tensor>& labels, RowLayout layout,
+                             const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
+                             const c10::optional<at::Tensor>& grad_logp,
+                             const c10::optional<at::Tensor>& grad_entropy, double inv_temperature,
+                             int64_t ignore_index) {
+  at::Tensor grad = at::empty({layout.n_rows, layout.vocab}, logits.options());
+  const int64_t* label_ptr = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_backward", [&] {
+    backward_rows<scalar_t>(logits, label_ptr, layout, lse.data_ptr<float>(), optional_ptr(entropy),
+                            optional_ptr(grad_logp), optional_ptr(grad_entropy), static_cast<float>(inv_temperature),
+                            ignore_index, grad.data_ptr<scalar_t>());
+  });
+  return grad;
+}
+
+}  // namespace ppo_fast

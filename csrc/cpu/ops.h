@@ -1,0 +1,47 @@
+// CPU kernels of ppo_fast (bound as ppo_fast._C). Each mirrors the Triton kernel of the same
+// name in ppo_fast/ops/, whose module docstring gives the math.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace ppo_fast {
+
+// Rows of logits [..., V] at logits + (row / rows_per_batch) * stride_batch + (row % rows_per_batch) * stride_row.
+struct RowLayout {
+  int64_t n_rows, vocab, rows_per_batch, stride_batch, stride_row;
+};
+
+// Returns (logp [N] or empty, entropy [N] or empty, lse [N]), all float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
+    const at::Tensor& logits, const c10::optional<at::Tensor>& labels, RowLayout layout, double inv_temperature,
+    int64_t ignore_index, bool with_entropy);
+
+// Returns grad_logits [N, V] in the logits' dtype.
+at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::Tensor>& labels, RowLayout layout,
+                             const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
+                             const c10::optional<at::Tensor>& grad_logp,
+                             const c10::optional<at::Tensor>& grad_entropy, double inv_temperature,
+                             int64_t ignore_index);
+
+// Returns (advantages, returns), float32 [B, T].
+std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,
+                                               const at::Tensor& mask, double gamma, double lam);
+
+// Returns (row_stats [B, 5], dloss [B, T] or empty).
+std::tuple<at::Tensor, at::Tensor> policy_loss_forward(const at::Tensor& log_prob, const at::Tensor& old_log_prob,
+                                                       const at::Tensor& advantages, const at::Tensor& mask,
+                                                       double clip_low, double clip_high,
+                                                       c10::optional<double> dual_clip, bool needs_grad);
+
+// Returns (row_stats [B, 3], dloss [B, T] or empty).
+std::tuple<at::Tensor, at::Tensor> value_loss_forward(const at::Tensor& values, const at::Tensor& old_values,
+                                                      const at::Tensor& returns, const at::Tensor& mask,
+                                                      double clip, bool needs_grad);
+
+// upstream * row_weight[:, None] (* x) (* mask) as a float32 [B, T] tensor (x, mask float32).
+at::Tensor scale_rows(const at::Tensor& row_weight, const at::Tensor& upstream, int64_t B, int64_t T,
+                      const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& mask);
+
+}  // namespace ppo_fast
