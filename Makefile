@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 # Installed only where no torch is present; an existing (e.g. CUDA) torch is never replaced.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install native test demo bench clean
+.PHONY: install native cuda-check test demo bench clean
 
 # Metadata-only editable install (fast), then the native extensions built in place: ninja
 # keeps its objects under build/, so a rebuild compiles only what changed. A failed native
@@ -22,6 +22,15 @@ native:
 	if $(PYTHON) -c "import ppo_fast._C" 2>/dev/null; then echo "native: ppo_fast._C built"; \
 	elif [ "$$PPO_FAST_REQUIRE_NATIVE" = 1 ]; then echo "native: build failed" >&2; exit 1; \
 	else echo "native: build failed; CPU tensors use the torch backend" >&2; fi
+
+# Compile every CUDA kernel as CI does (no GPU or CUDA torch needed, only nvcc).
+NVCC ?= nvcc
+cuda-check:
+	@mkdir -p build/cuda-check
+	@for f in csrc/cuda/*.cu; do \
+		echo "nvcc $$f"; \
+		$(NVCC) -std=c++17 -gencode=arch=compute_90,code=sm_90 -Icsrc -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; \
+	done
 
 test: install
 	$(PYTHON) -m pytest tests

@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import os
 import threading
+import warnings
 
 import torch
 
@@ -70,6 +71,17 @@ def native_module(name: str):
         except ImportError:
             _native_cache[name] = None
     return _native_cache[name]
+
+
+def warn_if_native_missing() -> None:
+    """Say once, at import, which backend CPU (and CUDA) tensors fall back to without a build."""
+    if native_module("_C") is None:
+        warnings.warn("ppo_fast: the C++ extension ppo_fast._C is not built; CPU tensors use the torch "
+                      "backend (build it with `make native` or `pip install --no-build-isolation -e .`)",
+                      RuntimeWarning, stacklevel=3)
+    if torch.cuda.is_available() and torch.version.cuda and native_module("_C_cuda") is None:
+        warnings.warn("ppo_fast: the CUDA extension ppo_fast._C_cuda is not built; the `cuda` backend is "
+                      "unavailable (CUDA tensors use Triton)", RuntimeWarning, stacklevel=3)
 
 
 def triton_available() -> bool:

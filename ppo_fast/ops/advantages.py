@@ -91,12 +91,12 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     require_same_device(rewards=rewards, mask=mask)
     gamma = require_nonnegative("gamma", gamma)
     lam = require_nonnegative("lam", lam)
-    backend = resolve_backend(rewards.device, "gae", supported=("triton", "cpp", "torch"))
+    backend = resolve_backend(rewards.device, "gae", supported=("triton", "cuda", "cpp", "torch"))
     if backend == "torch":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):
         inputs = (t.detach().float().contiguous() for t in (rewards, values, mask))
-        return tuple(native_module("_C").gae_forward(*inputs, gamma, lam))
+        return tuple(native_module("_C" if backend == "cpp" else "_C_cuda").gae_forward(*inputs, gamma, lam))
     return _gae_triton(rewards.detach().contiguous(), values.detach().contiguous(), mask.contiguous(), gamma, lam)
 
 

@@ -13,6 +13,8 @@ entropy per row; the backward kernel re-reads the logits and recomputes p from l
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ppo_fast import reference
@@ -177,22 +179,22 @@ def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_
     return grad_logits
 
 
-def _cpp_forward(logits, labels, inv_temperature, ignore_index, with_entropy):
+def _native_forward(module, logits, labels, inv_temperature, ignore_index, with_entropy):
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
     out_shape = logits.shape[:-1]
-    logp, entropy, lse = native_module("_C").logprobs_forward(
+    logp, entropy, lse = native_module(module).logprobs_forward(
         logits, labels, logits.numel() // V, V, rows_per_batch, stride_batch, stride_row,
         inv_temperature, ignore_index, with_entropy,
     )
     return tuple(None if t is None else t.view(out_shape) for t in (logp, entropy, lse))
 
 
-def _cpp_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
+def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
     shape = logits.shape
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
-    grad = native_module("_C").logprobs_backward(
+    grad = native_module(module).logprobs_backward(
         logits, labels, logits.numel() // V, V, rows_per_batch, stride_batch, stride_row, lse,
         entropy, *(None if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy)),
         inv_temperature, ignore_index,
@@ -200,7 +202,11 @@ def _cpp_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_tem
     return grad.view(shape)
 
 
-_LAUNCHERS = {"triton": (_launch_forward, _launch_backward), "cpp": (_cpp_forward, _cpp_backward)}
+_LAUNCHERS = {
+    "triton": (_launch_forward, _launch_backward),
+    "cpp": (functools.partial(_native_forward, "_C"), functools.partial(_native_backward, "_C")),
+    "cuda": (functools.partial(_native_forward, "_C_cuda"), functools.partial(_native_backward, "_C_cuda")),
+}
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -232,7 +238,7 @@ class _Logprobs(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public
-SUPPORTED = ("triton", "cpp", "torch")
+SUPPORTED = ("triton", "cuda", "cpp", "torch")
 
 
 def _validate_logits(logits, temperature) -> float:
@@ -267,7 +273,7 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
         return reference.logprobs_from_logits(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
-    labels = labels.reshape(-1).long() if backend == "cpp" else labels.contiguous()
+    labels = labels.contiguous() if backend == "triton" else labels.reshape(-1).long()
     outputs = _Logprobs.apply(logits, labels, temperature, ignore_index, return_entropy, backend)
     return outputs if return_entropy else outputs[0]
 

@@ -1,0 +1,36 @@
+// Launchers of the CUDA kernels: raw pointers and a stream, no torch types, so that
+//   nvcc -std=c++17 -gencode=arch=compute_90,code=sm_90 -Icsrc -c csrc/cuda/<file>.cu
+// compiles without a CUDA build of torch. csrc/cuda/bindings.cpp wraps them for torch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ppo_fast {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Row r of logits [..., V] starts at (r / rows_per_batch) * stride_batch + (r % rows_per_batch) * stride_row.
+struct RowLayout {
+  int64_t n_rows, vocab, rows_per_batch, stride_batch, stride_row;
+};
+
+// logp (nullptr without labels), entropy (nullptr when not wanted) and lse: float32 [n_rows].
+cudaError_t launch_logprobs_forward(const void* logits, DType dtype, const int64_t* labels, RowLayout layout,
+                                    float inv_temperature, int64_t ignore_index, float* logp, float* entropy,
+                                    float* lse, cudaStream_t stream);
+
+// grad_logits: contiguous [n_rows, V] of dtype. grad_logp / grad_entropy may be nullptr.
+cudaError_t launch_logprobs_backward(const void* logits, DType dtype, const int64_t* labels, RowLayout layout,
+                                     const float* lse, const float* entropy, const float* grad_logp,
+                                     const float* grad_entropy, float inv_temperature, int64_t ignore_index,
+                                     void* grad_logits, cudaStream_t stream);
+
+// All float32 contiguous [B, T].
+cudaError_t launch_gae(const float* rewards, const float* values, const float* mask, int64_t B, int64_t T,
+                       float gamma, float gamma_lam, float* advantages, float* returns, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ppo_fast
