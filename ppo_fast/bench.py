@@ -146,6 +146,71 @@ def logprobs_cases(device: torch.device, quick: bool) -> list:
     return cases
 
 
+def fused_linear_cases(device: torch.device, quick: bool) -> list:
+    """Hidden states + LM head -> log-probs and entropy; TFLOP/s count the 2NHV of the forward
+    GEMM and 6NHV for fwd+bwd (the recompute of ppo_fast's backward is not credited)."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16
+        shapes = [(2048, 4096, 128256)] if quick else [(4096, 4096, 128256), (8192, 4096, 128256)]
+    else:
+        dtype = torch.float32
+        shapes = [(512, 256, 32000)] if quick else [(2048, 256, 32000)]
+    impls = backend_impls(device, ops.fused_linear_logprobs, reference.fused_linear_logprobs,
+                          compile_reference=device.type == "cuda")
+    impls.update(liger_impls())
+    cases = []
+    for n, h, v in shapes:
+        def make_inputs(n=n, h=h, v=v, grad=False):
+            x = torch.randn(n, h, device=device, dtype=dtype, requires_grad=grad)
+            w = (torch.randn(v, h, device=device, dtype=dtype) / h**0.5).requires_grad_(grad)
+            up = torch.randn(2, n, device=device)
+            return {"logits": x, "weight": w, "labels": torch.randint(0, v, (n,), device=device),
+                    "up_logp": up[0], "up_entropy": up[1]}
+
+        io_bytes = (n * h + v * h) * dtype.itemsize
+        shape = {"N": n, "H": h, "V": v}
+        cases.append(Case("fused_linear_logprobs", "fwd", dtype, shape, make_inputs,
+                          {k: _fused_linear_fwd(f) for k, f in impls.items()}, io_bytes, flops=2 * n * h * v))
+        cases.append(Case("fused_linear_logprobs", "fwd+bwd", dtype, shape,
+                          lambda make=make_inputs: make(grad=True),
+                          {k: _fused_linear_fwd_bwd(f) for k, f in impls.items()}, 2 * io_bytes,
+                          flops=6 * n * h * v))
+    return cases
+
+
+def liger_impls() -> dict:
+    """Liger-Kernel's fused linear cross-entropy (per-token, no entropy), where installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return {}
+
+    def liger(hidden, weight, labels, return_entropy=True):
+        nll = liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
+        return -nll, None
+
+    return {"liger": liger}
+
+
+def _fused_linear_fwd(fn):
+    def run(x):
+        with torch.no_grad():
+            fn(x["logits"], x["weight"], x["labels"], return_entropy=True)
+
+    return run
+
+
+def _fused_linear_fwd_bwd(fn):
+    def run(x):
+        logp, entropy = fn(x["logits"], x["weight"], x["labels"], return_entropy=True)
+        outputs, grads = (logp,), (x["up_logp"],)
+        if entropy is not None:
+            outputs, grads = (logp, entropy), (x["up_logp"], x["up_entropy"])
+        torch.autograd.grad(outputs, (x["logits"], x["weight"]), grads)
+
+    return run
+
+
 def _logprobs_fwd(fn):
     def run(x):
         with torch.no_grad():
@@ -227,7 +292,7 @@ def _with_grad(call, fn):
     return run
 
 
-CASES = {"logprobs": logprobs_cases}
+CASES = {"logprobs": logprobs_cases, "fused_linear_logprobs": fused_linear_cases}
 CASES.update({op: (lambda device, quick, op=op: token_op_cases(op, device, quick)) for op in TOKEN_OPS})
 
 
@@ -247,7 +312,7 @@ def run_case(case: Case, device: torch.device) -> list:
             "shape": case.shape, "ms": round(ms, 4),
             "peak_mem_mb": None if peak is None else round(peak, 1),
             "gbps": round(case.bytes_moved / (ms * 1e-3) / 1e9, 3),
-            "tflops": round(case.flops / (ms * 1e-3) / 1e12, 2) if case.flops else None,
+            "tflops": round(case.flops / (ms * 1e-3) / 1e12, 4) if case.flops else None,
         })
     del inputs
     return rows
@@ -290,24 +355,28 @@ def run(device=None, *, ops=None, quick=False) -> dict:
 
 
 def markdown_table(record: dict) -> str:
-    """One line per result: time, speed-up over `torch` of the same case, GB/s and % of copy bandwidth."""
+    """One line per result: time, speed-up over `torch` of the same case, and the achieved rate
+    (TFLOP/s for GEMM-bound ops, else GB/s) as a fraction of the rate measured on this device."""
     baseline = {(r["op"], r["mode"], r["dtype"], json.dumps(r["shape"])): r["ms"]
                 for r in record["results"] if r["impl"] == "torch"}
     lines = [
         f"Device: {record['device']} — torch {record['torch']}, triton {record['triton']}, "
         f"copy {record['copy_gbps']} GB/s, matmul {record['matmul_tflops']} TFLOP/s, {record['date']}",
         "",
-        "| op | mode | dtype | shape | impl | ms | speed-up vs torch | GB/s | % of copy BW | peak MB |",
+        "| op | mode | dtype | shape | impl | ms | speed-up vs torch | achieved | % of device limit | peak MB |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in record["results"]:
         base = baseline.get((r["op"], r["mode"], r["dtype"], json.dumps(r["shape"])))
         speedup = f"{base / r['ms']:.2f}x" if base else "-"
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
-        pct = 100 * r["gbps"] / record["copy_gbps"]
+        if r["tflops"]:
+            achieved, pct = f"{r['tflops']:.2f} TFLOP/s", 100 * r["tflops"] / record["matmul_tflops"]
+        else:
+            achieved, pct = f"{r['gbps']:.1f} GB/s", 100 * r["gbps"] / record["copy_gbps"]
         peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {shape} | {r['impl']} | {r['ms']:.3f} | "
-                     f"{speedup} | {r['gbps']:.1f} | {pct:.1f}% | {peak} |")
+                     f"{speedup} | {achieved} | {pct:.1f}% | {peak} |")
     return "\n".join(lines)
 
 

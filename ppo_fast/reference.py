@@ -216,3 +216,13 @@ def group_advantages(scores, group_size, *, mode="grpo"):
     else:  # rloo: s_i - (sum - s_i) / (g - 1) = g (s_i - mean) / (g - 1)
         advantages = centred * group_size / (group_size - 1)
     return advantages.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- fused linear
+def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False, chunk_size=None):
+    """logprobs_from_logits(hidden @ weight.T + bias, labels, ...), materialising the logits
+    (`chunk_size` is accepted for the signature and ignored)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return logprobs_from_logits(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                return_entropy=return_entropy)

@@ -1,0 +1,159 @@
+"""Fused linear -> log-probs + entropy: chosen-token log-probs straight from the last hidden
+states and the LM head, never holding the [N, V] logits.
+
+Rows go through in chunks. Forward, per chunk: logits_c = h_c W^T + b (one GEMM in the input
+dtype, as `hidden @ weight.T` would give), then the log-probs kernel of the active backend,
+which keeps per-row lse and entropy. Backward, per chunk: the logits are recomputed, the
+log-probs backward gives grad_logits_c, and
+
+    grad_h_c = grad_logits_c W,   grad_W += grad_logits_c^T h_c,   grad_b += sum_n grad_logits_c
+
+with grad_W and grad_b accumulated in fp32. Extra memory is O(chunk x V) in both passes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ppo_fast import reference
+from ppo_fast._checks import (
+    require_float,
+    require_integer,
+    require_labels_in_range,
+    require_positive,
+    require_same_device,
+    require_shape,
+)
+from ppo_fast.backend import resolve_backend
+from ppo_fast.ops.logprobs import _LAUNCHERS
+
+
+# ----------------------------------------------------------------------------- chunking
+MIN_CHUNK_ROWS = 256
+
+
+def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, device: torch.device) -> int:
+    """Rows per chunk: a chunk of logits about the size of the hidden states (V / H chunks), at
+    least MIN_CHUNK_ROWS rows so each GEMM stays efficient, capped so that a chunk's logits,
+    gradient and fp32 temporaries fit in 1/8 of free memory."""
+    rows = max(-(-n_rows // max(1, -(-vocab // hidden_size))), MIN_CHUNK_ROWS)
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 8
+    else:
+        budget = 256 * 2**20
+    return max(1, min(rows, budget // (vocab * 12)))
+
+
+def _linear(h, weight, bias):
+    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+
+def _accumulate_fp32(acc, a, b):
+    """acc += a @ b with acc float32, whatever the dtype of a and b."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))  # bf16/fp16 GEMM, fp32 output
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+# ----------------------------------------------------------------------------- autograd
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Inputs flattened to hidden [N, H], labels [N]; outputs logp [N] (and entropy [N])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk, backend):
+        launch_forward, ctx.launch_backward = _LAUNCHERS[backend]
+        inv_temperature = 1.0 / temperature
+        N = hidden.shape[0]
+        f32 = dict(device=hidden.device, dtype=torch.float32)
+        logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+        entropy = torch.empty(N, **f32) if with_entropy else None
+        for start in range(0, N, chunk):
+            rows = slice(start, min(start + chunk, N))
+            logits = _linear(hidden[rows], weight, bias)
+            logp[rows], entropy_c, lse[rows] = launch_forward(logits, labels[rows], inv_temperature, ignore_index,
+                                                             with_entropy)
+            if with_entropy:
+                entropy[rows] = entropy_c
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.inv_temperature, ctx.ignore_index, ctx.chunk = inv_temperature, ignore_index, chunk
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if with_entropy else (logp,)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 9
+        N = hidden.shape[0]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if want_b else None
+        for start in range(0, N, ctx.chunk):
+            rows = slice(start, min(start + ctx.chunk, N))
+            h = hidden[rows]
+            grad_logits = ctx.launch_backward(
+                _linear(h, weight, bias), labels[rows], lse[rows], None if entropy is None else entropy[rows],
+                None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
+                ctx.inv_temperature, ctx.ignore_index,
+            )
+            if want_h:
+                grad_h[rows] = grad_logits @ weight
+            if want_w:
+                _accumulate_fp32(grad_w, grad_logits.t(), h)
+            if want_b:
+                grad_b += grad_logits.sum(0, dtype=torch.float32)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False, chunk_size=None):
+    """Log-probs of `labels` (and the entropy) under softmax((hidden @ weight.T + bias) / T),
+    equal to `logprobs_from_logits(hidden @ weight.T + bias, labels, ...)` without the logits.
+
+    Args:
+        hidden: [..., H] float32/bfloat16/float16 (the last hidden states).
+        weight: [V, H], the `lm_head.weight` layout, same dtype as hidden; bias: [V] or None.
+        labels: [...] integer ids (`ignore_index` positions give logp 0, no gradient via logp).
+        chunk_size: rows per chunk; default from V, H and free memory.
+
+    Returns float32 logp shaped like labels, or (logp, entropy). Gradients flow to hidden,
+    weight and bias through both outputs; weight and bias gradients are accumulated in fp32.
+    """
+    require_float("hidden", hidden)
+    require_float("weight", weight)
+    if weight.dim() != 2 or hidden.dim() < 1 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    V = weight.shape[0]
+    if bias is not None:
+        require_float("bias", bias)
+        require_shape("bias", bias, (V,), "[V] = [weight.shape[0]]")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: expected the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+    require_integer("labels", labels)
+    require_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    require_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    temperature = require_positive("temperature", temperature)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
+    require_labels_in_range(labels, V, ignore_index)
+
+    backend = resolve_backend(hidden.device, "fused_linear_logprobs", supported=tuple(_LAUNCHERS) + ("torch",))
+    if backend == "torch":
+        return reference.fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                               ignore_index=ignore_index, return_entropy=return_entropy)
+    H = hidden.shape[-1]
+    flat_hidden = hidden.reshape(-1, H)
+    chunk = chunk_size or default_chunk_size(flat_hidden.shape[0], V, H, hidden.device)
+    outputs = _FusedLinearLogprobs.apply(flat_hidden, weight, bias, labels.reshape(-1).long(), temperature,
+                                         ignore_index, return_entropy, chunk, backend)
+    outputs = tuple(t.view(labels.shape) for t in outputs)
+    return outputs if return_entropy else outputs[0]
