@@ -28,7 +28,7 @@ from ppo_fast.ops.logprobs import _LAUNCHERS
 
 
 # ----------------------------------------------------------------------------- chunking
-MIN_CHUNK_ROWS = 256
+MIN_CHUNK_ROWS = 128
 
 
 def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, device: torch.device) -> int:
@@ -39,7 +39,7 @@ def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, device: torch.
     if device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // 8
     else:
-        budget = 256 * 2**20
+        budget = 64 * 2**20
     return max(1, min(rows, budget // (vocab * 12)))
 
 
