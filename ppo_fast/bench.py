@@ -20,6 +20,7 @@ import time
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 import ppo_fast
 from ppo_fast import reference
@@ -304,9 +305,8 @@ def run_case(case: Case, device: torch.device) -> list:
         try:
             ms = time_ms(lambda: fn(inputs), device)
             peak = peak_memory_mb(lambda: fn(inputs), device)
-        except BackendError as err:
-            print(f"  skip {impl}: {err}")
-            continue
+        except BackendError:
+            continue  # this backend does not implement the op
         rows.append({
             "op": case.op, "impl": impl, "mode": case.mode, "dtype": str(case.dtype).replace("torch.", ""),
             "shape": case.shape, "ms": round(ms, 4),
@@ -347,10 +347,11 @@ def run(device=None, *, ops=None, quick=False) -> dict:
         "copy_gbps": round(copy_bandwidth_gbps(device), 1), "matmul_tflops": round(matmul_tflops(device), 2),
         "results": [],
     }
-    for op in ops or CASES:
-        for case in CASES[op](device, quick):
-            print(f"{case.op} {case.mode} {case.shape} {case.dtype} ...", flush=True)
-            record["results"].extend(run_case(case, device))
+    cases = [case for op in ops or CASES for case in CASES[op](device, quick)]
+    progress = tqdm(cases, desc="bench", unit="case")
+    for case in progress:
+        progress.set_postfix_str(f"{case.op} {case.mode} {' '.join(map(str, case.shape.values()))}")
+        record["results"].extend(run_case(case, device))
     return record
 
 
@@ -380,6 +381,44 @@ def markdown_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(record: dict, stem: str) -> list:
+    """PNG per op: speed-up over `torch` per case, and peak memory (GPU runs) per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for op in dict.fromkeys(r["op"] for r in record["results"]):
+        rows = [r for r in record["results"] if r["op"] == op]
+        labels = list(dict.fromkeys(" ".join(f"{k}={v}" for k, v in r["shape"].items()) for r in rows))
+        has_memory = any(r["peak_mem_mb"] is not None for r in rows)
+        fig, axes = plt.subplots(1, 2 if has_memory else 1, figsize=(12 if has_memory else 6.5, 4), squeeze=False)
+        base = {(r["mode"], json.dumps(r["shape"])): r for r in rows if r["impl"] == "torch"}
+        for (mode, impl) in dict.fromkeys((r["mode"], r["impl"]) for r in rows):
+            series = {" ".join(f"{k}={v}" for k, v in r["shape"].items()): r for r in rows
+                      if r["mode"] == mode and r["impl"] == impl}
+            xs = [x for x in labels if x in series]
+            speedups = [base[(mode, json.dumps(series[x]["shape"]))]["ms"] / series[x]["ms"] for x in xs]
+            axes[0][0].plot(xs, speedups, marker="o", label=f"{impl} {mode}")
+            if has_memory:
+                axes[0][1].plot(xs, [series[x]["peak_mem_mb"] for x in xs], marker="o", label=f"{impl} {mode}")
+        axes[0][0].set(title=f"{op}: speed-up over torch", ylabel="x faster than torch", yscale="log")
+        axes[0][0].axhline(1.0, color="grey", lw=0.8)
+        if has_memory:
+            axes[0][1].set(title=f"{op}: peak memory above inputs", ylabel="MiB")
+        for ax in axes[0]:
+            ax.legend(fontsize=7)
+            ax.tick_params(axis="x", labelsize=7)
+        fig.suptitle(f"{record['device']}, {record['date']}", fontsize=9)
+        fig.tight_layout()
+        path = f"{stem}-{op}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def save(record: dict, out_dir: str = RESULTS_DIR) -> str:
     os.makedirs(out_dir, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in record["device"].lower()).strip("-")
@@ -390,4 +429,8 @@ def save(record: dict, out_dir: str = RESULTS_DIR) -> str:
         json.dump(record, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(markdown_table(record) + "\n")
+    try:
+        plot(record, stem)
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'ppo_fast[plot]')")
     return stem + ".json"

@@ -4,6 +4,7 @@
 
 #include "common.cuh"
 #include "launchers.h"
+#include "logprobs_math.h"
 
 namespace ppo_fast {
 namespace cuda {
@@ -98,17 +99,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x, V = layout.vocab;
   const T* row_ptr = row_start(logits, layout, row);
   T* out = grad + row * V;
-  const int64_t y = labels ? labels[row] : -1;
-  const float g_logp = (grad_logp && y != ignore_index) ? grad_logp[row] : 0.0f;
-  const float g_entropy = grad_entropy ? grad_entropy[row] : 0.0f;
-  const float H = grad_entropy ? entropy[row] : 0.0f;
-  const float row_lse = lse[row];
-  // d/dx_v = g_logp ([v == y] - p_v) - g_entropy p_v (log p_v + H), times 1/T.
+  const LogprobsRowGrad g(row, labels, lse, entropy, grad_logp, grad_entropy, inv_t, ignore_index);
   auto grad_at = [&](int64_t v, float x) {
-    const float logp_v = x * inv_t - row_lse;
-    const float p = expf(logp_v);
-    const float entropy_term = p > 0.0f ? p * (logp_v + H) : 0.0f;
-    return ((v == y ? 1.0f - p : -p) * g_logp - g_entropy * entropy_term) * inv_t;
+    const float logp_v = g.logp_at(x);
+    return g.grad_at(v, logp_v, expf(logp_v));
   };
   constexpr int kVec = 16 / sizeof(T);
   const bool same_alignment = ((reinterpret_cast<uintptr_t>(row_ptr) ^ reinterpret_cast<uintptr_t>(out)) & 15) == 0;

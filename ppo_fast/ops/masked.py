@@ -28,6 +28,20 @@ AGG_MODES = reference.AGG_MODES
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
+def load_token_tiles(a_ptr, b_ptr, c_ptr, mask_ptr, row, start, T, BLOCK_T: tl.constexpr):
+    """Tiles [start, start + BLOCK_T) of row `row` of three [B, T] tensors and the mask, as fp32,
+    with the element offsets and in-bounds flags (for the per-token loss kernels)."""
+    cols = start + tl.arange(0, BLOCK_T)
+    ok = cols < T
+    offs = row * T + cols
+    a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32)
+    return a, b, c, m, offs, ok
+
+
+@triton.jit
 def _masked_row_sums_kernel(x_ptr, mask_ptr, center_ptr, out_ptr, T,
                             CENTERED: tl.constexpr, BLOCK_T: tl.constexpr):
     """out[b] = (sum_t m x, sum_t m), or (sum_t m (x - c)^2, sum_t m) when CENTERED."""

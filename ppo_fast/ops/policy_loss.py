@@ -25,7 +25,7 @@ from ppo_fast._checks import (
 )
 from ppo_fast._triton import tl, triton
 from ppo_fast.backend import native_module, resolve_backend
-from ppo_fast.ops.masked import AGG_MODES, _block_t, scale_rows, weighted_row_total
+from ppo_fast.ops.masked import AGG_MODES, _block_t, load_token_tiles, scale_rows, weighted_row_total
 
 N_ROW_STATS = 5  # sum m L, sum m, sum m clipped, sum m (-D), sum m lower-clipped
 
@@ -44,14 +44,8 @@ def _policy_loss_fwd_kernel(
     neg_delta_sum = tl.zeros([BLOCK_T], tl.float32)
     lower_sum = tl.zeros([BLOCK_T], tl.float32)
     for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        ok = cols < T
-        offs = row * T + cols
-        log_prob = tl.load(log_prob_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32)
-
+        log_prob, old, adv, m, offs, ok = load_token_tiles(log_prob_ptr, old_ptr, adv_ptr, mask_ptr, row, start, T,
+                                                           BLOCK_T)
         raw_delta = log_prob - old
         delta = tl.minimum(tl.maximum(raw_delta, -20.0), 20.0)
         ratio = tl.exp(delta)

@@ -20,7 +20,7 @@ from ppo_fast._checks import (
 )
 from ppo_fast._triton import tl, triton
 from ppo_fast.backend import native_module, resolve_backend
-from ppo_fast.ops.masked import AGG_MODES, _block_t, scale_rows, weighted_row_total
+from ppo_fast.ops.masked import AGG_MODES, _block_t, load_token_tiles, scale_rows, weighted_row_total
 
 
 @triton.jit
@@ -31,13 +31,7 @@ def _value_loss_fwd_kernel(values_ptr, old_ptr, returns_ptr, mask_ptr, dloss_ptr
     count = tl.zeros([BLOCK_T], tl.float32)
     clipped_sum = tl.zeros([BLOCK_T], tl.float32)
     for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        ok = cols < T
-        offs = row * T + cols
-        v = tl.load(values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        ret = tl.load(returns_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32)
+        v, old, ret, m, offs, ok = load_token_tiles(values_ptr, old_ptr, returns_ptr, mask_ptr, row, start, T, BLOCK_T)
         step = v - old
         v_clipped = old + tl.minimum(tl.maximum(step, -clip), clip)
         loss_unclipped = (v - ret) * (v - ret)
