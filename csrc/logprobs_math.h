@@ -14,36 +14,12 @@
 
 namespace ppo_fast {
 
-struct LogprobsRowGrad {
-  int64_t label;  // -1 without labels
-  float g_logp, g_entropy, entropy, lse, inv_t;
-
-  PPO_FAST_HOST_DEVICE LogprobsRowGrad(int64_t row, const int64_t* labels, const float* lse_in,
-                                       const float* entropy_in, const float* grad_logp, const float* grad_entropy,
-                                       float inv_temperature, int64_t ignore_index)
-      : label(labels ? labels[row] : -1),
-        g_logp((grad_logp && label != ignore_index && label >= 0) ? grad_logp[row] : 0.0f),
-        g_entropy(grad_entropy ? grad_entropy[row] : 0.0f),
-        entropy(grad_entropy ? entropy_in[row] : 0.0f),
-        lse(lse_in[row]),
-        inv_t(inv_temperature) {}
-
-  PPO_FAST_HOST_DEVICE float logp_at(float logit) const { return logit * inv_t - lse; }
-
-  PPO_FAST_HOST_DEVICE float entropy_term(float logp_v, float p) const {
-    return p > 0.0f ? p * (logp_v + entropy) : 0.0f;  // p = 0 (logit -inf) gives 0, not NaN
-  }
-
-  // Gradient at an entry other than the label, given log p_v and p_v.
-  PPO_FAST_HOST_DEVICE float grad_other(float logp_v, float p) const {
-    return (-p * g_logp - g_entropy * entropy_term(logp_v, p)) * inv_t;
-  }
-
-  // Gradient at entry v; at the label, [v == y] - p_v is formed as 1 - p in fp32.
-  PPO_FAST_HOST_DEVICE float grad_at(int64_t v, float logp_v, float p) const {
-    if (v != label) return grad_other(logp_v, p);
-    return ((1.0f - p) * g_logp - g_entropy * entropy_term(logp_v, p)) * inv_t;
-  }
-};
+// Gradient at one entry; indicator = [v == y], so at the label [v == y] - p is 1 - p in fp32.
+// p = 0 (a logit of -inf) contributes 0 to the entropy term, not 0 * inf = NaN.
+PPO_FAST_HOST_DEVICE float logprobs_grad(float logp_v, float p, float indicator, float g_logp, float g_entropy,
+                                         float entropy, float inv_t) {
+  const float entropy_term = p > 0.0f ? p * (logp_v + entropy) : 0.0f;
+  return ((indicator - p) * g_logp - g_entropy * entropy_term) * inv_t;
+}
 
 }  // namespace ppo_fast

@@ -73,18 +73,20 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const RowLay
   const int64_t V = layout.vocab;
   at::parallel_for(0, layout.n_rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* __restrict row = row_ptr(base, layout, r);
-      scalar_t* __restrict out = grad + r * V;
-      const LogprobsRowGrad g(r, labels, lse, entropy, grad_logp, grad_entropy, inv_t, ignore_index);
+      const scalar_t* row = row_ptr(base, layout, r);
+      scalar_t* out = grad + r * V;
+      const int64_t y = labels ? labels[r] : -1;
+      const float g_logp = (grad_logp && y >= 0 && y != ignore_index) ? grad_logp[r] : 0.0f;
+      const float g_entropy = grad_entropy ? grad_entropy[r] : 0.0f;
+      const float H = grad_entropy ? entropy[r] : 0.0f;
+      const float row_lse = lse[r];
+      auto grad_at = [&](int64_t v, float indicator) {
+        const float logp_v = static_cast<float>(row[v]) * inv_t - row_lse;
+        return logprobs_grad(logp_v, fast_exp(logp_v), indicator, g_logp, g_entropy, H, inv_t);
+      };
 #pragma omp simd
-      for (int64_t v = 0; v < V; ++v) {
-        const float logp_v = g.logp_at(static_cast<float>(row[v]));
-        out[v] = static_cast<scalar_t>(g.grad_other(logp_v, fast_exp(logp_v)));
-      }
-      if (g.label >= 0 && g.label != ignore_index) {
-        const float logp_y = g.logp_at(static_cast<float>(row[g.label]));
-        out[g.label] = static_cast<scalar_t>(g.grad_at(g.label, logp_y, fast_exp(logp_y)));
-      }
+      for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(grad_at(v, 0.0f));
+      if (y >= 0 && y != ignore_index) out[y] = static_cast<scalar_t>(grad_at(y, 1.0f));
     }
   });
 }

@@ -99,10 +99,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x, V = layout.vocab;
   const T* row_ptr = row_start(logits, layout, row);
   T* out = grad + row * V;
-  const LogprobsRowGrad g(row, labels, lse, entropy, grad_logp, grad_entropy, inv_t, ignore_index);
+  const int64_t y = labels ? labels[row] : -1;
+  const float g_logp = (grad_logp && y >= 0 && y != ignore_index) ? grad_logp[row] : 0.0f;
+  const float g_entropy = grad_entropy ? grad_entropy[row] : 0.0f;
+  const float H = grad_entropy ? entropy[row] : 0.0f;
+  const float row_lse = lse[row];
   auto grad_at = [&](int64_t v, float x) {
-    const float logp_v = g.logp_at(x);
-    return g.grad_at(v, logp_v, expf(logp_v));
+    const float logp_v = x * inv_t - row_lse;
+    return logprobs_grad(logp_v, expf(logp_v), v == y ? 1.0f : 0.0f, g_logp, g_entropy, H, inv_t);
   };
   constexpr int kVec = 16 / sizeof(T);
   const bool same_alignment = ((reinterpret_cast<uintptr_t>(row_ptr) ^ reinterpret_cast<uintptr_t>(out)) & 15) == 0;
