@@ -29,9 +29,6 @@ from ppo_fast._checks import (
 from ppo_fast._triton import tl, triton
 from ppo_fast.backend import native_module, resolve_backend
 
-FP32_MIN = -3.4028234663852886e38  # running-max start: finite, so (m_old - m_new) never is inf - inf
-
-
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row):
@@ -51,7 +48,7 @@ def _logprobs_fwd_kernel(
     row_ptr = _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row)
 
     # Online log-sum-exp: m = running max, d = sum exp(x - m), s = sum exp(x - m) (x - m).
-    m = tl.full([], FP32_MIN, tl.float32)
+    m = tl.full([], -3.4028234663852886e38, tl.float32)  # finite start: m - m_new is never inf - inf
     d = tl.zeros([], tl.float32)
     s = tl.zeros([], tl.float32)
     for start in range(0, V, BLOCK_V):

@@ -48,7 +48,9 @@ def _masked_row_sums_kernel(x_ptr, mask_ptr, center_ptr, out_ptr, T,
     row = tl.program_id(0).to(tl.int64)
     total = tl.zeros([BLOCK_T], tl.float32)
     count = tl.zeros([BLOCK_T], tl.float32)
-    center = tl.load(center_ptr) if CENTERED else 0.0
+    center = 0.0
+    if CENTERED:
+        center = tl.load(center_ptr)
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         ok = cols < T
