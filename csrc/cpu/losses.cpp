@@ -1,6 +1,5 @@
 // Policy loss, value loss and GAE on the CPU. Inputs arrive as contiguous float32 [B, T]
-// (the Python wrapper converts); one task per row; the loss rows are branch-free
-// `omp simd` loops with fp32 reductions.
+// (the Python wrapper converts); one task per row, row sums accumulated in double.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -66,25 +65,25 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_forward(const at::Tensor& log_pro
   float* s_out = stats.data_ptr<float>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const float *lp_r = lp + b * T, *old_r = old + b * T, *A_r = A + b * T, *m_r = m + b * T;
-      float* d_r = d_out ? d_out + b * T : nullptr;
-      float loss_sum = 0, count = 0, clipped = 0, neg_delta = 0, lower_sum = 0;
-#pragma omp simd reduction(+ : loss_sum, count, clipped, neg_delta, lower_sum)
+      double loss_sum = 0, count = 0, clipped = 0, neg_delta = 0, lower_sum = 0;
       for (int64_t t = 0; t < T; ++t) {
-        const float raw = lp_r[t] - old_r[t], delta = clampf(raw, -20.0f, 20.0f);
-        const float ratio = fast_exp(delta), adv = A_r[t];
-        const float l1 = -adv * ratio, l2 = -adv * clampf(ratio, lo, hi);
-        const float loss_max = l1 > l2 ? l1 : l2;
-        const float dual = -adv * c;
-        const bool lower = has_dual && adv < 0.0f && loss_max > dual;
-        const float loss = lower ? dual : loss_max;
-        const float dratio = (l1 >= l2 && !lower) ? -adv : 0.0f;
-        if (d_r) d_r[t] = (raw >= -20.0f && raw <= 20.0f) ? m_r[t] * dratio * ratio : 0.0f;
-        loss_sum += m_r[t] * loss;
-        count += m_r[t];
-        clipped += l2 > l1 ? m_r[t] : 0.0f;
-        neg_delta -= m_r[t] * delta;
-        lower_sum += lower ? m_r[t] : 0.0f;
+        const int64_t i = b * T + t;
+        const float raw = lp[i] - old[i], delta = clampf(raw, -20.0f, 20.0f);
+        const float ratio = std::exp(delta);
+        const float l1 = -A[i] * ratio, l2 = -A[i] * clampf(ratio, lo, hi);
+        float loss = std::max(l1, l2);
+        float dratio = l1 >= l2 ? -A[i] : 0.0f;
+        bool lower = false;
+        if (has_dual) {
+          lower = A[i] < 0 && loss > -A[i] * c;
+          if (lower) loss = -A[i] * c, dratio = 0.0f;
+        }
+        if (d_out) d_out[i] = (raw >= -20.0f && raw <= 20.0f) ? m[i] * dratio * ratio : 0.0f;
+        loss_sum += m[i] * loss;
+        count += m[i];
+        clipped += m[i] * (l2 > l1);
+        neg_delta -= m[i] * delta;
+        lower_sum += m[i] * lower;
       }
       float* s = s_out + b * 5;
       s[0] = loss_sum, s[1] = count, s[2] = clipped, s[3] = neg_delta, s[4] = lower_sum;
@@ -109,21 +108,19 @@ std::tuple<at::Tensor, at::Tensor> value_loss_forward(const at::Tensor& values, 
   float* s_out = stats.data_ptr<float>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const float *v_r = v + b * T, *old_r = old + b * T, *R_r = R + b * T, *m_r = m + b * T;
-      float* d_r = d_out ? d_out + b * T : nullptr;
-      float loss_sum = 0, count = 0, clipped = 0;
-#pragma omp simd reduction(+ : loss_sum, count, clipped)
+      double loss_sum = 0, count = 0, clipped = 0;
       for (int64_t t = 0; t < T; ++t) {
-        const float step = v_r[t] - old_r[t];
-        const float vc = old_r[t] + clampf(step, -cl, cl);
-        const float l1 = (v_r[t] - R_r[t]) * (v_r[t] - R_r[t]), l2 = (vc - R_r[t]) * (vc - R_r[t]);
-        if (d_r) {
+        const int64_t i = b * T + t;
+        const float step = v[i] - old[i];
+        const float vc = old[i] + clampf(step, -cl, cl);
+        const float l1 = (v[i] - R[i]) * (v[i] - R[i]), l2 = (vc - R[i]) * (vc - R[i]);
+        if (d_out) {
           const bool inside = step >= -cl && step <= cl;
-          d_r[t] = m_r[t] * (l1 >= l2 ? 2.0f * (v_r[t] - R_r[t]) : (inside ? 2.0f * (vc - R_r[t]) : 0.0f));
+          d_out[i] = m[i] * (l1 >= l2 ? 2.0f * (v[i] - R[i]) : (inside ? 2.0f * (vc - R[i]) : 0.0f));
         }
-        loss_sum += m_r[t] * (l1 > l2 ? l1 : l2);
-        count += m_r[t];
-        clipped += l2 > l1 ? m_r[t] : 0.0f;
+        loss_sum += m[i] * std::max(l1, l2);
+        count += m[i];
+        clipped += m[i] * (l2 > l1);
       }
       float* s = s_out + b * 3;
       s[0] = loss_sum, s[1] = count, s[2] = clipped;
