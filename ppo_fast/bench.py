@@ -121,14 +121,16 @@ def _on_backend(name, fn):
 # ----------------------------------------------------------------------------- cases
 def logprobs_cases(device: torch.device, quick: bool) -> list:
     if device.type == "cuda":
-        dtype = torch.bfloat16
-        shapes = [(4096, 32000)] if quick else [(4096, 128256), (8192, 128256), (16384, 128256)]
+        dtype = torch.bfloat16  # Llama-3-8B (V = 128256) and Qwen2.5-7B (V = 152064) vocabularies
+        shapes = [(4096, 32000)] if quick else [(4096, 128256), (8192, 128256), (16384, 128256), (32768, 128256),
+                                                (8192, 152064)]
     else:
         dtype = torch.float32
         shapes = [(512, 32000)] if quick else [(2048, 32000)]
     impls = backend_impls(
         device, logprobs_from_logits, reference.logprobs_from_logits, compile_reference=device.type == "cuda"
     )
+    impls.update(cross_entropy_peers(device))
     cases = []
     for n, v in shapes:
         def make_inputs(n=n, v=v, grad=False):
@@ -152,7 +154,8 @@ def fused_linear_cases(device: torch.device, quick: bool) -> list:
     GEMM and 6NHV for fwd+bwd (the recompute of ppo_fast's backward is not credited)."""
     if device.type == "cuda":
         dtype = torch.bfloat16
-        shapes = [(2048, 4096, 128256)] if quick else [(4096, 4096, 128256), (8192, 4096, 128256)]
+        shapes = [(2048, 4096, 128256)] if quick else [(4096, 4096, 128256), (8192, 4096, 128256),
+                                                       (16384, 4096, 128256), (8192, 3584, 152064)]
     else:
         dtype = torch.float32
         shapes = [(512, 256, 32000)] if quick else [(2048, 256, 32000)]
@@ -204,10 +207,7 @@ def _fused_linear_fwd(fn):
 def _fused_linear_fwd_bwd(fn):
     def run(x):
         logp, entropy = fn(x["logits"], x["weight"], x["labels"], return_entropy=True)
-        outputs, grads = (logp,), (x["up_logp"],)
-        if entropy is not None:
-            outputs, grads = (logp, entropy), (x["up_logp"], x["up_entropy"])
-        torch.autograd.grad(outputs, (x["logits"], x["weight"]), grads)
+        _backward(x, (x["logits"], x["weight"]), logp, entropy)
 
     return run
 
@@ -223,9 +223,39 @@ def _logprobs_fwd(fn):
 def _logprobs_fwd_bwd(fn):
     def run(x):
         logp, entropy = fn(x["logits"], x["labels"], return_entropy=True)
-        torch.autograd.grad((logp, entropy), x["logits"], (x["up_logp"], x["up_entropy"]))
+        _backward(x, (x["logits"],), logp, entropy)
 
     return run
+
+
+def _backward(x, inputs, logp, entropy):
+    """Backward from per-token logp (and entropy, where the impl computes it) with the case's
+    random upstream gradients."""
+    if entropy is None:
+        torch.autograd.grad(logp, inputs, x["up_logp"])
+    else:
+        torch.autograd.grad((logp, entropy), inputs, (x["up_logp"], x["up_entropy"]))
+
+
+def cross_entropy_peers(device: torch.device) -> dict:
+    """Per-token cross-entropy kernels of peers, where installed: logp = -loss, no entropy."""
+    peers = {}
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        peers["liger"] = lambda logits, labels, return_entropy=True: (
+            -liger_cross_entropy(logits, labels, reduction="none"), None)
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        try:
+            from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+            peers["flash-attn"] = lambda logits, labels, return_entropy=True: (
+                -cross_entropy_loss(logits, labels)[0], None)
+        except ImportError:
+            pass
+    return peers
 
 
 def token_shapes(device: torch.device, quick: bool) -> list:
@@ -302,14 +332,24 @@ def run_case(case: Case, device: torch.device) -> list:
     rows = []
     inputs = case.make_inputs()
     for impl, fn in case.impls.items():
+        row = {"op": case.op, "impl": impl, "mode": case.mode, "dtype": str(case.dtype).replace("torch.", ""),
+               "shape": case.shape}
         try:
             ms = time_ms(lambda: fn(inputs), device)
             peak = peak_memory_mb(lambda: fn(inputs), device)
         except BackendError:
             continue  # this backend does not implement the op
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append({**row, "ms": None, "error": "out of memory"})
+            continue
+        except Exception as err:  # a peer library's API or build problem: record it, keep going
+            if impl.startswith(("torch", "ppo_fast")):
+                raise
+            rows.append({**row, "ms": None, "error": f"{type(err).__name__}: {err}"[:200]})
+            continue
         rows.append({
-            "op": case.op, "impl": impl, "mode": case.mode, "dtype": str(case.dtype).replace("torch.", ""),
-            "shape": case.shape, "ms": round(ms, 4),
+            **row, "ms": round(ms, 4),
             "peak_mem_mb": None if peak is None else round(peak, 1),
             "gbps": round(case.bytes_moved / (ms * 1e-3) / 1e9, 3),
             "tflops": round(case.flops / (ms * 1e-3) / 1e12, 4) if case.flops else None,
@@ -359,7 +399,7 @@ def markdown_table(record: dict) -> str:
     """One line per result: time, speed-up over `torch` of the same case, and the achieved rate
     (TFLOP/s for GEMM-bound ops, else GB/s) as a fraction of the rate measured on this device."""
     baseline = {(r["op"], r["mode"], r["dtype"], json.dumps(r["shape"])): r["ms"]
-                for r in record["results"] if r["impl"] == "torch"}
+                for r in record["results"] if r["impl"] == "torch" and r["ms"]}
     lines = [
         f"Device: {record['device']} — torch {record['torch']}, triton {record['triton']}, "
         f"copy {record['copy_gbps']} GB/s, matmul {record['matmul_tflops']} TFLOP/s, {record['date']}",
@@ -369,8 +409,11 @@ def markdown_table(record: dict) -> str:
     ]
     for r in record["results"]:
         base = baseline.get((r["op"], r["mode"], r["dtype"], json.dumps(r["shape"])))
-        speedup = f"{base / r['ms']:.2f}x" if base else "-"
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+        if r["ms"] is None:
+            lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {shape} | {r['impl']} | {r['error']} | - | - | - | - |")
+            continue
+        speedup = f"{base / r['ms']:.2f}x" if base else "-"
         if r["tflops"]:
             achieved, pct = f"{r['tflops']:.2f} TFLOP/s", 100 * r["tflops"] / record["matmul_tflops"]
         else:
@@ -390,7 +433,7 @@ def plot(record: dict, stem: str) -> list:
 
     paths = []
     for op in dict.fromkeys(r["op"] for r in record["results"]):
-        rows = [r for r in record["results"] if r["op"] == op]
+        rows = [r for r in record["results"] if r["op"] == op and r["ms"]]  # OOM / failed rows: none
         labels = list(dict.fromkeys(" ".join(f"{k}={v}" for k, v in r["shape"].items()) for r in rows))
         has_memory = any(r["peak_mem_mb"] is not None for r in rows)
         fig, axes = plt.subplots(1, 2 if has_memory else 1, figsize=(12 if has_memory else 6.5, 4), squeeze=False)
@@ -398,7 +441,7 @@ def plot(record: dict, stem: str) -> list:
         for (mode, impl) in dict.fromkeys((r["mode"], r["impl"]) for r in rows):
             series = {" ".join(f"{k}={v}" for k, v in r["shape"].items()): r for r in rows
                       if r["mode"] == mode and r["impl"] == impl}
-            xs = [x for x in labels if x in series]
+            xs = [x for x in labels if x in series and (mode, json.dumps(series[x]["shape"])) in base]
             speedups = [base[(mode, json.dumps(series[x]["shape"]))]["ms"] / series[x]["ms"] for x in xs]
             axes[0][0].plot(xs, speedups, marker="o", label=f"{impl} {mode}")
             if has_memory:
