@@ -39,9 +39,14 @@ def require_shape(name: str, x: torch.Tensor, shape, expected_what: str) -> None
         raise ValueError(f"{name}: expected shape {tuple(shape)} ({expected_what}), got {tuple(x.shape)}")
 
 
-def require_positive(name: str, value) -> float:
+def require_python_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    return float(value)
+
+
+def require_positive(name: str, value) -> float:
+    value = require_python_float(name, value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: expected a finite value > 0, got {value}")
     return float(value)
@@ -79,8 +84,7 @@ def require_optional_count(name: str, value) -> None:
 
 
 def require_nonnegative(name: str, value) -> float:
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    value = require_python_float(name, value)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
     return float(value)

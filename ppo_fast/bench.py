@@ -196,36 +196,23 @@ def liger_impls() -> dict:
     return {"liger": liger}
 
 
-def _fused_linear_fwd(fn):
-    def run(x):
-        with torch.no_grad():
-            fn(x["logits"], x["weight"], x["labels"], return_entropy=True)
+def _logprob_runners(call, grad_keys):
+    """(fwd, fwd+bwd) runner factories for an op whose `call(fn, x)` returns (logp, entropy);
+    the backward goes to the inputs named by grad_keys."""
+    def fwd_bwd(fn):
+        def run(x):
+            logp, entropy = call(fn, x)
+            _backward(x, tuple(x[k] for k in grad_keys), logp, entropy)
 
-    return run
+        return run
 
-
-def _fused_linear_fwd_bwd(fn):
-    def run(x):
-        logp, entropy = fn(x["logits"], x["weight"], x["labels"], return_entropy=True)
-        _backward(x, (x["logits"], x["weight"]), logp, entropy)
-
-    return run
+    return (lambda fn: _no_grad(call, fn)), fwd_bwd
 
 
-def _logprobs_fwd(fn):
-    def run(x):
-        with torch.no_grad():
-            fn(x["logits"], x["labels"], return_entropy=True)
-
-    return run
-
-
-def _logprobs_fwd_bwd(fn):
-    def run(x):
-        logp, entropy = fn(x["logits"], x["labels"], return_entropy=True)
-        _backward(x, (x["logits"],), logp, entropy)
-
-    return run
+_logprobs_fwd, _logprobs_fwd_bwd = _logprob_runners(
+    lambda fn, x: fn(x["logits"], x["labels"], return_entropy=True), ("logits",))
+_fused_linear_fwd, _fused_linear_fwd_bwd = _logprob_runners(
+    lambda fn, x: fn(x["logits"], x["weight"], x["labels"], return_entropy=True), ("logits", "weight"))
 
 
 def _backward(x, inputs, logp, entropy):

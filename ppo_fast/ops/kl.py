@@ -20,6 +20,7 @@ from ppo_fast._checks import (
     require_float,
     require_mask,
     require_per_token,
+    require_python_float,
     require_same_device,
     require_shape,
 )
@@ -171,20 +172,19 @@ def kl_penalty(log_prob, ref_log_prob, *, estimator="k1"):
 def compute_rewards(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1"):
     """Token rewards [B, T] float32: -kl_coef * KL on valid tokens, plus each sequence's score
     on its last valid token (no score for a fully masked row). No gradient."""
-    _check_pair(log_prob, ref_log_prob, estimator)
+    require_choice("estimator", estimator, ESTIMATORS)
     shape = require_per_token({"log_prob": log_prob, "ref_log_prob": ref_log_prob})
     require_mask("mask", mask, shape)
     require_float("scores", scores)
     require_shape("scores", scores, shape[:1], "[B], one score per sequence")
     require_same_device(scores=scores, log_prob=log_prob, mask=mask)
-    if isinstance(kl_coef, torch.Tensor) or not isinstance(kl_coef, (int, float)):
-        raise TypeError(f"kl_coef: expected a Python float, got {type(kl_coef).__name__}")
+    kl_coef = require_python_float("kl_coef", kl_coef)
     if resolve_backend(log_prob.device, "compute_rewards", supported=("triton", "torch")) == "torch":
         return reference.compute_rewards(scores, log_prob, ref_log_prob, mask, kl_coef=kl_coef, estimator=estimator)
     B, T = shape
     out = torch.empty(B, T, device=log_prob.device, dtype=torch.float32)
     if B:
         _rewards_kernel[(B,)](scores.contiguous(), log_prob.detach().contiguous(), ref_log_prob.detach().contiguous(),
-                              mask.contiguous(), out, T, float(kl_coef),
+                              mask.contiguous(), out, T, kl_coef,
                               ESTIMATOR=_CODES[estimator.rstrip("+")], BLOCK_T=_block_t(T))
     return out

@@ -140,6 +140,12 @@ def weighted_row_total(row_sums, row_counts, agg, num_tokens, num_seqs):
     return (weights * row_sums).sum(), weights
 
 
+def row_token_means(row_stats):
+    """Masked token means of columns 2.. of [B, k] per-row sums whose column 1 is sum_t m:
+    the statistics of the losses (local valid tokens; 0 for an empty mask)."""
+    return row_stats[:, 2:].sum(0) / row_stats[:, 1].sum().clamp(min=1)
+
+
 # ----------------------------------------------------------------------------- autograd
 class _AggLossTriton(torch.autograd.Function):
     @staticmethod
@@ -155,22 +161,6 @@ class _AggLossTriton(torch.autograd.Function):
         mask, weights = ctx.saved_tensors
         grad_loss = scale_rows(weights, grad_total, ctx.loss_shape, ctx.loss_dtype, mask=mask)
         return grad_loss, None, None, None, None
-
-
-class _MaskedMeanTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mask):
-        sums = masked_row_sums(x, mask)
-        count = sums[:, 1].sum().clamp(min=1)
-        weights = torch.full((x.shape[0],), 1.0, device=x.device) / count
-        ctx.save_for_backward(mask, weights)
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return sums[:, 0].sum() / count
-
-    @staticmethod
-    def backward(ctx, grad):
-        mask, weights = ctx.saved_tensors
-        return scale_rows(weights, grad, ctx.x_shape, ctx.x_dtype, mask=mask), None
 
 
 def _whiten_triton(x, mask, shift_mean):
@@ -212,7 +202,7 @@ def masked_mean(x, mask):
     x, mask = _prepare("x", x, mask)
     if resolve_backend(x.device, "masked_mean", supported=("triton", "torch")) == "torch":
         return reference.masked_mean(x, mask)
-    return _MaskedMeanTriton.apply(x, mask)
+    return _AggLossTriton.apply(x, mask, "token-mean", None, None)  # sum(m x) / sum(m), 0 if empty
 
 
 def masked_whiten(x, mask, *, shift_mean=True):

@@ -25,7 +25,14 @@ from ppo_fast._checks import (
 )
 from ppo_fast._triton import tl, triton
 from ppo_fast.backend import native_module, resolve_backend
-from ppo_fast.ops.masked import AGG_MODES, _block_t, load_token_tiles, scale_rows, weighted_row_total
+from ppo_fast.ops.masked import (
+    AGG_MODES,
+    _block_t,
+    load_token_tiles,
+    row_token_means,
+    scale_rows,
+    weighted_row_total,
+)
 
 N_ROW_STATS = 5  # sum m L, sum m, sum m clipped, sum m (-D), sum m lower-clipped
 
@@ -92,12 +99,6 @@ def _launch_forward(backend, log_prob, old_log_prob, advantages, mask, clip_low,
     return row_stats, dloss
 
 
-def _stats(row_stats):
-    n = row_stats[:, 1].sum().clamp(min=1)
-    clipfrac, approx_kl, lower = (row_stats[:, 2:].sum(0) / n).unbind()
-    return {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}
-
-
 # ----------------------------------------------------------------------------- autograd
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
@@ -108,9 +109,9 @@ class _PolicyLoss(torch.autograd.Function):
         loss, weights = weighted_row_total(row_stats[:, 0], row_stats[:, 1], agg, num_tokens, num_seqs)
         ctx.save_for_backward(dloss, weights)
         ctx.dtype, ctx.backend = log_prob.dtype, backend
-        stats = _stats(row_stats)
-        ctx.mark_non_differentiable(*stats.values())
-        return loss, stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]
+        clipfrac, approx_kl, clipfrac_lower = row_token_means(row_stats).unbind()
+        ctx.mark_non_differentiable(clipfrac, approx_kl, clipfrac_lower)
+        return loss, clipfrac, approx_kl, clipfrac_lower
 
     @staticmethod
     def backward(ctx, grad_loss, *_stat_grads):

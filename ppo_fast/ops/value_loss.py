@@ -20,7 +20,14 @@ from ppo_fast._checks import (
 )
 from ppo_fast._triton import tl, triton
 from ppo_fast.backend import native_module, resolve_backend
-from ppo_fast.ops.masked import AGG_MODES, _block_t, load_token_tiles, scale_rows, weighted_row_total
+from ppo_fast.ops.masked import (
+    AGG_MODES,
+    _block_t,
+    load_token_tiles,
+    row_token_means,
+    scale_rows,
+    weighted_row_total,
+)
 
 
 @triton.jit
@@ -70,7 +77,7 @@ class _ValueLoss(torch.autograd.Function):
         total, weights = weighted_row_total(row_stats[:, 0], row_stats[:, 1], agg, num_tokens, num_seqs)
         ctx.save_for_backward(dloss, 0.5 * weights)
         ctx.dtype, ctx.backend = values.dtype, backend
-        clipfrac = row_stats[:, 2].sum() / row_stats[:, 1].sum().clamp(min=1)
+        (clipfrac,) = row_token_means(row_stats).unbind()
         ctx.mark_non_differentiable(clipfrac)
         return 0.5 * total, clipfrac
 
