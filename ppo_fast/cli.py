@@ -1,4 +1,4 @@
-"""The `ppo-fast` command: `info`, `bench`, `demo`."""
+"""The `ppo-fast` command: `info`, `bench`, `train`, `demo`."""
 from __future__ import annotations
 
 import argparse
@@ -40,10 +40,36 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def train_config(args):
+    """The run's PPOConfig: defaults (the embedded task) < --config file < flags < key=value."""
+    from ppo_fast.config import PPOConfig, parse_overrides
+
+    config = PPOConfig.from_file(args.config) if args.config else PPOConfig()
+    flags = {k: getattr(args, k) for k in ("out", "steps", "seed") if getattr(args, k) is not None}
+    return config.replace({**flags, **parse_overrides(args.overrides)}).validate()
+
+
+def cmd_train(args) -> int:
+    from ppo_fast.config import ConfigError
+    from ppo_fast.trainer import PPOTrainer
+
+    try:
+        config = train_config(args)
+    except ConfigError as e:
+        print(f"ppo-fast train: bad config: {e}", file=sys.stderr)
+        return 2
+    history = PPOTrainer(config).train()
+    if history:
+        first, last = history[0], history[-1]
+        print(f"reward_mean {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps; "
+              f"metrics in {config.out}/metrics.jsonl")
+    return 0
+
+
 def cmd_demo(args) -> int:
-    # Until the PPO loop lands, the demo is the op benchmark at a CPU-sized shape.
-    args.op, args.quick, args.no_save, args.out = None, True, True, None
-    return cmd_bench(args)
+    """The embedded default run (`ppo-fast train` with no arguments)."""
+    args.config, args.steps, args.seed, args.overrides = None, None, None, []
+    return cmd_train(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,14 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--no-save", action="store_true", help="print the table only")
     bench_parser.set_defaults(func=cmd_bench)
 
-    demo_parser = sub.add_parser("demo", help="the embedded default job")
-    demo_parser.add_argument("--device", default=None)
+    train_parser = sub.add_parser("train", help="a PPO run; no arguments: the embedded count task",
+                                  description="Run PPO. Settings: PPOConfig defaults < --config < flags < key=value.")
+    train_parser.add_argument("--config", default=None, help="a YAML file of PPOConfig keys")
+    train_parser.add_argument("--out", default=None, help="output folder (metrics.jsonl, config.yaml)")
+    train_parser.add_argument("--steps", type=int, default=None)
+    train_parser.add_argument("--seed", type=int, default=None)
+    train_parser.add_argument("overrides", nargs="*", metavar="key=value", help="any PPOConfig field")
+    train_parser.set_defaults(func=cmd_train)
+
+    demo_parser = sub.add_parser("demo", help="the embedded default run (= ppo-fast train)")
+    demo_parser.add_argument("--out", default=None)
     demo_parser.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come before or after the flags
+    if extra and (getattr(args, "overrides", None) is None or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = args.overrides + extra
     return args.func(args)
 
 

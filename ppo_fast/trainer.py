@@ -1,0 +1,423 @@
+"""PPO for language models on one device: rollout -> experience -> update, step after step.
+
+    trainer = PPOTrainer(PPOConfig(...))          # or pass your own policy / tokenizer / reward
+    trainer.train()                               # metrics.jsonl + config.yaml in config.out
+
+One step:
+  1. rollout     sample a response to each prompt with a KV cache (ppo_fast.rollout)
+  2. experience  no grad: old and reference log-probs (fused linear -> log-prob, no logits),
+                 values, scores; r_t = score on the last token - beta KL_t; GAE; whitening
+  3. update      epochs x minibatches x micro-batches; the clipped policy loss (+ entropy
+                 bonus, KL loss) and the clipped value loss, normalised by the minibatch's
+                 token count so accumulated micro-batches equal one big batch; AdamW, clipping,
+                 LR schedule; a non-finite loss or gradient skips the step (counted)
+
+`config.ops = "reference"` runs the same loop on `ppo_fast.reference` (the baseline).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, fields
+
+import torch
+
+import ppo_fast
+from ppo_fast import models, tasks
+from ppo_fast.config import ConfigError, PPOConfig, load_function
+from ppo_fast.kl_controller import AdaptiveKLController, FixedKLController
+from ppo_fast.rollout import left_pad, sample
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Experience:
+    """One rollout batch: sequences [B, P + R] and per-response-token tensors [B, R]."""
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response: torch.Tensor
+    mask: torch.Tensor  # bool, True on response tokens (EOS included)
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    @property
+    def prompt_length(self) -> int:
+        return self.sequences.shape[1] - self.response.shape[1]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.response.masked_fill(~self.mask, IGNORE_INDEX)
+
+    def select(self, rows: torch.Tensor) -> "Experience":
+        return Experience(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+def rows_in_chunks(fn, size: int, *tensors):
+    """fn over consecutive row chunks of `tensors`, outputs concatenated (a tensor or a tuple)."""
+    outs = [fn(*(t[i:i + size] for t in tensors)) for i in range(0, tensors[0].shape[0], size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+class PPOTrainer:
+    """Policy, reference, critic and reward on one device. Anything not passed in is loaded
+    from the config (or, with `config.policy` unset, built for the embedded count task)."""
+
+    def __init__(self, config: PPOConfig, *, policy=None, tokenizer=None, reward_fn=None, reward_model=None,
+                 prompts: list[str] | None = None):
+        given = (policy, tokenizer, reward_fn, reward_model, prompts)
+        self.config = cfg = config.validate(check_sources=all(x is None for x in given))
+        self.device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32}.get(cfg.dtype)
+        self.dtype = dtype or getattr(torch, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        self.sample_generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.data_generator = torch.Generator().manual_seed(cfg.seed)
+        self.ops = ppo_fast.reference if cfg.ops == "reference" else ppo_fast.ops
+
+        self._load_task(policy, tokenizer, reward_fn, reward_model, prompts)
+        self.pad_token_id = pick_pad_token_id(self.tokenizer)
+        self.reference = models.frozen_copy(self.policy)
+        critic_source = self.reward_model if cfg.critic == "reward" or (cfg.critic == "auto" and self.reward_model) else self.policy
+        self.critic = models.ValueModel.from_model(critic_source, share=cfg.critic == "shared").to(self.device)
+        self.kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                              else FixedKLController(cfg.kl_coef))
+        self._build_optimizer()
+        self.step_count, self.skipped_steps = 0, 0
+
+    # ------------------------------------------------------------------ set-up
+    def _load_task(self, policy, tokenizer, reward_fn, reward_model, prompts) -> None:
+        cfg = self.config
+        if policy is None and cfg.policy is None:  # the embedded default
+            from transformers import LlamaForCausalLM
+
+            self.tokenizer = tasks.DigitTokenizer()
+            policy = LlamaForCausalLM(tasks.tiny_policy_config(self.tokenizer)).to(self.dtype)
+            reward_fn = tasks.count_reward
+            self.prompt_source = lambda n: tasks.count_prompts(n, self.data_generator)
+        else:
+            if policy is None:
+                policy = models.load_model(_given(cfg.policy, "policy"), "causal-lm", self.dtype, self.device)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                path = _given(cfg.tokenizer or cfg.policy, "tokenizer")
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.tokenizer = tokenizer
+            if reward_model is None and reward_fn is None:
+                if cfg.reward_model:
+                    reward_model = models.load_model(cfg.reward_model, "reward", self.dtype, self.device)
+                else:
+                    reward_fn = load_function(_given(cfg.reward_fn, "reward_fn"))
+            if prompts is None:
+                prompts = read_prompts(_given(cfg.prompts, "prompts"))
+            self.prompt_source = PromptCycle(prompts, self.data_generator)
+        models.check_plain_lm_head(policy)
+        self.policy = policy.to(self.device).eval()  # eval: no dropout, so old and new log-probs agree
+        self.reward_model = None if reward_model is None else reward_model.to(self.device).eval().requires_grad_(False)
+        self.reward_fn = reward_fn
+
+    def _build_optimizer(self) -> None:
+        cfg = self.config
+        critic_params = (self.critic.head.parameters() if cfg.critic == "shared" else self.critic.parameters())
+        self.param_groups = [list(self.policy.parameters()), list(critic_params)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.param_groups[0], "lr": cfg.lr}, {"params": self.param_groups[1], "lr": cfg.critic_lr}],
+            weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
+        )
+        total = cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: lr_factor(i, cfg.warmup_steps, total, cfg.lr_schedule))
+
+    # ------------------------------------------------------------------ 1. rollout
+    def rollout(self):
+        """(prompts, prompt ids [B, P], prompt mask, response [B, R], response mask)."""
+        cfg = self.config
+        prompts = self.prompt_source(cfg.rollout_batch_size)
+        rows = [encode(self.tokenizer, p)[-cfg.max_prompt_length:] for p in prompts]
+        prompt_ids, prompt_mask = left_pad(rows, self.pad_token_id, self.device)
+        response, mask = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
+                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                generator=self.sample_generator)
+        return prompts, prompt_ids, prompt_mask, response, mask
+
+    # ------------------------------------------------------------------ 2. experience
+    def head_logprobs(self, model, hidden, labels, return_entropy=False):
+        """Log-probs of labels [B, R] (and entropy) from hidden states [B, R, H] and lm_head.weight."""
+        head = model.get_output_embeddings()
+        return self.ops.fused_linear_logprobs(hidden, head.weight, labels, bias=head.bias,
+                                              temperature=self.config.temperature, return_entropy=return_entropy)
+
+    def policy_outputs(self, sequences, attention_mask, labels, return_entropy=False):
+        """(log-probs, entropy or None, values) [B, R]; a shared critic reuses the policy's hidden states."""
+        prompt_length = sequences.shape[1] - labels.shape[1]
+        hidden = models.response_hidden(self.policy, sequences, attention_mask, prompt_length)
+        out = self.head_logprobs(self.policy, hidden, labels, return_entropy)
+        logp, entropy = out if return_entropy else (out, None)
+        if self.config.critic == "shared":
+            values = self.critic.values_from_hidden(hidden)
+        else:
+            values = self.critic(sequences, attention_mask, prompt_length)
+        return logp, entropy, values
+
+    def reference_logprobs(self, sequences, attention_mask, labels):
+        prompt_length = sequences.shape[1] - labels.shape[1]
+        hidden = models.response_hidden(self.reference, sequences, attention_mask, prompt_length)
+        return self.head_logprobs(self.reference, hidden, labels)
+
+    @torch.no_grad()
+    def score(self, prompts, sequences, attention_mask, response, mask) -> torch.Tensor:
+        """Sequence scores [B] from the reward model or function, with the no-EOS penalty."""
+        cfg = self.config
+        ended = (response == self.tokenizer.eos_token_id).any(-1)
+        if self.reward_model is not None:
+            scores = rows_in_chunks(lambda s, a: models.reward_model_scores(self.reward_model, s, a),
+                                    cfg.micro_batch_size, sequences, attention_mask)
+        else:
+            lengths = (mask.sum(-1) - ended.long()).tolist()  # response tokens before EOS
+            texts = self.tokenizer.batch_decode([row[:n] for row, n in zip(response.tolist(), lengths)],
+                                                skip_special_tokens=True)
+            scores = torch.as_tensor(self.reward_fn(prompts, texts), dtype=torch.float32).to(self.device)
+            if scores.shape != (len(prompts),) or not bool(torch.isfinite(scores).all()):
+                raise ValueError(f"reward_fn: expected {len(prompts)} finite scores, got shape "
+                                 f"{tuple(scores.shape)} with values {scores.tolist()[:8]}...")
+        if cfg.missing_eos_penalty is not None:
+            scores = scores + cfg.missing_eos_penalty * (~ended).float()
+        return scores
+
+    @torch.no_grad()
+    def make_experience(self, prompts, prompt_ids, prompt_mask, response, mask):
+        """Experience for the update, and its statistics."""
+        cfg, ops = self.config, self.ops
+        sequences = torch.cat([prompt_ids, response], dim=1)
+        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
+        labels = response.masked_fill(~mask, IGNORE_INDEX)
+        micro = cfg.micro_batch_size
+        old_logp, entropy, values = rows_in_chunks(lambda s, a, l: self.policy_outputs(s, a, l, return_entropy=True),
+                                                   micro, sequences, attention_mask, labels)
+        ref_logp = rows_in_chunks(self.reference_logprobs, micro, sequences, attention_mask, labels)
+        scores = self.score(prompts, sequences, attention_mask, response, mask)
+
+        rewards = ops.compute_rewards(scores, old_logp, ref_logp, mask, kl_coef=self.kl_controller.value,
+                                      estimator=cfg.kl_estimator)
+        advantages, returns = ops.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        stats = experience_stats(scores, old_logp, ref_logp, entropy, values, advantages, returns, mask,
+                                 prompt_mask, ops)
+        if cfg.whiten_advantages:
+            advantages = ops.masked_whiten(advantages, mask)
+        experience = Experience(sequences, attention_mask, response, mask, old_logp, ref_logp, values,
+                                advantages, returns)
+        return experience, stats
+
+    # ------------------------------------------------------------------ 3. update
+    def micro_batch_loss(self, batch: Experience, num_tokens: float, num_seqs: float):
+        """Loss of a micro-batch as its share of the minibatch mean, and its statistics."""
+        cfg, ops = self.config, self.ops
+        agg = dict(agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        logp, entropy, values = self.policy_outputs(batch.sequences, batch.attention_mask, batch.labels,
+                                                    return_entropy=cfg.entropy_coef > 0)
+        policy_loss, stats = ops.ppo_policy_loss(logp, batch.old_logp, batch.advantages, batch.mask,
+                                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                                 dual_clip=cfg.dual_clip, **agg)
+        loss = policy_loss
+        if entropy is not None:
+            loss = loss - cfg.entropy_coef * ops.agg_loss(entropy, batch.mask, cfg.loss_agg,
+                                                          num_tokens=num_tokens, num_seqs=num_seqs)
+        if cfg.kl_loss_coef > 0:
+            kl = ops.kl_penalty(logp, batch.ref_logp, estimator=cfg.kl_loss_estimator)
+            loss = loss + cfg.kl_loss_coef * ops.agg_loss(kl, batch.mask, cfg.loss_agg, num_tokens=num_tokens,
+                                                          num_seqs=num_seqs)
+        value_loss, value_clipfrac = ops.value_loss(values, batch.old_values, batch.returns, batch.mask,
+                                                    clip=cfg.value_clip, **agg)
+        loss = loss + cfg.vf_coef * value_loss
+        stats = {**stats, "policy_loss": policy_loss, "value_loss": value_loss, "value_clipfrac": value_clipfrac}
+        return loss, {k: v.detach() for k, v in stats.items()}
+
+    def optimizer_step(self, loss: torch.Tensor) -> dict:
+        """Clip, then apply the step unless the loss or a gradient norm is not finite."""
+        max_norm = self.config.max_grad_norm or float("inf")
+        norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in self.param_groups]
+        finite = bool(torch.isfinite(torch.stack([loss.detach(), *norms])).all())
+        if finite:
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped step still advances the schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        return {"grad_norm": norms[0], "critic_grad_norm": norms[1]}
+
+    def update(self, experience: Experience) -> dict:
+        cfg = self.config
+        totals, weight = defaultdict(float), 0.0
+        B = experience.mask.shape[0]
+        for _ in range(cfg.ppo_epochs):
+            for rows in torch.randperm(B, generator=self.data_generator).split(cfg.mini_batch_size):
+                mini = experience.select(rows.to(self.device))
+                token_counts = mini.mask.sum(-1)
+                num_tokens = max(int(token_counts.sum()), 1)
+                num_seqs = max(int((token_counts > 0).sum()), 1)
+                loss_sum = 0.0
+                for start in range(0, len(rows), cfg.micro_batch_size):
+                    micro = mini.select(slice(start, start + cfg.micro_batch_size))
+                    loss, stats = self.micro_batch_loss(micro, num_tokens, num_seqs)
+                    loss.backward()
+                    loss_sum = loss_sum + loss.detach()
+                    share = float(micro.mask.sum()) / num_tokens
+                    for key, value in stats.items():  # losses are shares already; token-mean stats are not
+                        totals[key] += value if key.endswith("loss") else value * share
+                for key, value in self.optimizer_step(loss_sum).items():
+                    totals[key] += value
+                weight += 1
+        return {key: float(value) / weight for key, value in totals.items()}
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> dict:
+        """One PPO step; returns its metrics."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = self._now()
+        prompts, prompt_ids, prompt_mask, response, mask = self.rollout()
+        t1 = self._now()
+        experience, stats = self.make_experience(prompts, prompt_ids, prompt_mask, response, mask)
+        t2 = self._now()
+        update_stats = self.update(experience)
+        t3 = self._now()
+        self.kl_controller.update(stats["kl"], self.config.rollout_batch_size)
+        self.step_count += 1
+        tokens = int(prompt_mask.sum()) + int(mask.sum())
+        return {
+            "step": self.step_count, **stats, **update_stats,
+            "kl_coef": self.kl_controller.value, "lr": self.scheduler.get_last_lr()[0],
+            "skipped_steps": self.skipped_steps, "tokens": tokens, "tokens_per_s": tokens / (t3 - t0),
+            "time_rollout": t1 - t0, "time_experience": t2 - t1, "time_update": t3 - t2,
+            "peak_memory_gb": self._peak_memory_gb(),
+        }
+
+    def train(self) -> list[dict]:
+        """Run config.steps steps, appending each step's metrics to OUT/metrics.jsonl."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        os.makedirs(cfg.out, exist_ok=True)
+        cfg.save(os.path.join(cfg.out, "config.yaml"))
+        history = []
+        bar = tqdm(range(self.step_count, cfg.steps), desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as log:
+            for _ in bar:
+                metrics = self.step()
+                history.append(metrics)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}",
+                                ent=f"{metrics['entropy']:.2f}", clip=f"{metrics['clipfrac']:.3f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+        return history
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _peak_memory_gb(self) -> float:
+        """Peak allocated GPU memory this step; on CPU the process's peak RSS so far."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------- helpers
+@torch.no_grad()
+def experience_stats(scores, old_logp, ref_logp, entropy, values, advantages, returns, mask, prompt_mask, ops) -> dict:
+    """Per-step statistics of a rollout batch (advantages before whitening)."""
+    m = mask.float()
+    kl_tokens = (old_logp - ref_logp) * m  # k1 per token
+    kl_seq = kl_tokens.sum(-1)
+    adv, ret = advantages[mask], returns[mask]
+    return {
+        "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "kl": float(kl_seq.mean()), "kl_per_token": float(ops.masked_mean(kl_tokens, mask)),
+        "entropy": float(ops.masked_mean(entropy, mask)),
+        "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
+        "return_mean": float(ret.mean()), "return_std": float(ret.std()),
+        "value_mean": float(ops.masked_mean(values, mask)),
+        "response_length": float(m.sum(-1).mean()), "prompt_length": float(prompt_mask.float().sum(-1).mean()),
+    }
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` optimiser steps, then constant / linear / cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def pick_pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad token if it is not EOS, else its unk token; sampling pads finished
+    rows with it and masks carry the real extent, but EOS must stay recognisable."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("tokenizer: has no eos_token_id; generation needs one to stop")
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "unk_token_id", None)):
+        if candidate is not None and candidate != eos:
+            return candidate
+    raise ConfigError("tokenizer: no pad token distinct from EOS (pad and unk are None or EOS); "
+                      "add one, e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}), and resize the embeddings")
+
+
+def _given(value, key: str):
+    if value is None:
+        raise ConfigError(f"{key}: not passed to PPOTrainer and not set in the config")
+    return value
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    if not ids:
+        raise ValueError(f"prompt {text!r} encodes to no tokens")
+    return ids
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt (one per line) or .jsonl file (a "prompt" field per line)."""
+    with open(path) as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    prompts = [json.loads(line)["prompt"] for line in lines] if path.endswith(".jsonl") else lines
+    if not prompts:
+        raise ConfigError(f"prompts: {path!r} holds no prompts")
+    return prompts
+
+
+class PromptCycle:
+    """Draws batches from a prompt list, reshuffled (with the run's generator) each pass."""
+
+    def __init__(self, prompts: list[str], generator: torch.Generator):
+        if not prompts:
+            raise ValueError("prompts: expected at least one prompt")
+        self.prompts, self.generator, self.order = list(prompts), generator, []
+
+    def __call__(self, n: int) -> list[str]:
+        batch = []
+        while len(batch) < n:
+            if not self.order:
+                self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+            batch.append(self.prompts[self.order.pop()])
+        return batch
