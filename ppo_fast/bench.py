@@ -449,12 +449,15 @@ def plot(record: dict, stem: str) -> list:
     return paths
 
 
-def save(record: dict, out_dir: str = RESULTS_DIR) -> str:
+def result_stem(record: dict, out_dir: str, prefix: str = "", suffix: str = "") -> str:
+    """OUT_DIR/<prefix><device slug>-<date><suffix>, created if needed."""
     os.makedirs(out_dir, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in record["device"].lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    stem = os.path.join(out_dir, f"{slug}-{record['date']}{'-quick' if record['quick'] else ''}")
+    slug = "-".join("".join(c if c.isalnum() else " " for c in record["device"].lower()).split())
+    return os.path.join(out_dir, f"{prefix}{slug}-{record['date']}{suffix}")
+
+
+def save(record: dict, out_dir: str = RESULTS_DIR) -> str:
+    stem = result_stem(record, out_dir, suffix="-quick" if record["quick"] else "")
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
     with open(stem + ".md", "w") as f:

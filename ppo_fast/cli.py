@@ -1,7 +1,8 @@
-"""The `ppo-fast` command: `info`, `bench`, `train`, `demo`."""
+"""The `ppo-fast` command: `info`, `bench`, `train`, `plot`, `demo`."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -31,6 +32,9 @@ def cmd_info(_args) -> int:
 def cmd_bench(args) -> int:
     from ppo_fast import bench
 
+    if args.e2e:
+        return cmd_bench_e2e(args)
+
     record = bench.run(args.device, ops=args.op, quick=args.quick)
     print()
     print(bench.markdown_table(record))
@@ -40,11 +44,35 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_e2e(args) -> int:
+    from ppo_fast import bench_e2e
+    from ppo_fast.config import ConfigError, PPOConfig, parse_overrides
+
+    try:
+        config = PPOConfig.from_file(args.config) if args.config else PPOConfig()
+        config = config.replace({**({"device": args.device} if args.device else {}), **parse_overrides(args.overrides)})
+        record = bench_e2e.run(config, steps=args.steps, warmup=args.warmup)
+    except ConfigError as e:
+        print(f"ppo-fast bench --e2e: bad config: {e}", file=sys.stderr)
+        return 2
+    print(bench_e2e.markdown_table(record))
+    if not args.no_save:
+        print(f"\nwrote {bench_e2e.save(record, args.out) if args.out else bench_e2e.save(record)} (and .md)")
+    return 0
+
+
 def train_config(args):
-    """The run's PPOConfig: defaults (the embedded task) < --config file < flags < key=value."""
+    """The run's PPOConfig: defaults (the embedded task, or with --resume the run's saved
+    config.yaml) < --config file < flags < key=value."""
     from ppo_fast.config import PPOConfig, parse_overrides
 
-    config = PPOConfig.from_file(args.config) if args.config else PPOConfig()
+    previous = os.path.join(args.out or PPOConfig.out, "config.yaml")
+    if args.config:
+        config = PPOConfig.from_file(args.config)
+    elif getattr(args, "resume", False) and os.path.isfile(previous):
+        config = PPOConfig.from_file(previous)  # resuming: the run's own config, overrides on top
+    else:
+        config = PPOConfig()
     flags = {k: getattr(args, k) for k in ("out", "steps", "seed") if getattr(args, k) is not None}
     return config.replace({**flags, **parse_overrides(args.overrides)}).validate()
 
@@ -58,7 +86,7 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"ppo-fast train: bad config: {e}", file=sys.stderr)
         return 2
-    history = PPOTrainer(config).train()
+    history = PPOTrainer(config).train(resume=args.resume)
     if history:
         first, last = history[0], history[-1]
         print(f"reward_mean {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps; "
@@ -66,9 +94,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from ppo_fast.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The embedded default run (`ppo-fast train` with no arguments)."""
-    args.config, args.steps, args.seed, args.overrides = None, None, None, []
+    args.config, args.steps, args.seed, args.overrides, args.resume = None, None, None, [], False
     return cmd_train(args)
 
 
@@ -83,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     bench_parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     bench_parser.add_argument("--no-save", action="store_true", help="print the table only")
+    bench_parser.add_argument("--e2e", action="store_true",
+                              help="end to end: PPO steps with ppo_fast ops vs reference ops (model from --config)")
+    bench_parser.add_argument("--config", default=None, help="--e2e: a PPOConfig YAML (default: the embedded task)")
+    bench_parser.add_argument("--steps", type=int, default=5, help="--e2e: timed PPO steps per run")
+    bench_parser.add_argument("--warmup", type=int, default=1, help="--e2e: untimed steps first")
+    bench_parser.add_argument("overrides", nargs="*", metavar="key=value", help="--e2e: PPOConfig fields")
     bench_parser.set_defaults(func=cmd_bench)
 
     train_parser = sub.add_parser("train", help="a PPO run; no arguments: the embedded count task",
@@ -91,8 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--out", default=None, help="output folder (metrics.jsonl, config.yaml)")
     train_parser.add_argument("--steps", type=int, default=None)
     train_parser.add_argument("--seed", type=int, default=None)
+    train_parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train_parser.add_argument("overrides", nargs="*", metavar="key=value", help="any PPOConfig field")
     train_parser.set_defaults(func=cmd_train)
+
+    plot_parser = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
+    plot_parser.add_argument("run_dir", help="a ppo-fast train --out folder")
+    plot_parser.add_argument("--out", default=None, help="where the PNGs go (default RUN_DIR/plots)")
+    plot_parser.set_defaults(func=cmd_plot)
 
     demo_parser = sub.add_parser("demo", help="the embedded default run (= ppo-fast train)")
     demo_parser.add_argument("--out", default=None)

@@ -18,6 +18,7 @@ CRITIC_MODES = ("auto", "policy", "reward", "shared")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPS_MODES = ("fused", "reference")
+PADDING_FREE = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -72,9 +73,19 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     warmup_steps: int = 0  # optimiser steps
     lr_schedule: str = "constant"
+    # memory savers
+    gradient_checkpointing: bool = False  # recompute activations in the backward (policy and critic)
+    lora_rank: int = 0  # > 0: train LoRA adapters (PEFT) on the policy; the reference = adapters disabled
+    lora_alpha: float = 16.0
+    lora_target_modules: str = "all-linear"  # PEFT target_modules: "all-linear" or comma-separated names
+    offload: bool = False  # keep the reference and reward model on the CPU outside the experience phase
+    padding_free: str = "auto"  # pack sequences without padding for the no-cache forwards; auto: with flash-attn
     # execution and output
     ops: str = "fused"  # ppo_fast.ops, or "reference": ppo_fast.reference (the baseline loop)
     out: str = "runs/ppo"
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
+    tensorboard: bool = True  # event files next to metrics.jsonl
     progress: bool = True
 
     # ------------------------------------------------------------------ building
@@ -115,7 +126,7 @@ class PPOConfig:
         """Raise ConfigError for anything that would fail later; returns self. check_sources=False
         skips the model / prompt / reward settings (the caller passes those objects itself)."""
         for key, choices in (("critic", CRITIC_MODES), ("dtype", DTYPES), ("lr_schedule", LR_SCHEDULES),
-                             ("ops", OPS_MODES), ("loss_agg", AGG_MODES)):
+                             ("ops", OPS_MODES), ("loss_agg", AGG_MODES), ("padding_free", PADDING_FREE)):
             _require(getattr(self, key) in choices, f"{key}: expected one of {choices}, got {getattr(self, key)!r}")
         for key in ("kl_estimator", "kl_loss_estimator"):
             estimator = getattr(self, key)
@@ -125,8 +136,10 @@ class PPOConfig:
                     "mini_batch_size", "micro_batch_size", "kl_horizon", "temperature", "lr", "critic_lr"):
             _require(getattr(self, key) > 0, f"{key}: expected a value > 0, got {getattr(self, key)}")
         for key in ("top_k", "kl_coef", "clip_low", "clip_high", "value_clip", "entropy_coef", "kl_loss_coef",
-                    "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps"):
+                    "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "lora_rank", "save_every",
+                    "keep_checkpoints"):
             _require(getattr(self, key) >= 0, f"{key}: expected a value >= 0, got {getattr(self, key)}")
+        _require(self.lora_rank == 0 or self.lora_alpha > 0, f"lora_alpha: expected > 0, got {self.lora_alpha}")
         _require(0 < self.top_p <= 1, f"top_p: expected a value in (0, 1], got {self.top_p}")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma, lam: expected values in [0, 1], got {self.gamma}, {self.lam}")
         _require(self.dual_clip is None or self.dual_clip > 1, f"dual_clip: expected None or > 1, got {self.dual_clip}")

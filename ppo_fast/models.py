@@ -20,17 +20,39 @@ def backbone(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix, model)
 
 
+def flash_attn_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def packing_supported() -> bool:
+    """transformers that reads sequence boundaries from position ids (flash-attn varlen, or
+    a block-diagonal mask for SDPA / eager)."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_model(path: str, kind: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """An HF model from a local directory, never downloading: its weights if the directory has
-    them, else built at random from its config.json. kind: "causal-lm" or "reward"."""
+    them, else built at random from its config.json. kind: "causal-lm" or "reward". Attention
+    is flash-attn 2 where installed (CUDA), else PyTorch SDPA."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    attn = "flash_attention_2" if flash_attn_available(device) else "sdpa"
     if any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES):
-        model = auto.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = auto.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation=attn)
     else:
         config = AutoConfig.from_pretrained(path, local_files_only=True, **({"num_labels": 1} if kind == "reward" else {}))
-        model = auto.from_config(config, dtype=dtype)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn)
     if kind == "causal-lm":
         check_plain_lm_head(model)
     elif model.config.num_labels != 1:
@@ -48,6 +70,45 @@ def check_plain_lm_head(model: nn.Module) -> None:
         raise ValueError(f"policy: expected an nn.Linear lm_head, got {type(model.get_output_embeddings()).__name__}")
 
 
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                       "summary_first_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere (modules and the config values attention layers read), so train
+    mode, needed by gradient checkpointing, computes what eval mode does."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        config = getattr(module, "config", None)
+        for key in DROPOUT_CONFIG_KEYS:
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, 0.0)
+    return model
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: str):
+    """PEFT LoRA adapters on the policy (lm_head excluded): the PeftModel, whose
+    `disable_adapter()` gives the reference policy without a second copy."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                                            bias="none"))
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def gradient_checkpointing_on(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing)
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy that takes no gradient (the reference policy)."""
     frozen = copy.deepcopy(model).eval()
@@ -60,11 +121,27 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_hidden(model: nn.Module, sequences, attention_mask, prompt_length: int) -> torch.Tensor:
+def last_hidden(body: nn.Module, sequences, attention_mask, packed: bool = False) -> torch.Tensor:
+    """The backbone's last hidden states [B, T, H].
+
+    packed: the rows' real tokens go in as one padding-free row, with position ids restarting
+    at each sequence; transformers then runs flash-attn's varlen kernel (or, without flash-attn,
+    a block-diagonal mask). Pad positions come back as zeros.
+    """
+    positions = position_ids(attention_mask)
+    if not packed:
+        return body(input_ids=sequences, attention_mask=attention_mask, position_ids=positions,
+                    use_cache=False).last_hidden_state
+    real = attention_mask.flatten().nonzero().squeeze(1)
+    hidden = body(input_ids=sequences.flatten()[real][None], position_ids=positions.flatten()[real][None],
+                  use_cache=False).last_hidden_state[0]
+    full = hidden.new_zeros(sequences.numel(), hidden.shape[-1]).index_copy(0, real, hidden)
+    return full.view(*sequences.shape, hidden.shape[-1])
+
+
+def response_hidden(model: nn.Module, sequences, attention_mask, prompt_length: int, packed: bool = False):
     """Last hidden states [B, R, H] at the positions that predict the R response tokens."""
-    out = backbone(model)(input_ids=sequences, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask), use_cache=False)
-    return out.last_hidden_state[:, prompt_length - 1:-1]
+    return last_hidden(backbone(model), sequences, attention_mask, packed)[:, prompt_length - 1:-1]
 
 
 class ValueModel(nn.Module):
@@ -93,17 +170,15 @@ class ValueModel(nn.Module):
     def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden).squeeze(-1).float()
 
-    def forward(self, sequences, attention_mask, prompt_length: int) -> torch.Tensor:
-        out = self.body(input_ids=sequences, attention_mask=attention_mask,
-                        position_ids=position_ids(attention_mask), use_cache=False)
-        return self.values_from_hidden(out.last_hidden_state[:, prompt_length - 1:-1])
+    def forward(self, sequences, attention_mask, prompt_length: int, packed: bool = False) -> torch.Tensor:
+        hidden = last_hidden(self.body, sequences, attention_mask, packed)
+        return self.values_from_hidden(hidden[:, prompt_length - 1:-1])
 
 
 @torch.no_grad()
-def reward_model_scores(model: nn.Module, sequences, attention_mask) -> torch.Tensor:
+def reward_model_scores(model: nn.Module, sequences, attention_mask, packed: bool = False) -> torch.Tensor:
     """The sequence-classification score at each row's last real token, float32 [B]."""
-    hidden = backbone(model)(input_ids=sequences, attention_mask=attention_mask,
-                             position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    hidden = last_hidden(backbone(model), sequences, attention_mask, packed)
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return model.score(hidden[rows, last]).squeeze(-1).float()

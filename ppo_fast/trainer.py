@@ -16,6 +16,7 @@ One step:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import torch
 
 import ppo_fast
 from ppo_fast import models, tasks
+from ppo_fast.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ppo_fast.config import ConfigError, PPOConfig, load_function
 from ppo_fast.kl_controller import AdaptiveKLController, FixedKLController
 from ppo_fast.rollout import left_pad, sample
@@ -86,11 +88,12 @@ class PPOTrainer:
         self.data_generator = torch.Generator().manual_seed(cfg.seed)
         self.ops = ppo_fast.reference if cfg.ops == "reference" else ppo_fast.ops
 
+        self.packed = padding_free(cfg.padding_free, self.device)
         self._load_task(policy, tokenizer, reward_fn, reward_model, prompts)
         self.pad_token_id = pick_pad_token_id(self.tokenizer)
-        self.reference = models.frozen_copy(self.policy)
         critic_source = self.reward_model if cfg.critic == "reward" or (cfg.critic == "auto" and self.reward_model) else self.policy
         self.critic = models.ValueModel.from_model(critic_source, share=cfg.critic == "shared").to(self.device)
+        self._apply_memory_savers()
         self.kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                               else FixedKLController(cfg.kl_coef))
         self._build_optimizer()
@@ -100,10 +103,12 @@ class PPOTrainer:
     def _load_task(self, policy, tokenizer, reward_fn, reward_model, prompts) -> None:
         cfg = self.config
         if policy is None and cfg.policy is None:  # the embedded default
-            from transformers import LlamaForCausalLM
+            from transformers import AutoModelForCausalLM
 
             self.tokenizer = tasks.DigitTokenizer()
-            policy = LlamaForCausalLM(tasks.tiny_policy_config(self.tokenizer)).to(self.dtype)
+            attn = "flash_attention_2" if models.flash_attn_available(self.device) else "sdpa"
+            policy = AutoModelForCausalLM.from_config(tasks.tiny_policy_config(self.tokenizer), dtype=self.dtype,
+                                                      attn_implementation=attn)
             reward_fn = tasks.count_reward
             self.prompt_source = lambda n: tasks.count_prompts(n, self.data_generator)
         else:
@@ -124,14 +129,47 @@ class PPOTrainer:
                 prompts = read_prompts(_given(cfg.prompts, "prompts"))
             self.prompt_source = PromptCycle(prompts, self.data_generator)
         models.check_plain_lm_head(policy)
-        self.policy = policy.to(self.device).eval()  # eval: no dropout, so old and new log-probs agree
+        self.policy = models.disable_dropout(policy).to(self.device).eval()  # old and new log-probs agree
         self.reward_model = None if reward_model is None else reward_model.to(self.device).eval().requires_grad_(False)
         self.reward_fn = reward_fn
 
+    def _apply_memory_savers(self) -> None:
+        """The reference (a frozen copy, or with LoRA the policy with adapters disabled),
+        gradient checkpointing, offloading of the frozen models."""
+        cfg = self.config
+        self.peft_policy = None
+        if cfg.lora_rank:
+            self.peft_policy = models.add_lora(self.policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+            self.policy, self.reference = self.peft_policy.get_base_model(), None
+        else:
+            self.reference = models.frozen_copy(self.policy)
+        if cfg.gradient_checkpointing:
+            models.enable_gradient_checkpointing(self.policy)
+            if cfg.critic != "shared":
+                models.enable_gradient_checkpointing(self.critic.body)
+        self.offloaded = [m for m in (self.reference, self.reward_model) if m is not None and cfg.offload]
+        for model in self.offloaded:
+            model.to("cpu")
+
+    @contextlib.contextmanager
+    def frozen_models_on_device(self):
+        """With `offload`, the reference and reward model visit the device for the block."""
+        for model in self.offloaded:
+            model.to(self.device, non_blocking=True)
+        try:
+            yield
+        finally:
+            for model in self.offloaded:
+                model.to("cpu")
+
+    def named_trainable(self, which: str) -> list:
+        """(name, parameter) pairs the optimiser updates, of the "policy" or the "critic"."""
+        module = self.policy if which == "policy" else self.critic.head if self.config.critic == "shared" else self.critic
+        return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
     def _build_optimizer(self) -> None:
         cfg = self.config
-        critic_params = (self.critic.head.parameters() if cfg.critic == "shared" else self.critic.parameters())
-        self.param_groups = [list(self.policy.parameters()), list(critic_params)]
+        self.param_groups = [[p for _, p in self.named_trainable(which)] for which in ("policy", "critic")]
         self.optimizer = torch.optim.AdamW(
             [{"params": self.param_groups[0], "lr": cfg.lr}, {"params": self.param_groups[1], "lr": cfg.critic_lr}],
             weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
@@ -163,18 +201,22 @@ class PPOTrainer:
     def policy_outputs(self, sequences, attention_mask, labels, return_entropy=False):
         """(log-probs, entropy or None, values) [B, R]; a shared critic reuses the policy's hidden states."""
         prompt_length = sequences.shape[1] - labels.shape[1]
-        hidden = models.response_hidden(self.policy, sequences, attention_mask, prompt_length)
+        hidden = models.response_hidden(self.policy, sequences, attention_mask, prompt_length, self.packed)
         out = self.head_logprobs(self.policy, hidden, labels, return_entropy)
         logp, entropy = out if return_entropy else (out, None)
         if self.config.critic == "shared":
             values = self.critic.values_from_hidden(hidden)
         else:
-            values = self.critic(sequences, attention_mask, prompt_length)
+            values = self.critic(sequences, attention_mask, prompt_length, self.packed)
         return logp, entropy, values
 
     def reference_logprobs(self, sequences, attention_mask, labels):
         prompt_length = sequences.shape[1] - labels.shape[1]
-        hidden = models.response_hidden(self.reference, sequences, attention_mask, prompt_length)
+        if self.peft_policy is not None:
+            with self.peft_policy.disable_adapter():
+                hidden = models.response_hidden(self.policy, sequences, attention_mask, prompt_length, self.packed)
+            return self.head_logprobs(self.policy, hidden, labels)
+        hidden = models.response_hidden(self.reference, sequences, attention_mask, prompt_length, self.packed)
         return self.head_logprobs(self.reference, hidden, labels)
 
     @torch.no_grad()
@@ -183,7 +225,7 @@ class PPOTrainer:
         cfg = self.config
         ended = (response == self.tokenizer.eos_token_id).any(-1)
         if self.reward_model is not None:
-            scores = rows_in_chunks(lambda s, a: models.reward_model_scores(self.reward_model, s, a),
+            scores = rows_in_chunks(lambda s, a: models.reward_model_scores(self.reward_model, s, a, self.packed),
                                     cfg.micro_batch_size, sequences, attention_mask)
         else:
             lengths = (mask.sum(-1) - ended.long()).tolist()  # response tokens before EOS
@@ -207,8 +249,9 @@ class PPOTrainer:
         micro = cfg.micro_batch_size
         old_logp, entropy, values = rows_in_chunks(lambda s, a, l: self.policy_outputs(s, a, l, return_entropy=True),
                                                    micro, sequences, attention_mask, labels)
-        ref_logp = rows_in_chunks(self.reference_logprobs, micro, sequences, attention_mask, labels)
-        scores = self.score(prompts, sequences, attention_mask, response, mask)
+        with self.frozen_models_on_device():
+            ref_logp = rows_in_chunks(self.reference_logprobs, micro, sequences, attention_mask, labels)
+            scores = self.score(prompts, sequences, attention_mask, response, mask)
 
         rewards = ops.compute_rewards(scores, old_logp, ref_logp, mask, kl_coef=self.kl_controller.value,
                                       estimator=cfg.kl_estimator)
@@ -261,6 +304,13 @@ class PPOTrainer:
         return {"grad_norm": norms[0], "critic_grad_norm": norms[1]}
 
     def update(self, experience: Experience) -> dict:
+        self.policy.train(), self.critic.train()  # dropout is off: only gradient checkpointing reads this
+        try:
+            return self._update(experience)
+        finally:
+            self.policy.eval(), self.critic.eval()
+
+    def _update(self, experience: Experience) -> dict:
         cfg = self.config
         totals, weight = defaultdict(float), 0.0
         B = experience.mask.shape[0]
@@ -287,56 +337,82 @@ class PPOTrainer:
     # ------------------------------------------------------------------ the loop
     def step(self) -> dict:
         """One PPO step; returns its metrics."""
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        t0 = self._now()
-        prompts, prompt_ids, prompt_mask, response, mask = self.rollout()
-        t1 = self._now()
-        experience, stats = self.make_experience(prompts, prompt_ids, prompt_mask, response, mask)
-        t2 = self._now()
-        update_stats = self.update(experience)
-        t3 = self._now()
+        phases = {}
+        prompts, prompt_ids, prompt_mask, response, mask = self._timed("rollout", phases, self.rollout)
+        experience, stats = self._timed("experience", phases, self.make_experience, prompts, prompt_ids, prompt_mask,
+                                        response, mask)
+        update_stats = self._timed("update", phases, self.update, experience)
         self.kl_controller.update(stats["kl"], self.config.rollout_batch_size)
         self.step_count += 1
         tokens = int(prompt_mask.sum()) + int(mask.sum())
+        step_time = sum(v for k, v in phases.items() if k.startswith("time_"))
+        peaks = [v for k, v in phases.items() if k.startswith("peak_memory_")]
         return {
             "step": self.step_count, **stats, **update_stats,
             "kl_coef": self.kl_controller.value, "lr": self.scheduler.get_last_lr()[0],
-            "skipped_steps": self.skipped_steps, "tokens": tokens, "tokens_per_s": tokens / (t3 - t0),
-            "time_rollout": t1 - t0, "time_experience": t2 - t1, "time_update": t3 - t2,
-            "peak_memory_gb": self._peak_memory_gb(),
+            "skipped_steps": self.skipped_steps, "tokens": tokens, "tokens_per_s": tokens / step_time, **phases,
+            "peak_memory_gb": max(peaks) if peaks else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
 
-    def train(self) -> list[dict]:
-        """Run config.steps steps, appending each step's metrics to OUT/metrics.jsonl."""
+    def _timed(self, phase: str, into: dict, fn, *args):
+        """fn(*args), recording time_<phase> (s) and on CUDA peak_memory_<phase>_gb (allocated)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        out = fn(*args)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            into[f"peak_memory_{phase}_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        into[f"time_{phase}"] = time.perf_counter() - start
+        return out
+
+    def train(self, resume: bool = False) -> list[dict]:
+        """Run to config.steps, appending each step's metrics to OUT/metrics.jsonl (and
+        TensorBoard), checkpointing every `save_every` steps and at the end. `resume` first
+        restores the newest complete checkpoint in OUT."""
         from tqdm.auto import tqdm
 
         cfg = self.config
         os.makedirs(cfg.out, exist_ok=True)
         cfg.save(os.path.join(cfg.out, "config.yaml"))
+        metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        if resume and self.resume_from_latest():
+            truncate_metrics(metrics_path, self.step_count)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)  # a fresh run
+        writer = tensorboard_writer(cfg.out, self.step_count) if cfg.tensorboard else None
         history = []
         bar = tqdm(range(self.step_count, cfg.steps), desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as log:
+        with open(metrics_path, "a") as log:
             for _ in bar:
                 metrics = self.step()
                 history.append(metrics)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+                if writer is not None:
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"ppo/{key}", value, self.step_count)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}",
                                 ent=f"{metrics['entropy']:.2f}", clip=f"{metrics['clipfrac']:.3f}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if cfg.save_every and self.step_count % cfg.save_every == 0 and self.step_count < cfg.steps:
+                    save_checkpoint(self, cfg.out, cfg.keep_checkpoints)
+        if writer is not None:
+            writer.close()
+        if not list_checkpoints(cfg.out) or not list_checkpoints(cfg.out)[-1].endswith(f"step_{self.step_count:08d}"):
+            save_checkpoint(self, cfg.out, cfg.keep_checkpoints)
         return history
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _peak_memory_gb(self) -> float:
-        """Peak allocated GPU memory this step; on CPU the process's peak RSS so far."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    def resume_from_latest(self) -> bool:
+        """Restore the newest complete checkpoint of config.out; False if there is none."""
+        found = list_checkpoints(self.config.out)
+        if not found:
+            print(f"ppo_fast: no checkpoint in {self.config.out}, starting from step 0")
+            return False
+        load_checkpoint(self, found[-1])
+        return True
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -356,6 +432,39 @@ def experience_stats(scores, old_logp, ref_logp, entropy, values, advantages, re
         "value_mean": float(ops.masked_mean(values, mask)),
         "response_length": float(m.sum(-1).mean()), "prompt_length": float(prompt_mask.float().sum(-1).mean()),
     }
+
+
+def padding_free(setting: str, device: torch.device) -> bool:
+    """Whether the no-cache forwards pack sequences: "auto" where flash-attn's varlen kernel runs."""
+    if setting == "off":
+        return False
+    if not models.packing_supported():
+        if setting == "on":
+            raise ConfigError("padding_free=on: this transformers cannot read packed sequences from position ids; "
+                              "upgrade it (>= 5) or set padding_free=off")
+        return False
+    return setting == "on" or models.flash_attn_available(device)
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drop the lines of steps after `last_step` (logged after the checkpoint a run resumes from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def tensorboard_writer(out: str, step: int):
+    """A SummaryWriter on OUT that drops events after `step` (from a run that went past its
+    last checkpoint), or None with a warning if tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("ppo_fast: tensorboard is not installed; metrics go to metrics.jsonl only", RuntimeWarning)
+        return None
+    return SummaryWriter(out, purge_step=step + 1 if step else None)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:

@@ -26,3 +26,22 @@ def test_record_table_and_plots(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         os.path.basename(path).replace(".json", f"-{op}.png") for op in ("gae", "kl_penalty")
     ]
+
+
+def test_e2e_record_and_table(tmp_path):
+    import pytest
+
+    pytest.importorskip("transformers")
+    from ppo_fast import bench_e2e
+    from ppo_fast.config import PPOConfig
+
+    config = PPOConfig(device="cpu", rollout_batch_size=8, mini_batch_size=8, micro_batch_size=4, ppo_epochs=1)
+    record = bench_e2e.run(config, steps=1, warmup=0)
+    assert [r["ops"] for r in record["results"]] == ["reference", "fused"]
+    for r in record["results"]:
+        assert r["tokens"] > 0 and r["steps"] == 1
+        assert all(r[f"{phase}_tokens_per_s"] > 0 for phase in bench_e2e.PHASES)
+    assert record["speedup"] == record["results"][1]["tokens_per_s"] / record["results"][0]["tokens_per_s"]
+    path = bench_e2e.save(record, str(tmp_path))
+    assert os.path.basename(path).startswith("e2e-cpu-") and json.load(open(path)) == record
+    assert "| fused |" in open(path.replace(".json", ".md")).read()
