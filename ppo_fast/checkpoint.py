@@ -1,8 +1,8 @@
 """Checkpoints: what a run needs to continue exactly where it stopped.
 
 OUT/checkpoints/step_00000010/
-    policy.safetensors   trainable policy parameters (all of them; the LoRA ones under LoRA)
-    critic.safetensors   trainable critic parameters (the head only with a shared critic)
+    policy.safetensors   trainable policy parameters, fp32 masters (only the adapters under LoRA)
+    critic.safetensors   trainable critic parameters, fp32 masters (the head only with a shared critic)
     state.pt             optimiser, LR schedule, KL coefficient, step, skipped steps,
                          RNG states (torch, sampling, data order, python, numpy), prompt order
 
@@ -77,8 +77,8 @@ def save_checkpoint(trainer, out: str, keep: int = 0) -> str:
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file(trainable_state(trainer.named_trainable("policy")), os.path.join(tmp, "policy.safetensors"))
-    save_file(trainable_state(trainer.named_trainable("critic")), os.path.join(tmp, "critic.safetensors"))
+    save_file(trainable_state(trainer.named_masters("policy")), os.path.join(tmp, "policy.safetensors"))
+    save_file(trainable_state(trainer.named_masters("critic")), os.path.join(tmp, "critic.safetensors"))
     torch.save({
         "step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "kl_coef": trainer.kl_controller.value,
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
@@ -109,8 +109,9 @@ def load_checkpoint(trainer, path: str) -> None:
     """Restore a trainer built from the same config to the state saved at `path`."""
     from safetensors.torch import load_file
 
-    load_trainable_state(trainer.named_trainable("policy"), load_file(os.path.join(path, "policy.safetensors")), "policy")
-    load_trainable_state(trainer.named_trainable("critic"), load_file(os.path.join(path, "critic.safetensors")), "critic")
+    load_trainable_state(trainer.named_masters("policy"), load_file(os.path.join(path, "policy.safetensors")), "policy")
+    load_trainable_state(trainer.named_masters("critic"), load_file(os.path.join(path, "critic.safetensors")), "critic")
+    trainer.copy_masters_to_params()
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])

@@ -167,11 +167,27 @@ class PPOTrainer:
         module = self.policy if which == "policy" else self.critic.head if self.config.critic == "shared" else self.critic
         return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
 
+    def named_masters(self, which: str) -> list:
+        """(name, fp32 master) pairs: what the optimiser steps and checkpoints hold."""
+        names = [name for name, _ in self.named_trainable(which)]
+        return list(zip(names, self.master_groups[0 if which == "policy" else 1]))
+
+    def copy_masters_to_params(self) -> None:
+        with torch.no_grad():
+            for group, masters in zip(self.param_groups, self.master_groups):
+                for p, master in zip(group, masters):
+                    if master is not p:
+                        p.copy_(master)
+
     def _build_optimizer(self) -> None:
+        """AdamW over fp32 master copies of bf16/fp16 parameters (an update of lr ~ 1e-6 would
+        round away in bf16 weights); fp32 parameters are their own masters."""
         cfg = self.config
         self.param_groups = [[p for _, p in self.named_trainable(which)] for which in ("policy", "critic")]
+        self.master_groups = [[p if p.dtype == torch.float32 else p.detach().float() for p in group]
+                              for group in self.param_groups]
         self.optimizer = torch.optim.AdamW(
-            [{"params": self.param_groups[0], "lr": cfg.lr}, {"params": self.param_groups[1], "lr": cfg.critic_lr}],
+            [{"params": self.master_groups[0], "lr": cfg.lr}, {"params": self.master_groups[1], "lr": cfg.critic_lr}],
             weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
         )
         total = cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
@@ -290,11 +306,18 @@ class PPOTrainer:
 
     def optimizer_step(self, loss: torch.Tensor) -> dict:
         """Clip, then apply the step unless the loss or a gradient norm is not finite."""
+        pairs = [(p, m) for group, masters in zip(self.param_groups, self.master_groups)
+                 for p, m in zip(group, masters) if m is not p]
+        for p, master in pairs:  # gradients to the fp32 masters
+            master.grad, p.grad = (None if p.grad is None else p.grad.float()), None
         max_norm = self.config.max_grad_norm or float("inf")
-        norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in self.param_groups]
+        norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in self.master_groups]
         finite = bool(torch.isfinite(torch.stack([loss.detach(), *norms])).all())
         if finite:
             self.optimizer.step()
+            with torch.no_grad():
+                for p, master in pairs:
+                    p.copy_(master)
         else:
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)

@@ -145,3 +145,25 @@ def test_padding_free_run_matches_padded(tmp_path):
         if a["step"] > 1:  # after an update, a token whose ratio sits at a clip edge may flip
             a, b = ({k: v for k, v in m.items() if "clipfrac" not in k} for m in (a, b))
         assert a == pytest.approx(b, rel=1e-3, abs=1e-5)
+
+
+def test_bf16_parameters_train_through_fp32_masters(tmp_path):
+    """A bf16 run steps fp32 master copies: an update far below bf16's resolution is kept
+    there, the bf16 weights are the rounded masters, and a resume restores the masters."""
+    config = run_config(tmp_path, "bf16", steps=1, dtype="bfloat16", lr=1e-7, critic_lr=1e-7, warmup_steps=0)
+    trainer = PPOTrainer(config)
+    policy_masters = trainer.master_groups[0]
+    assert all(m.dtype == torch.float32 for m in policy_masters)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.param_groups[0])
+    before = [m.clone() for m in policy_masters]
+    trainer.train()
+    moved = [not torch.equal(a, b) for a, b in zip(before, policy_masters)]
+    assert all(moved)
+    for p, master in zip(trainer.param_groups[0], policy_masters):
+        assert torch.equal(p, master.to(torch.bfloat16))
+    resumed = PPOTrainer(config)
+    assert resumed.resume_from_latest()
+    for a, b in zip(resumed.master_groups[0], policy_masters):
+        assert torch.equal(a, b)
+    for p, master in zip(resumed.param_groups[0], policy_masters):
+        assert torch.equal(p, master.to(torch.bfloat16))
