@@ -83,10 +83,10 @@ def cmd_train(args) -> int:
 
     try:
         config = train_config(args)
+        history = PPOTrainer(config).train(resume=args.resume)
     except ConfigError as e:
         print(f"ppo-fast train: bad config: {e}", file=sys.stderr)
         return 2
-    history = PPOTrainer(config).train(resume=args.resume)
     if history:
         first, last = history[0], history[-1]
         print(f"reward_mean {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps; "

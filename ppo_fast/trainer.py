@@ -398,6 +398,9 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
+        if not resume and list_checkpoints(cfg.out):
+            raise ConfigError(f"out: {cfg.out!r} holds checkpoints of an earlier run; resume it (--resume) "
+                              f"or choose another folder")
         os.makedirs(cfg.out, exist_ok=True)
         cfg.save(os.path.join(cfg.out, "config.yaml"))
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")

@@ -72,6 +72,18 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().out
 
 
+def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, capsys):
+    from ppo_fast import cli
+
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--out", out, "--steps", "1", "progress=false", "tensorboard=false"]) == 0
+    assert cli.main(["train", "--out", out, "--steps", "1", "progress=false"]) == 2
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert cli.main(["train", "--out", out, "--steps", "2", "--resume"]) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
 def test_tensorboard_events_and_plots(tmp_path):
     from ppo_fast import cli
 
