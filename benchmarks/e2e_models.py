@@ -13,18 +13,16 @@ import argparse
 import os
 
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import LlamaConfig
+
+from ppo_fast.tasks import hf_digit_tokenizer
 
 
 def write(out: str, vocab: int, hidden: int, layers: int, heads: int) -> str:
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
                          pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
-    word_vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{str(d): d + 3 for d in range(10)}}
-    tok = Tokenizer(models.WordLevel(word_vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = hf_digit_tokenizer()
     for name, num_labels in (("policy", None), ("reward", 1)):
         if num_labels:
             config.num_labels = num_labels

@@ -67,14 +67,17 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def checkpoint_path(out: str, step: int) -> str:
+    return os.path.join(out, CHECKPOINT_DIR, f"step_{step:08d}")
+
+
 def save_checkpoint(trainer, out: str, keep: int = 0) -> str:
     """Write the trainer's state to OUT/checkpoints/step_N atomically; keep the newest `keep`
     checkpoints (0: all). Returns the checkpoint's path."""
     from safetensors.torch import save_file
 
-    root = os.path.join(out, CHECKPOINT_DIR)
-    final = os.path.join(root, f"step_{trainer.step_count:08d}")
-    tmp = final + ".tmp"
+    final = checkpoint_path(out, trainer.step_count)
+    root, tmp = os.path.dirname(final), final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file(trainable_state(trainer.named_masters("policy")), os.path.join(tmp, "policy.safetensors"))

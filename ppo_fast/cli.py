@@ -46,12 +46,10 @@ def cmd_bench(args) -> int:
 
 def cmd_bench_e2e(args) -> int:
     from ppo_fast import bench_e2e
-    from ppo_fast.config import ConfigError, PPOConfig, parse_overrides
+    from ppo_fast.config import ConfigError
 
     try:
-        config = PPOConfig.from_file(args.config) if args.config else PPOConfig()
-        config = config.replace({**({"device": args.device} if args.device else {}), **parse_overrides(args.overrides)})
-        record = bench_e2e.run(config, steps=args.steps, warmup=args.warmup)
+        record = bench_e2e.run(config_from_args(args, flags=("device",)), steps=args.steps, warmup=args.warmup)
     except ConfigError as e:
         print(f"ppo-fast bench --e2e: bad config: {e}", file=sys.stderr)
         return 2
@@ -61,9 +59,9 @@ def cmd_bench_e2e(args) -> int:
     return 0
 
 
-def train_config(args):
-    """The run's PPOConfig: defaults (the embedded task, or with --resume the run's saved
-    config.yaml) < --config file < flags < key=value."""
+def config_from_args(args, flags):
+    """A PPOConfig: defaults (the embedded task, or with --resume the run's saved config.yaml)
+    < --config file < the `flags` given < key=value."""
     from ppo_fast.config import PPOConfig, parse_overrides
 
     previous = os.path.join(args.out or PPOConfig.out, "config.yaml")
@@ -73,8 +71,8 @@ def train_config(args):
         config = PPOConfig.from_file(previous)  # resuming: the run's own config, overrides on top
     else:
         config = PPOConfig()
-    flags = {k: getattr(args, k) for k in ("out", "steps", "seed") if getattr(args, k) is not None}
-    return config.replace({**flags, **parse_overrides(args.overrides)}).validate()
+    given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    return config.replace({**given, **parse_overrides(args.overrides)})
 
 
 def cmd_train(args) -> int:
@@ -82,7 +80,7 @@ def cmd_train(args) -> int:
     from ppo_fast.trainer import PPOTrainer
 
     try:
-        config = train_config(args)
+        config = config_from_args(args, flags=("out", "steps", "seed")).validate()
         history = PPOTrainer(config).train(resume=args.resume)
     except ConfigError as e:
         print(f"ppo-fast train: bad config: {e}", file=sys.stderr)

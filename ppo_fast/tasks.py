@@ -60,6 +60,18 @@ def count_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return scores
 
 
+def hf_digit_tokenizer():
+    """The digits as a Hugging Face tokenizer (pad 0, EOS 1, unk 2, digit d -> d + 3), for model
+    folders that need a tokenizer on disk (the tests, benchmarks/e2e_models)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{str(d): d + 3 for d in range(10)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
 def tiny_policy_config(tokenizer: DigitTokenizer):
     """A 2-layer, 64-wide Llama (about 0.1M parameters) for the task, built at random."""
     from transformers import LlamaConfig

@@ -30,7 +30,7 @@ import torch
 
 import ppo_fast
 from ppo_fast import models, tasks
-from ppo_fast.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ppo_fast.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from ppo_fast.config import ConfigError, PPOConfig, load_function
 from ppo_fast.kl_controller import AdaptiveKLController, FixedKLController
 from ppo_fast.rollout import left_pad, sample
@@ -58,10 +58,15 @@ class Experience:
 
     @property
     def labels(self) -> torch.Tensor:
-        return self.response.masked_fill(~self.mask, IGNORE_INDEX)
+        return response_labels(self.response, self.mask)
 
     def select(self, rows: torch.Tensor) -> "Experience":
         return Experience(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+def response_labels(response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Response ids with IGNORE_INDEX after EOS (the padding)."""
+    return response.masked_fill(~mask, IGNORE_INDEX)
 
 
 def rows_in_chunks(fn, size: int, *tensors):
@@ -172,12 +177,15 @@ class PPOTrainer:
         names = [name for name, _ in self.named_trainable(which)]
         return list(zip(names, self.master_groups[0 if which == "policy" else 1]))
 
+    def master_pairs(self) -> list:
+        """(parameter, fp32 master) for the parameters that have a separate master."""
+        return [(p, m) for group, masters in zip(self.param_groups, self.master_groups)
+                for p, m in zip(group, masters) if m is not p]
+
     def copy_masters_to_params(self) -> None:
         with torch.no_grad():
-            for group, masters in zip(self.param_groups, self.master_groups):
-                for p, master in zip(group, masters):
-                    if master is not p:
-                        p.copy_(master)
+            for p, master in self.master_pairs():
+                p.copy_(master)
 
     def _build_optimizer(self) -> None:
         """AdamW over fp32 master copies of bf16/fp16 parameters (an update of lr ~ 1e-6 would
@@ -227,13 +235,13 @@ class PPOTrainer:
         return logp, entropy, values
 
     def reference_logprobs(self, sequences, attention_mask, labels):
+        """Log-probs under the frozen reference (with LoRA: the policy with adapters disabled)."""
         prompt_length = sequences.shape[1] - labels.shape[1]
-        if self.peft_policy is not None:
-            with self.peft_policy.disable_adapter():
-                hidden = models.response_hidden(self.policy, sequences, attention_mask, prompt_length, self.packed)
-            return self.head_logprobs(self.policy, hidden, labels)
-        hidden = models.response_hidden(self.reference, sequences, attention_mask, prompt_length, self.packed)
-        return self.head_logprobs(self.reference, hidden, labels)
+        lora = self.peft_policy is not None
+        model = self.policy if lora else self.reference
+        with self.peft_policy.disable_adapter() if lora else contextlib.nullcontext():
+            hidden = models.response_hidden(model, sequences, attention_mask, prompt_length, self.packed)
+        return self.head_logprobs(model, hidden, labels)
 
     @torch.no_grad()
     def score(self, prompts, sequences, attention_mask, response, mask) -> torch.Tensor:
@@ -261,7 +269,7 @@ class PPOTrainer:
         cfg, ops = self.config, self.ops
         sequences = torch.cat([prompt_ids, response], dim=1)
         attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
-        labels = response.masked_fill(~mask, IGNORE_INDEX)
+        labels = response_labels(response, mask)
         micro = cfg.micro_batch_size
         old_logp, entropy, values = rows_in_chunks(lambda s, a, l: self.policy_outputs(s, a, l, return_entropy=True),
                                                    micro, sequences, attention_mask, labels)
@@ -306,18 +314,14 @@ class PPOTrainer:
 
     def optimizer_step(self, loss: torch.Tensor) -> dict:
         """Clip, then apply the step unless the loss or a gradient norm is not finite."""
-        pairs = [(p, m) for group, masters in zip(self.param_groups, self.master_groups)
-                 for p, m in zip(group, masters) if m is not p]
-        for p, master in pairs:  # gradients to the fp32 masters
+        for p, master in self.master_pairs():  # gradients to the fp32 masters
             master.grad, p.grad = (None if p.grad is None else p.grad.float()), None
         max_norm = self.config.max_grad_norm or float("inf")
         norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in self.master_groups]
         finite = bool(torch.isfinite(torch.stack([loss.detach(), *norms])).all())
         if finite:
             self.optimizer.step()
-            with torch.no_grad():
-                for p, master in pairs:
-                    p.copy_(master)
+            self.copy_masters_to_params()
         else:
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -427,7 +431,7 @@ class PPOTrainer:
                     save_checkpoint(self, cfg.out, cfg.keep_checkpoints)
         if writer is not None:
             writer.close()
-        if not list_checkpoints(cfg.out) or not list_checkpoints(cfg.out)[-1].endswith(f"step_{self.step_count:08d}"):
+        if not os.path.isdir(checkpoint_path(cfg.out, self.step_count)):
             save_checkpoint(self, cfg.out, cfg.keep_checkpoints)
         return history
 

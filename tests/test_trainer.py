@@ -10,6 +10,7 @@ from ppo_fast import reference  # noqa: E402
 from ppo_fast.config import PPOConfig  # noqa: E402
 from ppo_fast.models import ValueModel, position_ids  # noqa: E402
 from ppo_fast.rollout import filter_logits, left_pad, sample  # noqa: E402
+from ppo_fast.tasks import hf_digit_tokenizer  # noqa: E402
 from ppo_fast.trainer import PPOTrainer  # noqa: E402
 
 from conftest import assert_close_f64  # noqa: E402
@@ -204,16 +205,6 @@ def ones_reward(prompts, responses):
     return [r.replace(" ", "").count("1") / max(len(r.replace(" ", "")), 1) for r in responses]
 
 
-def save_digit_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{str(d): d + 3 for d in range(10)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                         unk_token="<unk>").save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """A tiny random policy and reward model saved the way users' models are, plus prompts."""
@@ -227,7 +218,7 @@ def hf_dirs(tmp_path_factory):
     transformers.LlamaForSequenceClassification(config).save_pretrained(root / "reward")
     config.save_pretrained(root / "config_only")
     for name in ("policy", "config_only"):
-        save_digit_tokenizer(root / name)
+        hf_digit_tokenizer().save_pretrained(root / name)
     (root / "prompts.txt").write_text("123\n4567\n89\n0\n")
     return root
 
