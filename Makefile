@@ -1,6 +1,6 @@
 # Two entry points, each doing all the set-up it needs in the active Python environment:
 #   make test   install, then run the whole test suite
-#   make demo   install, then run the main job on its embedded default
+#   make demo   install, then run the main job on its embedded default (a fresh runs/demo-<time> each time)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # Installed only where no torch is present; an existing (e.g. CUDA) torch is never replaced.
@@ -39,7 +39,7 @@ demo: install
 	$(PYTHON) -m ppo_fast.cli demo
 
 bench: install
-	$(PYTHON) -m ppo_fast.cli bench
+	$(PYTHON) -m ppo_fast.cli bench ops
 
 clean:
 	rm -rf build *.egg-info ppo_fast/*.so .pytest_cache .benchmarks

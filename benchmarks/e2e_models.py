@@ -15,7 +15,7 @@ import os
 import yaml
 from transformers import LlamaConfig
 
-from ppo_fast.tasks import hf_digit_tokenizer
+from ppo_fast.ppo.tasks import hf_digit_tokenizer
 
 
 def write(out: str, vocab: int, hidden: int, layers: int, heads: int) -> str:

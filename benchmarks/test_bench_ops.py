@@ -1,22 +1,23 @@
 """pytest-benchmark view of the op benchmarks: `pytest benchmarks/ --benchmark-only`.
 
-The cases and implementations are those of `ppo-fast bench --quick` (ppo_fast.bench), so
-both entry points time the same code.
+The cases and implementations are those of `ppo-fast bench ops --quick` (ppo_fast.bench.cases),
+so both entry points time the same code.
 """
 import pytest
 import torch
 
-from ppo_fast import bench
-from ppo_fast.backend import BackendError
+from ppo_fast.bench.cases import CASES as OP_CASES
+from ppo_fast.bench.timing import synchronize
+from ppo_fast.ops.backend import BackendError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = [case for op_cases in bench.CASES.values() for case in op_cases(DEVICE, quick=True)]
+CASES = [case for op_cases in OP_CASES.values() for case in op_cases(DEVICE, quick=True)]
 
 
 @pytest.mark.parametrize(
     "case, impl",
     [(c, impl) for c in CASES for impl in c.impls],
-    ids=lambda x: x if isinstance(x, str) else f"{x.op}-{x.mode}",
+    ids=lambda x: x if isinstance(x, str) else f"{x.fn}-{x.mode}",
 )
 def test_op(benchmark, case, impl):
     inputs = case.make_inputs()
@@ -28,7 +29,7 @@ def test_op(benchmark, case, impl):
 
     def run():
         fn(inputs)
-        bench.synchronize(DEVICE)
+        synchronize(DEVICE)
 
-    benchmark.group = f"{case.op} {case.mode} {case.shape}"
+    benchmark.group = f"{case.fn} {case.mode} {case.shape}"
     benchmark(run)

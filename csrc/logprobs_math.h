@@ -6,11 +6,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PPO_FAST_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define PPO_FAST_HOST_DEVICE inline
-#endif
+#include "row_layout.h"  // PPO_FAST_HOST_DEVICE
 
 namespace ppo_fast {
 

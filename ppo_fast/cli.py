@@ -1,4 +1,4 @@
-"""The `ppo-fast` command: `info`, `bench`, `train`, `plot`, `demo`."""
+"""The `ppo-fast` command: `info`, `bench [ops|e2e]`, `train`, `plot`, `demo`."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import torch
 
 def cmd_info(_args) -> int:
     import ppo_fast
-    from ppo_fast.backend import available_backends, requested_backend, triton_interpreted
+    from ppo_fast.ops.backend import available_backends, requested_backend, triton_interpreted
 
     try:
         import triton
@@ -30,61 +30,78 @@ def cmd_info(_args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ppo_fast import bench
+    """`bench ops` (default): every op vs the reference; `bench e2e`: PPO steps, fused vs reference ops."""
+    from ppo_fast.bench import RESULTS_DIR, records
 
-    if args.e2e:
-        return cmd_bench_e2e(args)
+    if args.kind == "e2e":
+        from ppo_fast.bench import e2e
+        from ppo_fast.ppo.config import ConfigError
 
-    record = bench.run(args.device, ops=args.op, quick=args.quick)
-    print()
-    print(bench.markdown_table(record))
-    if not args.no_save:
-        path = bench.save(record, args.out) if args.out else bench.save(record)
-        print(f"\nwrote {path} (and .md)")
-    return 0
-
-
-def cmd_bench_e2e(args) -> int:
-    from ppo_fast import bench_e2e
-    from ppo_fast.config import ConfigError
-
-    try:
-        record = bench_e2e.run(config_from_args(args, flags=("device",)), steps=args.steps, warmup=args.warmup)
-    except ConfigError as e:
-        print(f"ppo-fast bench --e2e: bad config: {e}", file=sys.stderr)
-        return 2
-    print(bench_e2e.markdown_table(record))
-    if not args.no_save:
-        print(f"\nwrote {bench_e2e.save(record, args.out) if args.out else bench_e2e.save(record)} (and .md)")
-    return 0
-
-
-def config_from_args(args, flags):
-    """A PPOConfig: defaults (the embedded task, or with --resume the run's saved config.yaml)
-    < --config file < the `flags` given < key=value."""
-    from ppo_fast.config import PPOConfig, parse_overrides
-
-    previous = os.path.join(args.out or PPOConfig.out, "config.yaml")
-    if args.config:
-        config = PPOConfig.from_file(args.config)
-    elif getattr(args, "resume", False) and os.path.isfile(previous):
-        config = PPOConfig.from_file(previous)  # resuming: the run's own config, overrides on top
+        try:
+            record = e2e.run(config_from_args(args, flags=("device",)), steps=args.steps, warmup=args.warmup)
+        except ConfigError as e:
+            print(f"ppo-fast bench e2e: bad config: {e}", file=sys.stderr)
+            return 2
     else:
-        config = PPOConfig()
-    given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+        from ppo_fast.bench import ops
+
+        if args.overrides:
+            print(f"ppo-fast bench ops: takes no key=value settings (got {args.overrides})", file=sys.stderr)
+            return 2
+        record = ops.run(args.device, ops=args.op, quick=args.quick)
+    print()
+    print(records.markdown_table(record))
+    if not args.no_save:
+        print(f"\nwrote {records.save(record, args.out or RESULTS_DIR)} (and .md)")
+    return 0
+
+
+def config_from_args(args, flags, resume=False):
+    """A PPOConfig: defaults (the embedded task) < --config file < the `flags` given < key=value.
+    Resuming, the run's own config.yaml takes the place of the defaults and --config."""
+    from ppo_fast.ppo.config import ConfigError, PPOConfig, parse_overrides
+
+    if resume:
+        saved = os.path.join(args.out or PPOConfig.out, "config.yaml")
+        if args.config:
+            raise ConfigError("--resume continues with the run's own config.yaml; pass changes as key=value, "
+                              "not --config")
+        if not os.path.isfile(saved):
+            raise ConfigError(f"--resume: {saved!r} does not exist, so there is no run to resume there "
+                              f"(a run writes it before loading its models)")
+        config = PPOConfig.from_file(saved)
+    else:
+        config = PPOConfig.from_file(args.config) if args.config else PPOConfig()
+    given = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     return config.replace({**given, **parse_overrides(args.overrides)})
 
 
 def cmd_train(args) -> int:
-    from ppo_fast.config import ConfigError
-    from ppo_fast.trainer import PPOTrainer
+    from ppo_fast.ppo import PPOTrainer, TrainingDiverged
+    from ppo_fast.ppo.checkpoint import list_checkpoints
+    from ppo_fast.ppo.config import ConfigError
+    from ppo_fast.ppo.run_folder import RunFolder
 
+    folder = None
     try:
-        config = config_from_args(args, flags=("out", "steps", "seed")).validate()
-        history = PPOTrainer(config).train(resume=args.resume)
+        config = config_from_args(args, flags=("out", "steps", "seed"), resume=args.resume).validate()
+        folder = RunFolder(config.out)
+        folder.lock()
+        if not args.resume:
+            if list_checkpoints(config.out):
+                raise ConfigError(f"out: {config.out!r} holds checkpoints of an earlier run; resume it (--resume) "
+                                  f"or choose another folder")
+            config.save(folder.config_path)  # before the models load: a run killed then can still be resumed
+        history = PPOTrainer(config).train(resume=args.resume, folder=folder)
     except ConfigError as e:
         print(f"ppo-fast train: bad config: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"ppo-fast train: stopped: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if folder is not None:
+            folder.close()
     if history:
         first, last = history[0], history[-1]
         print(f"reward_mean {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps; "
@@ -93,7 +110,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from ppo_fast.plot import plot_run
+    from ppo_fast.ppo.plot import plot_run
 
     for path in plot_run(args.run_dir, args.out):
         print(f"wrote {path}")
@@ -101,8 +118,11 @@ def cmd_plot(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The embedded default run (`ppo-fast train` with no arguments)."""
+    """The embedded default run in a fresh folder each time (runs/demo-<date>-<time> unless --out)."""
+    import datetime
+
     args.config, args.steps, args.seed, args.overrides, args.resume = None, None, None, [], False
+    args.out = args.out or os.path.join("runs", f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     return cmd_train(args)
 
 
@@ -111,18 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends available, devices, versions").set_defaults(func=cmd_info)
 
-    bench_parser = sub.add_parser("bench", help="time every op against the plain-PyTorch reference")
-    bench_parser.add_argument("--op", action="append", help="only this op (repeatable)")
-    bench_parser.add_argument("--quick", action="store_true", help="small subset, under a minute")
+    bench_parser = sub.add_parser("bench", help="benchmarks: `ops` (default), every op vs the reference; `e2e`, "
+                                                "PPO steps with ppo_fast ops vs reference ops")
+    bench_parser.add_argument("kind", nargs="?", choices=("ops", "e2e"), default="ops")
+    bench_parser.add_argument("--op", action="append", help="ops: only this op family, e.g. gae (repeatable)")
+    bench_parser.add_argument("--quick", action="store_true", help="ops: small subset, under a minute")
     bench_parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     bench_parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     bench_parser.add_argument("--no-save", action="store_true", help="print the table only")
-    bench_parser.add_argument("--e2e", action="store_true",
-                              help="end to end: PPO steps with ppo_fast ops vs reference ops (model from --config)")
-    bench_parser.add_argument("--config", default=None, help="--e2e: a PPOConfig YAML (default: the embedded task)")
-    bench_parser.add_argument("--steps", type=int, default=5, help="--e2e: timed PPO steps per run")
-    bench_parser.add_argument("--warmup", type=int, default=1, help="--e2e: untimed steps first")
-    bench_parser.add_argument("overrides", nargs="*", metavar="key=value", help="--e2e: PPOConfig fields")
+    bench_parser.add_argument("--config", default=None, help="e2e: a PPOConfig YAML (default: the embedded task)")
+    bench_parser.add_argument("--steps", type=int, default=5, help="e2e: timed PPO steps per run")
+    bench_parser.add_argument("--warmup", type=int, default=1, help="e2e: untimed steps first")
+    bench_parser.add_argument("overrides", nargs="*", metavar="key=value", help="e2e: PPOConfig fields")
     bench_parser.set_defaults(func=cmd_bench)
 
     train_parser = sub.add_parser("train", help="a PPO run; no arguments: the embedded count task",
@@ -140,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot_parser.add_argument("--out", default=None, help="where the PNGs go (default RUN_DIR/plots)")
     plot_parser.set_defaults(func=cmd_plot)
 
-    demo_parser = sub.add_parser("demo", help="the embedded default run (= ppo-fast train)")
+    demo_parser = sub.add_parser("demo", help="the embedded default run in a fresh runs/demo-<time> folder")
     demo_parser.add_argument("--out", default=None)
     demo_parser.set_defaults(func=cmd_demo)
     return parser

@@ -8,10 +8,11 @@
 namespace ppo_fast {
 
 // exp(x) for float, ~1 ulp (Cephes expf): x = n ln2 + r, |r| <= ln2 / 2,
-// exp(r) by a degree-7 polynomial, 2^n assembled in the exponent bits. exp(-inf) = 0.
+// exp(r) by a degree-7 polynomial, 2^n assembled in the exponent bits. exp(-inf) = 0,
+// exp(NaN) = NaN (the NaN goes around the integer conversion, which it would make undefined).
 inline float fast_exp(float x) {
   constexpr float kHi = 88.0f, kLo = -87.3f;
-  const float xc = x > kHi ? kHi : (x < kLo ? kLo : x);
+  const float xc = x > kHi ? kHi : (x < kLo ? kLo : (x != x ? 0.0f : x));
   const float t = xc * 1.44269504088896341f;
   const int32_t n = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
   const float nf = static_cast<float>(n);
@@ -26,7 +27,7 @@ inline float fast_exp(float x) {
   const int32_t bits = (n + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < kLo ? 0.0f : y * scale;
+  return x < kLo ? 0.0f : (x != x ? x : y * scale);
 }
 
 }  // namespace ppo_fast

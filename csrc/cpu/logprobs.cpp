@@ -13,11 +13,7 @@
 namespace ppo_fast {
 namespace {
 
-template <typename scalar_t>
-inline const scalar_t* row_ptr(const scalar_t* base, const RowLayout& l, int64_t row) {
-  return base + (row / l.rows_per_batch) * l.stride_batch + (row % l.rows_per_batch) * l.stride_row;
-}
-
+// The row's max; a NaN or +inf entry then makes exp(x - max) NaN, so the row's results are NaN.
 template <typename scalar_t>
 float row_max(const scalar_t* __restrict row, int64_t V, float inv_t) {
   float m = -std::numeric_limits<float>::infinity();
@@ -50,16 +46,19 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, const RowLayo
   const scalar_t* base = logits.data_ptr<scalar_t>();
   at::parallel_for(0, layout.n_rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* row = row_ptr(base, layout, r);
+      const scalar_t* row = layout.row(base, r);
       const float m = row_max(row, layout.vocab, inv_t);
       float d, s;
       row_exp_sums(row, layout.vocab, inv_t, m, &d, &s);
       const float log_d = std::log(d);
       lse[r] = m + log_d;
       if (entropy) entropy[r] = log_d - s / d;  // H = lse - E[x] = log d - E[x - m]
-      if (labels) {
+      if (labels) {  // a label outside [0, V) is never read: NaN
         const int64_t y = labels[r];
-        logp[r] = y == ignore_index ? 0.0f : static_cast<float>(row[y]) * inv_t - lse[r];
+        const bool in_range = y >= 0 && y < layout.vocab;
+        logp[r] = y == ignore_index ? 0.0f
+                  : in_range        ? static_cast<float>(row[y]) * inv_t - lse[r]
+                                    : std::numeric_limits<float>::quiet_NaN();
       }
     }
   });
@@ -73,10 +72,11 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const RowLay
   const int64_t V = layout.vocab;
   at::parallel_for(0, layout.n_rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* row = row_ptr(base, layout, r);
+      const scalar_t* row = layout.row(base, r);
       scalar_t* out = grad + r * V;
       const int64_t y = labels ? labels[r] : -1;
-      const float g_logp = (grad_logp && y >= 0 && y != ignore_index) ? grad_logp[r] : 0.0f;
+      const bool has_label = y >= 0 && y < V && y != ignore_index;
+      const float g_logp = (grad_logp && has_label) ? grad_logp[r] : 0.0f;
       const float g_entropy = grad_entropy ? grad_entropy[r] : 0.0f;
       const float H = grad_entropy ? entropy[r] : 0.0f;
       const float row_lse = lse[r];
@@ -86,7 +86,7 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const RowLay
       };
 #pragma omp simd
       for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(grad_at(v, 0.0f));
-      if (y >= 0 && y != ignore_index) out[y] = static_cast<scalar_t>(grad_at(y, 1.0f));
+      if (has_label) out[y] = static_cast<scalar_t>(grad_at(y, 1.0f));
     }
   });
 }

@@ -1,17 +1,14 @@
-// CPU kernels of ppo_fast (bound as ppo_fast._C). Each mirrors the Triton kernel of the same
-// name in ppo_fast/ops/, whose module docstring gives the math.
+// CPU kernels of ppo_fast (bound as ppo_fast._C): csrc/cpu/<op>.cpp mirrors the Triton kernel of
+// ppo_fast/ops/<op>.py, whose module docstring gives the math.
 #pragma once
 
 #include <torch/extension.h>
 
 #include <tuple>
 
-namespace ppo_fast {
+#include "row_layout.h"
 
-// Rows of logits [..., V] at logits + (row / rows_per_batch) * stride_batch + (row % rows_per_batch) * stride_row.
-struct RowLayout {
-  int64_t n_rows, vocab, rows_per_batch, stride_batch, stride_row;
-};
+namespace ppo_fast {
 
 // Returns (logp [N] or empty, entropy [N] or empty, lse [N]), all float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(

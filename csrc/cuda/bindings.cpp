@@ -9,7 +9,7 @@
 namespace {
 
 using ppo_fast::cuda::DType;
-using ppo_fast::cuda::RowLayout;
+using ppo_fast::RowLayout;
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {

@@ -7,15 +7,12 @@
 
 #include <cstdint>
 
+#include "row_layout.h"
+
 namespace ppo_fast {
 namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-// Row r of logits [..., V] starts at (r / rows_per_batch) * stride_batch + (r % rows_per_batch) * stride_row.
-struct RowLayout {
-  int64_t n_rows, vocab, rows_per_batch, stride_batch, stride_row;
-};
 
 // logp (nullptr without labels), entropy (nullptr when not wanted) and lse: float32 [n_rows].
 cudaError_t launch_logprobs_forward(const void* logits, DType dtype, const int64_t* labels, RowLayout layout,

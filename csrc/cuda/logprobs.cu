@@ -1,5 +1,5 @@
-// Log-probs and entropy from logits: one block per row, 16-byte loads, warp-shuffle and
-// shared-memory reductions of an online-softmax state. Math: ppo_fast/ops/logprobs.py.
+// Log-probs and entropy from logits: one block per row, 16-byte loads, per-thread online-softmax
+// states in base 2 merged once by warp shuffles and shared memory. Math: ppo_fast/ops/logprobs.py.
 #include <cmath>
 
 #include "common.cuh"
@@ -11,28 +11,46 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 512;
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+constexpr float kFltMax = 3.402823466e38f;
 
-// Online softmax over a set of x: m = max, d = sum exp(x - m), s = sum exp(x - m) (x - m).
+// Online softmax in base 2 over x2 = x * log2(e) / T: m = max x2, d = sum 2^(x2 - m),
+// s = sum 2^(x2 - m) (x2 - m). Then lse = (m + log2 d) ln 2 and H = ln d - ln 2 * s / d.
+// m starts finite, so x2 - m is never -inf - -inf.
 struct SoftmaxState {
   float m, d, s;
 };
 
-__device__ __forceinline__ void add(SoftmaxState& st, float x) {
-  if (x > st.m) {  // re-centre on the new max: sum e (x - m_new) = alpha (s + (m - m_new) d)
-    const float alpha = expf(st.m - x);
-    st.s = st.d > 0.0f ? alpha * (st.s + (st.m - x) * st.d) : 0.0f;
-    st.d *= alpha;
-    st.m = x;
+template <int N>
+struct Values {
+  float x[N];
+};
+
+// Adds N values with one rescale (no branch): m' = max(m, max_k x_k), the old sums re-centred
+// on m' by alpha = 2^(m - m'), then one exp2 per value. A NaN value makes d NaN; fmaxf keeps m
+// finite or +inf (and +inf makes x - m NaN), so a NaN or +inf logit makes the row's results NaN.
+template <int N>
+__device__ __forceinline__ void add_values(SoftmaxState& st, const Values<N>& v) {
+  float vmax = v.x[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) vmax = fmaxf(vmax, v.x[k]);
+  const float m = fmaxf(st.m, vmax);
+  const float alpha = exp2f(st.m - m);
+  st.s = alpha * (st.s + (st.d > 0.0f ? (st.m - m) * st.d : 0.0f));
+  st.d *= alpha;
+  st.m = m;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const float c = v.x[k] - m;
+    const float e = exp2f(c);
+    st.d += e;
+    st.s += e > 0.0f ? e * c : 0.0f;  // a -inf logit: e = 0, not 0 * inf
   }
-  const float e = x > -INFINITY ? expf(x - st.m) : 0.0f;
-  st.d += e;
-  st.s += e > 0.0f ? e * (x - st.m) : 0.0f;
 }
 
 __device__ __forceinline__ SoftmaxState merge(SoftmaxState a, SoftmaxState b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return a;
-  const float ea = expf(a.m - m), eb = expf(b.m - m);
+  const float ea = exp2f(a.m - m), eb = exp2f(b.m - m);
   const float sa = a.d > 0.0f ? ea * (a.s + (a.m - m) * a.d) : 0.0f;
   const float sb = b.d > 0.0f ? eb * (b.s + (b.m - m) * b.d) : 0.0f;
   return {m, a.d * ea + b.d * eb, sa + sb};
@@ -57,7 +75,7 @@ __device__ SoftmaxState block_merge(SoftmaxState st) {
   if (lane == 0) per_warp[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    SoftmaxState w = lane < kThreads / 32 ? per_warp[lane] : SoftmaxState{-INFINITY, 0.0f, 0.0f};
+    SoftmaxState w = lane < kThreads / 32 ? per_warp[lane] : SoftmaxState{-kFltMax, 0.0f, 0.0f};
     w = warp_merge(w);
     if (lane == 0) total = w;
   }
@@ -65,27 +83,52 @@ __device__ SoftmaxState block_merge(SoftmaxState st) {
   return total;
 }
 
+// The kVec values of a 16-byte load, as floats times `scale`.
 template <typename T>
-__device__ __forceinline__ const T* row_start(const T* logits, const RowLayout& l, int64_t row) {
-  return logits + (row / l.rows_per_batch) * l.stride_batch + (row % l.rows_per_batch) * l.stride_row;
+__device__ __forceinline__ Values<16 / sizeof(T)> scaled(const uint4& raw, float scale) {
+  const T* vals = reinterpret_cast<const T*>(&raw);
+  Values<16 / sizeof(T)> out;
+#pragma unroll
+  for (int k = 0; k < 16 / static_cast<int>(sizeof(T)); ++k) out.x[k] = to_float(vals[k]) * scale;
+  return out;
 }
 
+// A scalar head up to the row's first 16-byte boundary, 16-byte vectors (two loads in flight
+// per thread), a scalar tail: each thread keeps its own state, the block merges once.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     logprobs_forward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ labels, RowLayout layout,
                             float inv_t, int64_t ignore_index, float* logp, float* entropy, float* lse) {
-  const int64_t row = blockIdx.x;
-  const T* row_ptr = row_start(logits, layout, row);
-  SoftmaxState st{-INFINITY, 0.0f, 0.0f};
-  for_each_in_row(row_ptr, layout.vocab, [&](int64_t, float x) { add(st, x * inv_t); });
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t row = blockIdx.x, V = layout.vocab;
+  const T* row_ptr = layout.row(logits, row);
+  const float scale = inv_t * kLog2e;
+  SoftmaxState st{-kFltMax, 0.0f, 0.0f};
+  int64_t head = static_cast<int64_t>(((16 - (reinterpret_cast<uintptr_t>(row_ptr) & 15)) & 15) / sizeof(T));
+  head = head < V ? head : V;
+  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) add_values(st, Values<1>{{to_float(row_ptr[v]) * scale}});
+  const int64_t n_vec = (V - head) / kVec;
+  const uint4* vec = reinterpret_cast<const uint4*>(row_ptr + head);
+  int64_t i = threadIdx.x;
+  for (; i + blockDim.x < n_vec; i += 2 * blockDim.x) {
+    const uint4 a = vec[i], b = vec[i + blockDim.x];
+    add_values(st, scaled<T>(a, scale));
+    add_values(st, scaled<T>(b, scale));
+  }
+  if (i < n_vec) add_values(st, scaled<T>(vec[i], scale));
+  for (int64_t v = head + n_vec * kVec + threadIdx.x; v < V; v += blockDim.x)
+    add_values(st, Values<1>{{to_float(row_ptr[v]) * scale}});
   st = block_merge(st);
   if (threadIdx.x == 0) {
-    const float log_d = logf(st.d);
-    lse[row] = st.m + log_d;
-    if (entropy) entropy[row] = log_d - st.s / st.d;  // H = lse - E[x] = log d - E[x - m]
-    if (labels) {
+    const float log2_d = log2f(st.d);
+    const float row_lse = (st.m + log2_d) * kLn2;
+    lse[row] = row_lse;
+    if (entropy) entropy[row] = (log2_d - st.s / st.d) * kLn2;
+    if (labels) {  // a label outside [0, V) is never read: NaN
       const int64_t y = labels[row];
-      logp[row] = y == ignore_index ? 0.0f : to_float(row_ptr[y]) * inv_t - st.m - log_d;
+      logp[row] = y == ignore_index      ? 0.0f
+                  : (y >= 0 && y < V) ? to_float(row_ptr[y]) * inv_t - row_lse
+                                      : __int_as_float(0x7fc00000);
     }
   }
 }
@@ -97,16 +140,16 @@ __global__ void __launch_bounds__(kThreads)
                              const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
                              float inv_t, int64_t ignore_index, T* __restrict__ grad) {
   const int64_t row = blockIdx.x, V = layout.vocab;
-  const T* row_ptr = row_start(logits, layout, row);
+  const T* row_ptr = layout.row(logits, row);
   T* out = grad + row * V;
   const int64_t y = labels ? labels[row] : -1;
-  const float g_logp = (grad_logp && y >= 0 && y != ignore_index) ? grad_logp[row] : 0.0f;
+  const float g_logp = (grad_logp && y >= 0 && y < V && y != ignore_index) ? grad_logp[row] : 0.0f;
   const float g_entropy = grad_entropy ? grad_entropy[row] : 0.0f;
   const float H = grad_entropy ? entropy[row] : 0.0f;
-  const float row_lse = lse[row];
-  auto grad_at = [&](int64_t v, float x) {
-    const float logp_v = x * inv_t - row_lse;
-    return logprobs_grad(logp_v, expf(logp_v), v == y ? 1.0f : 0.0f, g_logp, g_entropy, H, inv_t);
+  const float scale = inv_t * kLog2e, lse2 = lse[row] * kLog2e;
+  auto grad_at = [&](int64_t v, float x) {  // p = 2^(x log2(e) / T - lse log2(e))
+    const float logp2 = fmaf(x, scale, -lse2);
+    return logprobs_grad(logp2 * kLn2, exp2f(logp2), v == y ? 1.0f : 0.0f, g_logp, g_entropy, H, inv_t);
   };
   constexpr int kVec = 16 / sizeof(T);
   const bool same_alignment = ((reinterpret_cast<uintptr_t>(row_ptr) ^ reinterpret_cast<uintptr_t>(out)) & 15) == 0;

@@ -1,14 +1,29 @@
-"""Fused PPO ops. Each has the signature of its plain-PyTorch twin in `ppo_fast.reference`
-and runs on the backend chosen by `ppo_fast.use_backend` / PPO_FAST_BACKEND."""
-from ppo_fast.ops.advantages import gae, group_advantages
+"""Fused PPO ops. Each has the signature of its plain-PyTorch twin in `ppo_fast.ops.reference`
+and runs on the backend chosen by `ppo_fast.use_backend` / PPO_FAST_BACKEND.
+
+One file per op family (kernels -> launchers -> autograd.Function -> public function), each
+with a table of its implementations; IMPLEMENTATIONS gathers them: {op: backends it has}.
+"""
+import importlib
+
+# The functions gae, group_advantages and value_loss shadow their modules' names here on
+# purpose (users call ppo_fast.ops.gae(...)); the modules stay importable by full name.
 from ppo_fast.ops.fused_linear import fused_linear_logprobs
+from ppo_fast.ops.gae import gae
+from ppo_fast.ops.group_advantages import group_advantages
 from ppo_fast.ops.kl import compute_rewards, kl_penalty
 from ppo_fast.ops.logprobs import entropy_from_logits, logprobs_from_logits
 from ppo_fast.ops.masked import agg_loss, masked_mean, masked_whiten
 from ppo_fast.ops.policy_loss import ppo_policy_loss
 from ppo_fast.ops.value_loss import value_loss
 
+FAMILIES = ("logprobs", "fused_linear", "policy_loss", "value_loss", "kl", "masked", "gae", "group_advantages")
+IMPLEMENTATIONS = {op: backends for family in FAMILIES
+                   for op, backends in importlib.import_module(f"ppo_fast.ops.{family}").BACKENDS.items()}
+
 __all__ = [
+    "FAMILIES",
+    "IMPLEMENTATIONS",
     "agg_loss",
     "compute_rewards",
     "entropy_from_logits",

@@ -8,39 +8,46 @@ log-probs backward gives grad_logits_c, and
 
     grad_h_c = grad_logits_c W,   grad_W += grad_logits_c^T h_c,   grad_b += sum_n grad_logits_c
 
-with grad_W and grad_b accumulated in fp32. Extra memory is O(chunk x V) in both passes.
+with grad_W and grad_b accumulated in fp32, in place (grad_W += on CUDA is one GEMM with an
+fp32 output into the accumulator, no [V, H] temporary per chunk). Extra memory is O(chunk x V)
+in both passes: forward chunks make a chunk of logits about the size of the hidden states,
+backward chunks are as large as the memory budget allows, so the weight gradient is read and
+written as few times as possible.
 """
 from __future__ import annotations
 
 import torch
 
-from ppo_fast import reference
-from ppo_fast._checks import (
+from ppo_fast.ops import reference
+from ppo_fast.ops.backend import resolve_backend
+from ppo_fast.ops.checks import (
     require_float,
     require_integer,
     require_labels_in_range,
-    require_positive,
     require_same_device,
     require_shape,
+    require_temperature,
 )
-from ppo_fast.backend import resolve_backend
-from ppo_fast.ops.logprobs import _LAUNCHERS
-
+from ppo_fast.ops.logprobs import LAUNCHERS
 
 # ----------------------------------------------------------------------------- chunking
 MIN_CHUNK_ROWS = 128
+CPU_BUDGET_BYTES = 64 * 2**20
+BYTES_PER_LOGIT = 12  # a chunk's logits and their gradient (input dtype) and fp32 temporaries
+
+
+def chunk_budget_rows(vocab: int, device: torch.device) -> int:
+    """The most rows whose logits, gradient and fp32 temporaries fit in the budget: 1/8 of free
+    memory on CUDA, CPU_BUDGET_BYTES on CPU."""
+    budget = torch.cuda.mem_get_info(device)[0] // 8 if device.type == "cuda" else CPU_BUDGET_BYTES
+    return max(1, budget // (vocab * BYTES_PER_LOGIT))
 
 
 def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, device: torch.device) -> int:
-    """Rows per chunk: a chunk of logits about the size of the hidden states (V / H chunks), at
-    least MIN_CHUNK_ROWS rows so each GEMM stays efficient, capped so that a chunk's logits,
-    gradient and fp32 temporaries fit in 1/8 of free memory."""
+    """Forward rows per chunk: a chunk of logits about the size of the hidden states (V / H
+    chunks), at least MIN_CHUNK_ROWS rows so each GEMM stays efficient, within the budget."""
     rows = max(-(-n_rows // max(1, -(-vocab // hidden_size))), MIN_CHUNK_ROWS)
-    if device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] // 8
-    else:
-        budget = 64 * 2**20
-    return max(1, min(rows, budget // (vocab * 12)))
+    return min(rows, chunk_budget_rows(vocab, device))
 
 
 def _linear(h, weight, bias):
@@ -48,13 +55,13 @@ def _linear(h, weight, bias):
 
 
 def _accumulate_fp32(acc, a, b):
-    """acc += a @ b with acc float32, whatever the dtype of a and b."""
+    """acc += a @ b in place, acc float32, whatever the dtype of a and b."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda:
-        acc.add_(torch.mm(a, b, out_dtype=torch.float32))  # bf16/fp16 GEMM, fp32 output
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16/fp16 GEMM accumulating into fp32
     else:
-        acc.addmm_(a.float(), b.float())
+        acc.addmm_(a.float(), b.float())  # CPU: fp32 copies of the chunk only
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -62,8 +69,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     """Inputs flattened to hidden [N, H], labels [N]; outputs logp [N] (and entropy [N])."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk, backend):
-        launch_forward, ctx.launch_backward = _LAUNCHERS[backend]
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk, backward_chunk,
+                backend):
+        launch_forward, ctx.launch_backward = LAUNCHERS[backend]
         inv_temperature = 1.0 / temperature
         N = hidden.shape[0]
         f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -77,7 +85,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if with_entropy:
                 entropy[rows] = entropy_c
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.inv_temperature, ctx.ignore_index, ctx.chunk = inv_temperature, ignore_index, chunk
+        ctx.inv_temperature, ctx.ignore_index, ctx.chunk = inv_temperature, ignore_index, backward_chunk
         ctx.set_materialize_grads(False)
         return (logp, entropy) if with_entropy else (logp,)
 
@@ -86,7 +94,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 9
+            return (None,) * 10
         N = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
@@ -107,10 +115,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 grad_b += grad_logits.sum(0, dtype=torch.float32)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public
+BACKENDS = {"fused_linear_logprobs": tuple(LAUNCHERS)}
+
+
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
                           return_entropy=False, chunk_size=None):
     """Log-probs of `labels` (and the entropy) under softmax((hidden @ weight.T + bias) / T),
@@ -120,7 +131,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         hidden: [..., H] float32/bfloat16/float16 (the last hidden states).
         weight: [V, H], the `lm_head.weight` layout, same dtype as hidden; bias: [V] or None.
         labels: [...] integer ids (`ignore_index` positions give logp 0, no gradient via logp).
-        chunk_size: rows per chunk; default from V, H and free memory.
+        chunk_size: rows per chunk in both passes; default from V, H and free memory.
 
     Returns float32 logp shaped like labels, or (logp, entropy). Gradients flow to hidden,
     weight and bias through both outputs; weight and bias gradients are accumulated in fp32.
@@ -141,19 +152,21 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     require_integer("labels", labels)
     require_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
     require_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
-    temperature = require_positive("temperature", temperature)
+    temperature = require_temperature(temperature)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
     require_labels_in_range(labels, V, ignore_index)
 
-    backend = resolve_backend(hidden.device, "fused_linear_logprobs", supported=tuple(_LAUNCHERS) + ("torch",))
+    backend = resolve_backend(hidden.device, "fused_linear_logprobs", LAUNCHERS)
     if backend == "torch":
         return reference.fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                                ignore_index=ignore_index, return_entropy=return_entropy)
     H = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, H)
+    flat_labels = labels.reshape(-1).long().contiguous()  # chunks index it by flat row
     chunk = chunk_size or default_chunk_size(flat_hidden.shape[0], V, H, hidden.device)
-    outputs = _FusedLinearLogprobs.apply(flat_hidden, weight, bias, labels.reshape(-1).long(), temperature,
-                                         ignore_index, return_entropy, chunk, backend)
+    backward_chunk = chunk_size or chunk_budget_rows(V, hidden.device)
+    outputs = _FusedLinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, temperature, ignore_index,
+                                         return_entropy, chunk, backward_chunk, backend)
     outputs = tuple(t.view(labels.shape) for t in outputs)
     return outputs if return_entropy else outputs[0]

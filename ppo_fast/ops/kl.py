@@ -14,38 +14,40 @@ from __future__ import annotations
 
 import torch
 
-from ppo_fast import reference
-from ppo_fast._checks import (
+from ppo_fast.ops import reference
+from ppo_fast.ops.backend import resolve_backend
+from ppo_fast.ops.checks import (
+    contiguous,
     require_choice,
+    require_finite,
     require_float,
     require_mask,
     require_per_token,
-    require_python_float,
     require_same_device,
     require_shape,
 )
-from ppo_fast._triton import tl, triton
-from ppo_fast.backend import resolve_backend
-from ppo_fast.ops.masked import _block_t
+from ppo_fast.ops.constants import K3_CLAMP, KL_ABS, KL_ESTIMATOR_CODES, KL_K1, KL_K2, LOG_RATIO_CLAMP
+from ppo_fast.ops.triton_helpers import block_t, clamp, tl, triton
 
 ESTIMATORS = reference.KL_ESTIMATORS + tuple(e + "+" for e in reference.KL_ESTIMATORS)
-_CODES = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
 BLOCK = 1024
+_K1, _ABS, _K2 = tl.constexpr(KL_K1), tl.constexpr(KL_ABS), tl.constexpr(KL_K2)
+_CLAMP, _K3_CLAMP = tl.constexpr(LOG_RATIO_CLAMP), tl.constexpr(K3_CLAMP)
 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _kl_value(log_prob, ref, ESTIMATOR: tl.constexpr):
     diff = log_prob - ref
-    if ESTIMATOR == 0:
+    if ESTIMATOR == _K1:
         value = diff
-    elif ESTIMATOR == 1:
+    elif ESTIMATOR == _ABS:
         value = tl.abs(diff)
-    elif ESTIMATOR == 2:
+    elif ESTIMATOR == _K2:
         value = 0.5 * diff * diff
     else:
-        kappa = tl.minimum(tl.maximum(ref - log_prob, -20.0), 20.0)
-        value = tl.minimum(tl.maximum(tl.exp(kappa) - kappa - 1.0, -10.0), 10.0)
+        kappa = clamp(ref - log_prob, -_CLAMP, _CLAMP)
+        value = clamp(tl.exp(kappa) - kappa - 1.0, -_K3_CLAMP, _K3_CLAMP)
     return value
 
 
@@ -53,17 +55,17 @@ def _kl_value(log_prob, ref, ESTIMATOR: tl.constexpr):
 def _kl_grad(log_prob, ref, ESTIMATOR: tl.constexpr):
     """d KL / d log_prob."""
     diff = log_prob - ref
-    if ESTIMATOR == 0:
+    if ESTIMATOR == _K1:
         grad = tl.zeros_like(diff) + 1.0
-    elif ESTIMATOR == 1:
+    elif ESTIMATOR == _ABS:
         grad = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-    elif ESTIMATOR == 2:
+    elif ESTIMATOR == _K2:
         grad = diff
     else:
         raw = ref - log_prob
-        kappa = tl.minimum(tl.maximum(raw, -20.0), 20.0)
+        kappa = clamp(raw, -_CLAMP, _CLAMP)
         value = tl.exp(kappa) - kappa - 1.0
-        inside = (raw >= -20.0) & (raw <= 20.0) & (value >= -10.0) & (value <= 10.0)
+        inside = (raw >= -_CLAMP) & (raw <= _CLAMP) & (value >= -_K3_CLAMP) & (value <= _K3_CLAMP)
         grad = tl.where(inside, 1.0 - tl.exp(kappa), 0.0)
     return grad
 
@@ -108,14 +110,14 @@ def _rewards_kernel(scores_ptr, log_prob_ptr, ref_ptr, mask_ptr, out_ptr, T, kl_
         cols = start + tl.arange(0, BLOCK_T)
         ok = cols < T
         offs = row * T + cols
-        log_prob = tl.load(log_prob_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        ref = tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32)
+        log_prob = tl.load(log_prob_ptr + offs, mask=m != 0, other=0.0).to(tl.float32)  # masked: read as 0
+        ref = tl.load(ref_ptr + offs, mask=m != 0, other=0.0).to(tl.float32)
         reward = -kl_coef * _kl_value(log_prob, ref, ESTIMATOR) * m + tl.where(cols == last_valid, score, 0.0)
         tl.store(out_ptr + offs, reward, mask=ok)
 
 
-# ----------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------- kernel launchers
 def _launch_kl(log_prob, ref_log_prob, code):
     out = torch.empty(log_prob.shape, device=log_prob.device, dtype=torch.float32)
     if log_prob.numel():
@@ -150,7 +152,28 @@ class _KLTriton(torch.autograd.Function):
         return grad_lp, grad_ref, None, None
 
 
+# ----------------------------------------------------------------------------- launchers
+def _rewards_triton(scores, log_prob, ref_log_prob, mask, kl_coef, estimator):
+    B, T = log_prob.shape
+    out = torch.empty(B, T, device=log_prob.device, dtype=torch.float32)
+    if B * T:
+        _rewards_kernel[(B,)](scores, log_prob, ref_log_prob, mask, out, T, kl_coef,
+                              ESTIMATOR=KL_ESTIMATOR_CODES[estimator.rstrip("+")], BLOCK_T=block_t(T))
+    return out
+
+
+def _kl_triton(log_prob, ref_log_prob, estimator):
+    value_code = KL_ESTIMATOR_CODES[estimator.rstrip("+")]
+    grad_code = KL_K2 if estimator.endswith("+") else value_code
+    return _KLTriton.apply(log_prob, ref_log_prob, value_code, grad_code)
+
+
 # ----------------------------------------------------------------------------- public
+KL_PENALTY = {"triton": _kl_triton, "torch": reference.kl_penalty}
+COMPUTE_REWARDS = {"triton": _rewards_triton, "torch": reference.compute_rewards}
+BACKENDS = {"kl_penalty": tuple(KL_PENALTY), "compute_rewards": tuple(COMPUTE_REWARDS)}
+
+
 def _check_pair(log_prob, ref_log_prob, estimator):
     require_choice("estimator", estimator, ESTIMATORS)
     require_float("log_prob", log_prob)
@@ -162,11 +185,10 @@ def _check_pair(log_prob, ref_log_prob, estimator):
 def kl_penalty(log_prob, ref_log_prob, *, estimator="k1"):
     """Per-token KL estimate (float32, shaped like log_prob), differentiable to both inputs."""
     _check_pair(log_prob, ref_log_prob, estimator)
-    if resolve_backend(log_prob.device, "kl_penalty", supported=("triton", "torch")) == "torch":
+    backend = resolve_backend(log_prob.device, "kl_penalty", KL_PENALTY)
+    if backend == "torch":
         return reference.kl_penalty(log_prob, ref_log_prob, estimator=estimator)
-    value_code = _CODES[estimator.rstrip("+")]
-    grad_code = _CODES["k2"] if estimator.endswith("+") else value_code
-    return _KLTriton.apply(log_prob.contiguous(), ref_log_prob.contiguous(), value_code, grad_code)
+    return KL_PENALTY[backend](*contiguous(log_prob, ref_log_prob), estimator)
 
 
 def compute_rewards(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1"):
@@ -178,13 +200,9 @@ def compute_rewards(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator=
     require_float("scores", scores)
     require_shape("scores", scores, shape[:1], "[B], one score per sequence")
     require_same_device(scores=scores, log_prob=log_prob, mask=mask)
-    kl_coef = require_python_float("kl_coef", kl_coef)
-    if resolve_backend(log_prob.device, "compute_rewards", supported=("triton", "torch")) == "torch":
+    kl_coef = require_finite("kl_coef", kl_coef)
+    backend = resolve_backend(log_prob.device, "compute_rewards", COMPUTE_REWARDS)
+    scores, log_prob, ref_log_prob, mask = contiguous(scores, log_prob.detach(), ref_log_prob.detach(), mask)
+    if backend == "torch":
         return reference.compute_rewards(scores, log_prob, ref_log_prob, mask, kl_coef=kl_coef, estimator=estimator)
-    B, T = shape
-    out = torch.empty(B, T, device=log_prob.device, dtype=torch.float32)
-    if B:
-        _rewards_kernel[(B,)](scores.contiguous(), log_prob.detach().contiguous(), ref_log_prob.detach().contiguous(),
-                              mask.contiguous(), out, T, kl_coef,
-                              ESTIMATOR=_CODES[estimator.rstrip("+")], BLOCK_T=_block_t(T))
-    return out
+    return COMPUTE_REWARDS[backend](scores, log_prob, ref_log_prob, mask, kl_coef, estimator)

@@ -9,7 +9,9 @@ With x = logits / T over a row of V entries, lse = log sum_v exp(x_v), p = exp(x
 
 The forward kernel reads each row once (online log-sum-exp, fp32) and keeps lse and the
 entropy per row; the backward kernel re-reads the logits and recomputes p from lse, so no
-[N, V] fp32 tensor is ever saved.
+[N, V] fp32 tensor is ever saved. A NaN or +inf logit makes its row's results NaN (as
+log_softmax does); a label outside [0, V) (possible only where value checks are off, see
+ppo_fast.ops.checks) gives logp NaN and is never read.
 """
 from __future__ import annotations
 
@@ -17,17 +19,19 @@ import functools
 
 import torch
 
-from ppo_fast import reference
-from ppo_fast._checks import (
+from ppo_fast.ops import reference
+from ppo_fast.ops.backend import native_module, resolve_backend
+from ppo_fast.ops.checks import (
     require_float,
     require_integer,
     require_labels_in_range,
-    require_positive,
     require_same_device,
     require_shape,
+    require_temperature,
 )
-from ppo_fast._triton import tl, triton
-from ppo_fast.backend import native_module, resolve_backend
+from ppo_fast.ops.triton_helpers import tl, triton
+
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
@@ -47,31 +51,41 @@ def _logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row)
 
-    # Online log-sum-exp: m = running max, d = sum exp(x - m), s = sum exp(x - m) (x - m).
-    m = tl.full([], -3.4028234663852886e38, tl.float32)  # finite start: m - m_new is never inf - inf
-    d = tl.zeros([], tl.float32)
-    s = tl.zeros([], tl.float32)
+    # Each lane j keeps its own online state over the columns it reads: m_j (running max),
+    # d_j = sum exp(x - m_j), s_j = sum exp(x - m_j)(x - m_j); the lanes merge once per row.
+    # One exp per element: e = exp(-|x - m|) is exp(x - m) when x <= m, else the factor
+    # exp(m - x) that re-centres the old sums on the new max x:
+    #   x > m:  d' = d e + 1,  s' = e (s - (x - m) d)      x <= m:  d' = d + e,  s' = s + e (x - m)
+    m = tl.full([BLOCK_V], -_FLT_MAX, tl.float32)  # finite start: x - m is never -inf - -inf
+    d = tl.zeros([BLOCK_V], tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
+        diff = x - m
+        e = tl.exp(-tl.abs(diff))  # NaN for a NaN x, which then reaches d
+        new_max = diff > 0
         if WITH_ENTROPY:
-            # Re-centre the old sum on m_new: sum e_old (x - m_new) = alpha (s + (m - m_new) d).
-            s = alpha * (s + (m - m_new) * d) + tl.sum(e * tl.where(e > 0, x - m_new, 0.0), axis=0)
-        d = alpha * d + tl.sum(e, axis=0)
-        m = m_new
+            s = tl.where(new_max, e * s - tl.where(d > 0, e * diff * d, 0.0), s + tl.where(e > 0, e * diff, 0.0))
+        d = tl.where(new_max, d * e + 1.0, d + e)
+        m = tl.where(new_max, x, m)
 
-    log_d = tl.log(d)
-    tl.store(lse_ptr + row, m + log_d)
+    row_max = tl.max(m, axis=0)
+    scale = tl.exp(m - row_max)  # NaN for a lane that saw +inf: the row's results become NaN
+    total = tl.sum(d * scale, axis=0)
+    log_d = tl.log(total)
+    tl.store(lse_ptr + row, row_max + log_d)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, log_d - s / d)  # H = lse - E[x] = log d - E[x - m]
+        # sum e (x - row_max) over the lane = s_j + (m_j - row_max) d_j; H = log d - E[x - max]
+        centred = tl.sum(scale * (s + tl.where(d > 0, (m - row_max) * d, 0.0)), axis=0)
+        tl.store(entropy_ptr + row, log_d - centred / total)
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
         ignored = label == ignore_index
-        x_label = tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) * inv_temperature
-        tl.store(logp_ptr + row, tl.where(ignored, 0.0, x_label - m - log_d))
+        in_range = (label >= 0) & (label < V)
+        x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32) * inv_temperature
+        logp = tl.where(in_range, x_label - row_max - log_d, float("nan"))
+        tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
 
 
 @triton.jit
@@ -181,8 +195,8 @@ def _native_forward(module, logits, labels, inv_temperature, ignore_index, with_
     V = logits.shape[-1]
     out_shape = logits.shape[:-1]
     logp, entropy, lse = native_module(module).logprobs_forward(
-        logits, labels, logits.numel() // V, V, rows_per_batch, stride_batch, stride_row,
-        inv_temperature, ignore_index, with_entropy,
+        logits, None if labels is None else labels.long().contiguous(), logits.numel() // V, V, rows_per_batch,
+        stride_batch, stride_row, inv_temperature, ignore_index, with_entropy,
     )
     return tuple(None if t is None else t.view(out_shape) for t in (logp, entropy, lse))
 
@@ -192,18 +206,22 @@ def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entro
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
     grad = native_module(module).logprobs_backward(
-        logits, labels, logits.numel() // V, V, rows_per_batch, stride_batch, stride_row, lse,
+        logits, None if labels is None else labels.long().contiguous(), logits.numel() // V, V, rows_per_batch,
+        stride_batch, stride_row, lse,
         entropy, *(None if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy)),
         inv_temperature, ignore_index,
     )
     return grad.view(shape)
 
 
-_LAUNCHERS = {
+# (forward, backward) launchers per backend, shared with fused_linear.py; "torch" is the reference.
+LAUNCHERS = {
     "triton": (_launch_forward, _launch_backward),
-    "cpp": (functools.partial(_native_forward, "_C"), functools.partial(_native_backward, "_C")),
     "cuda": (functools.partial(_native_forward, "_C_cuda"), functools.partial(_native_backward, "_C_cuda")),
+    "cpp": (functools.partial(_native_forward, "_C"), functools.partial(_native_backward, "_C")),
+    "torch": None,
 }
+BACKENDS = {"logprobs_from_logits": tuple(LAUNCHERS), "entropy_from_logits": tuple(LAUNCHERS)}
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -213,7 +231,7 @@ class _Logprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, backend):
         inv_temperature = 1.0 / temperature
-        launch_forward, ctx.launch_backward = _LAUNCHERS[backend]
+        launch_forward, ctx.launch_backward = LAUNCHERS[backend]
         logp, entropy, lse = launch_forward(logits, labels, inv_temperature, ignore_index, with_entropy)
         ctx.save_for_backward(logits, labels, lse, entropy)
         ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
@@ -235,14 +253,11 @@ class _Logprobs(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public
-SUPPORTED = ("triton", "cuda", "cpp", "torch")
-
-
 def _validate_logits(logits, temperature) -> float:
     require_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
-    return require_positive("temperature", temperature)
+    return require_temperature(temperature)
 
 
 def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -265,12 +280,12 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
     require_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     require_labels_in_range(labels, logits.shape[-1], ignore_index)
 
-    backend = resolve_backend(logits.device, "logprobs_from_logits", supported=SUPPORTED)
+    backend = resolve_backend(logits.device, "logprobs_from_logits", LAUNCHERS)
     if backend == "torch":
         return reference.logprobs_from_logits(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
-    labels = labels.contiguous() if backend == "triton" else labels.reshape(-1).long()
+    labels = labels.contiguous()  # read by flat row index, whatever the caller's strides
     outputs = _Logprobs.apply(logits, labels, temperature, ignore_index, return_entropy, backend)
     return outputs if return_entropy else outputs[0]
 
@@ -278,7 +293,7 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
 def entropy_from_logits(logits, *, temperature=1.0):
     """Entropy of softmax(logits / temperature) over the last dim: float32 [...], differentiable."""
     temperature = _validate_logits(logits, temperature)
-    backend = resolve_backend(logits.device, "entropy_from_logits", supported=SUPPORTED)
+    backend = resolve_backend(logits.device, "entropy_from_logits", LAUNCHERS)
     if backend == "torch":
         return reference.entropy_from_logits(logits, temperature=temperature)
     return _Logprobs.apply(logits, None, temperature, -100, True, backend)[0]

@@ -7,34 +7,42 @@ Per token, with D = clamp(log_prob - old, -20, 20), r = exp(D):
     dL / d log_prob = r * dL/dr * [-20 <= log_prob - old <= 20],
     dL/dr = -A where L1 >= L2 (and not dual-clipped), else 0.
 
-The forward kernel writes per-row masked sums of L and of the statistics, and m * dL/dlog_prob
-for the backward, which only scales it by the aggregation weight of its row.
+The forward kernel writes per-row masked sums of L and of the statistics (columns in
+ppo_fast.ops.constants.POLICY_ROW_STATS), and m * dL/dlog_prob for the backward, which only
+scales it by the aggregation weight of its row.
 """
 from __future__ import annotations
 
 import torch
 
-from ppo_fast import reference
-from ppo_fast._checks import (
+from ppo_fast.ops import reference
+from ppo_fast.ops.backend import native_module, resolve_backend
+from ppo_fast.ops.checks import (
+    contiguous,
     require_choice,
     require_mask,
     require_nonnegative,
     require_optional_count,
     require_per_token,
+    require_python_float,
     require_same_device,
 )
-from ppo_fast._triton import tl, triton
-from ppo_fast.backend import native_module, resolve_backend
-from ppo_fast.ops.masked import (
-    AGG_MODES,
-    _block_t,
-    load_token_tiles,
-    row_token_means,
-    scale_rows,
-    weighted_row_total,
+from ppo_fast.ops.constants import (
+    LOG_RATIO_CLAMP,
+    POLICY_ROW_STATS,
+    ROW_CLIPPED,
+    ROW_LOSS,
+    ROW_LOWER_CLIPPED,
+    ROW_NEG_LOG_RATIO,
+    ROW_TOKENS,
 )
+from ppo_fast.ops.masked import AGG_MODES, row_token_means, scale_rows, weighted_row_total
+from ppo_fast.ops.triton_helpers import block_t, clamp, load_token_tiles, nan_max, tl, triton
 
-N_ROW_STATS = 5  # sum m L, sum m, sum m clipped, sum m (-D), sum m lower-clipped
+_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
+_N_STATS = tl.constexpr(len(POLICY_ROW_STATS))
+_LOSS, _TOKENS, _CLIPPED = tl.constexpr(ROW_LOSS), tl.constexpr(ROW_TOKENS), tl.constexpr(ROW_CLIPPED)
+_NEG_LOG_RATIO, _LOWER = tl.constexpr(ROW_NEG_LOG_RATIO), tl.constexpr(ROW_LOWER_CLIPPED)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -51,14 +59,14 @@ def _policy_loss_fwd_kernel(
     neg_delta_sum = tl.zeros([BLOCK_T], tl.float32)
     lower_sum = tl.zeros([BLOCK_T], tl.float32)
     for start in range(0, T, BLOCK_T):
-        log_prob, old, adv, m, offs, ok = load_token_tiles(log_prob_ptr, old_ptr, adv_ptr, mask_ptr, row, start, T,
-                                                           BLOCK_T)
+        log_prob, old, adv, m, offs, in_row = load_token_tiles(log_prob_ptr, old_ptr, adv_ptr, mask_ptr, row, start,
+                                                               T, BLOCK_T)
         raw_delta = log_prob - old
-        delta = tl.minimum(tl.maximum(raw_delta, -20.0), 20.0)
+        delta = clamp(raw_delta, -_CLAMP, _CLAMP)
         ratio = tl.exp(delta)
         loss_unclipped = -adv * ratio
-        loss_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-        loss = tl.maximum(loss_unclipped, loss_clipped)
+        loss_clipped = -adv * clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        loss = nan_max(loss_unclipped, loss_clipped)
         dloss_dratio = tl.where(loss_unclipped >= loss_clipped, -adv, 0.0)
         if HAS_DUAL_CLIP:
             loss_dual = -adv * dual_clip
@@ -67,36 +75,37 @@ def _policy_loss_fwd_kernel(
             dloss_dratio = tl.where(lower, 0.0, dloss_dratio)
             lower_sum += m * lower.to(tl.float32)
         if NEEDS_GRAD:
-            in_range = (raw_delta >= -20.0) & (raw_delta <= 20.0)
-            tl.store(dloss_ptr + offs, tl.where(in_range, m * dloss_dratio * ratio, 0.0), mask=ok)
-
+            in_range = (raw_delta >= -_CLAMP) & (raw_delta <= _CLAMP)
+            tl.store(dloss_ptr + offs, tl.where(in_range, m * dloss_dratio * ratio, 0.0), mask=in_row)
         loss_sum += m * loss
         count += m
         clipped_sum += m * (loss_clipped > loss_unclipped).to(tl.float32)
         neg_delta_sum -= m * delta
-    out = row_stats_ptr + row * 5
-    tl.store(out, tl.sum(loss_sum, axis=0))
-    tl.store(out + 1, tl.sum(count, axis=0))
-    tl.store(out + 2, tl.sum(clipped_sum, axis=0))
-    tl.store(out + 3, tl.sum(neg_delta_sum, axis=0))
-    tl.store(out + 4, tl.sum(lower_sum, axis=0))
+    out = row_stats_ptr + row * _N_STATS
+    tl.store(out + _LOSS, tl.sum(loss_sum, axis=0))
+    tl.store(out + _TOKENS, tl.sum(count, axis=0))
+    tl.store(out + _CLIPPED, tl.sum(clipped_sum, axis=0))
+    tl.store(out + _NEG_LOG_RATIO, tl.sum(neg_delta_sum, axis=0))
+    tl.store(out + _LOWER, tl.sum(lower_sum, axis=0))
 
 
-# ----------------------------------------------------------------------------- launcher
-def _launch_forward(backend, log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad):
-    if backend == "cpp":
-        inputs = (t.float().contiguous() for t in (log_prob, old_log_prob, advantages, mask))
-        return native_module("_C").policy_loss_forward(*inputs, clip_low, clip_high, dual_clip, needs_grad)
+# ----------------------------------------------------------------------------- launchers
+def _forward_triton(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad):
     B, T = log_prob.shape
-    row_stats = torch.empty(B, N_ROW_STATS, device=log_prob.device, dtype=torch.float32)
+    row_stats = torch.empty(B, len(POLICY_ROW_STATS), device=log_prob.device, dtype=torch.float32)
     dloss = torch.empty(B, T, device=log_prob.device, dtype=torch.float32) if needs_grad else None
     if B:
         _policy_loss_fwd_kernel[(B,)](
             log_prob, old_log_prob, advantages, mask, dloss, row_stats, T,
             clip_low, clip_high, 1.0 if dual_clip is None else dual_clip,
-            HAS_DUAL_CLIP=dual_clip is not None, NEEDS_GRAD=needs_grad, BLOCK_T=_block_t(T),
+            HAS_DUAL_CLIP=dual_clip is not None, NEEDS_GRAD=needs_grad, BLOCK_T=block_t(T),
         )
     return row_stats, dloss
+
+
+def _forward_cpp(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad):
+    inputs = (t.float().contiguous() for t in (log_prob, old_log_prob, advantages, mask))
+    return native_module("_C").policy_loss_forward(*inputs, clip_low, clip_high, dual_clip, needs_grad)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -104,9 +113,9 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens,
                 num_seqs, backend):
-        row_stats, dloss = _launch_forward(backend, log_prob, old_log_prob, advantages, mask, clip_low, clip_high,
-                                           dual_clip, ctx.needs_input_grad[0])
-        loss, weights = weighted_row_total(row_stats[:, 0], row_stats[:, 1], agg, num_tokens, num_seqs)
+        row_stats, dloss = IMPLEMENTATIONS[backend](log_prob, old_log_prob, advantages, mask, clip_low, clip_high,
+                                                    dual_clip, ctx.needs_input_grad[0])
+        loss, weights = weighted_row_total(row_stats, agg, num_tokens, num_seqs)
         ctx.save_for_backward(dloss, weights)
         ctx.dtype, ctx.backend = log_prob.dtype, backend
         clipfrac, approx_kl, clipfrac_lower = row_token_means(row_stats).unbind()
@@ -121,6 +130,10 @@ class _PolicyLoss(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public
+IMPLEMENTATIONS = {"triton": _forward_triton, "cpp": _forward_cpp, "torch": reference.ppo_policy_loss}
+BACKENDS = {"ppo_policy_loss": tuple(IMPLEMENTATIONS)}
+
+
 def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
                     agg="token-mean", num_tokens=None, num_seqs=None):
     """PPO clipped surrogate loss over [B, T] tokens (verl / OpenRLHF conventions).
@@ -134,20 +147,19 @@ def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, c
     require_same_device(log_prob=log_prob, mask=mask)
     clip_low = require_nonnegative("clip_low", clip_low)
     clip_high = require_nonnegative("clip_high", clip_high)
-    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
-        raise ValueError(f"dual_clip: expected None or a value > 1, got {dual_clip!r}")
+    if dual_clip is not None and not (require_python_float("dual_clip", dual_clip) > 1 and dual_clip < float("inf")):
+        raise ValueError(f"dual_clip: expected None or a finite value > 1, got {dual_clip!r}")
     require_choice("agg", agg, AGG_MODES)
     require_optional_count("num_tokens", num_tokens)
     require_optional_count("num_seqs", num_seqs)
 
-    backend = resolve_backend(log_prob.device, "ppo_policy_loss", supported=("triton", "cpp", "torch"))
+    backend = resolve_backend(log_prob.device, "ppo_policy_loss", IMPLEMENTATIONS)
+    log_prob, old_log_prob, advantages, mask = contiguous(log_prob, old_log_prob.detach(), advantages.detach(), mask)
+    dual_clip = None if dual_clip is None else float(dual_clip)
     if backend == "torch":
         return reference.ppo_policy_loss(log_prob, old_log_prob, advantages, mask, clip_low=clip_low,
                                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,
                                          num_seqs=num_seqs)
-    loss, clipfrac, approx_kl, lower = _PolicyLoss.apply(
-        log_prob.contiguous(), old_log_prob.detach().contiguous(), advantages.detach().contiguous(),
-        mask.contiguous(), clip_low, clip_high, None if dual_clip is None else float(dual_clip), agg, num_tokens,
-        num_seqs, backend,
-    )
+    loss, clipfrac, approx_kl, lower = _PolicyLoss.apply(log_prob, old_log_prob, advantages, mask, clip_low,
+                                                         clip_high, dual_clip, agg, num_tokens, num_seqs, backend)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}

@@ -1,0 +1,19 @@
+// Numbers shared by the C++ and CUDA kernels and ppo_fast/ops/constants.py (the Python
+// side defines them; tests/ops/test_constants.py checks that this header agrees).
+#pragma once
+
+namespace ppo_fast {
+
+constexpr float kLogRatioClamp = 20.0f;  // LOG_RATIO_CLAMP
+constexpr float kK3Clamp = 10.0f;        // K3_CLAMP
+
+// Columns of the per-row statistics the loss kernels write (POLICY_ROW_STATS, VALUE_ROW_STATS).
+constexpr int kRowLoss = 0;
+constexpr int kRowTokens = 1;
+constexpr int kRowClipped = 2;
+constexpr int kRowNegLogRatio = 3;
+constexpr int kRowLowerClipped = 4;
+constexpr int kPolicyRowStats = 5;
+constexpr int kValueRowStats = 3;
+
+}  // namespace ppo_fast

@@ -1,0 +1,140 @@
+"""Which implementation runs an op: `auto`, `triton`, `cuda`, `cpp` or `torch`.
+
+The choice comes from `use_backend(name)` (innermost wins) or else the environment
+variable PPO_FAST_BACKEND, default `auto`:
+
+- auto: Triton for CUDA tensors; for CPU tensors the C++ extension when built, else torch.
+- triton: Triton kernels; on CPU tensors only under TRITON_INTERPRET=1 (the test mode).
+- cuda / cpp: the hand-written kernels of csrc/ (`ppo_fast._C_cuda` / `ppo_fast._C`).
+- torch: the plain-PyTorch reference, `ppo_fast.ops.reference`.
+
+Each op keeps a table {backend name: implementation}; `resolve_backend` picks from its keys.
+A forced backend that cannot run on the given tensors raises BackendError; it never falls
+back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+_local = threading.local()
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot run on the given tensors."""
+
+
+def _check_name(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for right now: the innermost `use_backend`, else PPO_FAST_BACKEND."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check_name(os.environ.get("PPO_FAST_BACKEND", "auto"), "PPO_FAST_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the block on backend `name` (thread-local, nestable)."""
+    name = _check_name(name, "backend")
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+_native_cache: dict = {}
+
+
+def native_module(name: str):
+    """`ppo_fast._C` / `ppo_fast._C_cuda` if it was built and loads, else None."""
+    if name not in _native_cache:
+        try:
+            _native_cache[name] = importlib.import_module(f"ppo_fast.{name}")
+        except ImportError:
+            _native_cache[name] = None
+    return _native_cache[name]
+
+
+def warn_if_native_missing() -> None:
+    """Say once, at import, which backend CPU (and CUDA) tensors fall back to without a build."""
+    if native_module("_C") is None:
+        warnings.warn("ppo_fast: the C++ extension ppo_fast._C is not built; CPU tensors use the torch "
+                      "backend (build it with `make native` or `pip install --no-build-isolation -e .`)",
+                      RuntimeWarning, stacklevel=3)
+    if torch.cuda.is_available() and torch.version.cuda and native_module("_C_cuda") is None:
+        warnings.warn("ppo_fast: the CUDA extension ppo_fast._C_cuda is not built; the `cuda` backend is "
+                      "unavailable (CUDA tensors use Triton)", RuntimeWarning, stacklevel=3)
+
+
+def triton_available() -> bool:
+    from ppo_fast.ops.triton_helpers import HAS_TRITON
+
+    return HAS_TRITON
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Concrete backends that can run on tensors of `device`."""
+    device = torch.device(device)
+    found = ["torch"]
+    if triton_available() and (device.type == "cuda" or triton_interpreted()):
+        found.append("triton")
+    if device.type == "cuda" and native_module("_C_cuda") is not None:
+        found.append("cuda")
+    if device.type == "cpu" and native_module("_C") is not None:
+        found.append("cpp")
+    return found
+
+
+def resolve_backend(device: torch.device, op: str, implementations) -> str:
+    """The concrete backend that runs `op` on tensors of `device`.
+
+    `implementations` is the op's table (its keys are the backends it has); `auto` picks the
+    best of them that can run here, a forced name must be both implemented and runnable.
+    """
+    supported = tuple(implementations)
+    name = requested_backend()
+    runnable = [b for b in available_backends(device) if b in supported]
+    if name == "auto":
+        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
+        return next(b for b in order if b in runnable)
+    if name not in supported:
+        raise BackendError(f"{op}: backend {name!r} does not implement this op (it has {list(supported)})")
+    if name not in runnable:
+        raise BackendError(f"{op}: backend {name!r} cannot run on {device.type} tensors here; "
+                           f"available: {runnable}. {_why_unavailable(name, device)}")
+    return name
+
+
+def _why_unavailable(name: str, device: torch.device) -> str:
+    if name == "triton":
+        if not triton_available():
+            return "Triton is not installed."
+        return "Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors."
+    if name == "cpp":
+        if device.type != "cpu":
+            return "The cpp backend runs on CPU tensors only."
+        return "ppo_fast._C was not built (reinstall with `pip install --no-build-isolation -e .`)."
+    if name == "cuda":
+        if device.type != "cuda":
+            return "The cuda backend runs on CUDA tensors only."
+        return "ppo_fast._C_cuda was not built (needs a CUDA build of torch and nvcc)."
+    return ""

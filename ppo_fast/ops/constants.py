@@ -1,0 +1,23 @@
+"""Numbers the kernels and the reference share, each defined once here.
+
+The C++ and CUDA kernels read the same values from csrc/ppo_constants.h
+(tests/ops/test_constants.py checks that the two agree).
+"""
+# The log-ratio log pi - log pi_old (policy loss) and ref - log pi (k3) are clamped to
+# [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] before exp, so exp never overflows fp32.
+LOG_RATIO_CLAMP = 20.0
+# k3 / low_var_kl values are clamped to [-K3_CLAMP, K3_CLAMP] (verl's convention).
+K3_CLAMP = 10.0
+# masked_whiten: (x - mean) * rsqrt(var + WHITEN_EPS).
+WHITEN_EPS = 1e-8
+# group_advantages (grpo): (s - mean) / (std + GROUP_STD_EPS).
+GROUP_STD_EPS = 1e-6
+
+# Columns of the per-row statistics [B, k] that the loss kernels write: masked sums over t.
+POLICY_ROW_STATS = ("loss", "tokens", "clipped", "neg_log_ratio", "lower_clipped")
+VALUE_ROW_STATS = ("loss", "tokens", "clipped")
+ROW_LOSS, ROW_TOKENS, ROW_CLIPPED, ROW_NEG_LOG_RATIO, ROW_LOWER_CLIPPED = range(5)
+
+# KL estimators: the names users pass, and the code the kernels branch on.
+KL_ESTIMATOR_CODES = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+KL_K1, KL_ABS, KL_K2, KL_K3 = range(4)

@@ -1,0 +1,246 @@
+"""Plain-PyTorch versions of every ppo_fast op: the specification and the baseline.
+
+Written the way a user would write them (fp32 log_softmax + gather, softmax entropy), with
+the same signatures as `ppo_fast.ops`. Inputs are upcast to at least float32, so calling these
+on float64 tensors gives the float64 oracle the tests compare every backend against.
+No input validation here: the public ops validate before dispatching.
+
+NaN rule, which every backend follows: a NaN or inf at a valid position (mask = 1) gives NaN
+in the outputs that depend on it; an input at a masked position is read as 0, so it never
+reaches a sum, a statistic or a gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from ppo_fast.ops.constants import GROUP_STD_EPS, K3_CLAMP, LOG_RATIO_CLAMP, WHITEN_EPS
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _valid_only(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask != 0, else 0 (where, not a product: 0 * NaN would be NaN)."""
+    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _entropy_from_log_softmax(logp_all: torch.Tensor) -> torch.Tensor:
+    # H = -sum_v p_v log p_v, with p log p = 0 where p = 0 (a logit of -inf): the where keeps
+    # both the value and the gradient finite there.
+    p = logp_all.exp()
+    return -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
+
+
+def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """log_softmax(logits / temperature)[label] (0 where label == ignore_index), float32.
+
+    With return_entropy, also the entropy of softmax(logits / temperature) at every position.
+    """
+    logp_all = torch.log_softmax(_upcast(logits) / temperature, dim=-1)
+    ignored = labels == ignore_index
+    safe_labels = labels.masked_fill(ignored, 0).long()
+    logp = logp_all.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)
+    if return_entropy:
+        return logp, _entropy_from_log_softmax(logp_all)
+    return logp
+
+
+def entropy_from_logits(logits, *, temperature=1.0):
+    """Entropy of softmax(logits / temperature) over the last dim, float32."""
+    return _entropy_from_log_softmax(torch.log_softmax(_upcast(logits) / temperature, dim=-1))
+
+
+# ----------------------------------------------------------------------------- aggregation
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+def masked_mean(x, mask):
+    """sum(mask * x) / sum(mask); 0 where the mask is empty."""
+    x = _valid_only(_upcast(x), mask)
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def agg_loss(loss, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
+    """Reduce a [B, T] per-token loss to a scalar.
+
+    token-mean: sum(m L) / sum(m); seq-mean-token-sum: mean over sequences with a valid token of
+    sum_t(m L); seq-mean-token-mean: the same mean of sum_t(m L) / sum_t m. `num_tokens` /
+    `num_seqs` replace the local denominators (global batch under accumulation or data parallel).
+    """
+    loss = _valid_only(_upcast(loss), mask)
+    m = mask.to(loss.dtype)
+    if agg == "token-mean":
+        den = m.sum().clamp(min=1) if num_tokens is None else num_tokens
+        return (loss * m).sum() / den
+    seq_sum = (loss * m).sum(-1)
+    seq_tokens = m.sum(-1)
+    has_tokens = seq_tokens > 0
+    if agg == "seq-mean-token-mean":
+        seq_sum = seq_sum / seq_tokens.clamp(min=1)
+    den = has_tokens.sum().clamp(min=1) if num_seqs is None else num_seqs
+    return seq_sum[has_tokens].sum() / den
+
+
+@torch.no_grad()
+def masked_whiten(x, mask, *, shift_mean=True):
+    """(x - mu) * rsqrt(var + 1e-8) with the masked mean and unbiased masked variance
+    (statistics over valid tokens, applied everywhere); shift_mean=False adds mu back.
+    The statistics are two-pass sums in float64, exact for a large mean and a small spread."""
+    x = _upcast(x)
+    x64 = x.double()
+    m = mask.double()
+    n = m.sum()
+    mean = (_valid_only(x64, mask) * m).sum() / n.clamp(min=1)
+    var = (_valid_only(x64 - mean, mask) ** 2 * m).sum() / (n - 1).clamp(min=1)
+    whitened = (x64 - mean) * torch.rsqrt(var + WHITEN_EPS)
+    return (whitened if shift_mean else whitened + mean).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- losses
+def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                    agg="token-mean", num_tokens=None, num_seqs=None):
+    """Clipped PPO surrogate (verl / OpenRLHF conventions); gradient to log_prob only.
+
+    Returns (loss, stats) with stats clipfrac, approx_kl and clipfrac_lower (dual clip).
+    """
+    log_prob = _valid_only(_upcast(log_prob), mask)
+    old_log_prob = _valid_only(_upcast(old_log_prob).detach(), mask)
+    advantages = _valid_only(_upcast(advantages).detach(), mask)
+    delta = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(delta)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss_max = torch.maximum(loss_unclipped, loss_clipped)
+    per_token = loss_max
+    lower_clipped = torch.zeros_like(loss_max, dtype=torch.bool)
+    if dual_clip is not None:
+        loss_dual = -advantages * dual_clip
+        per_token = torch.where(advantages < 0, torch.minimum(loss_dual, loss_max), loss_max)
+        lower_clipped = (loss_max > loss_dual) & (advantages < 0)
+    loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((loss_clipped > loss_unclipped).to(loss.dtype), mask),
+            "approx_kl": masked_mean(-delta, mask),
+            "clipfrac_lower": masked_mean(lower_clipped.to(loss.dtype), mask),
+        }
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", num_tokens=None, num_seqs=None):
+    """Clipped value loss 0.5 * agg(max((v - R)^2, (v_clipped - R)^2)) and its clip fraction,
+    v_clipped = clamp(v, old - clip, old + clip) (equal to v, to the bit, inside the range)."""
+    values = _valid_only(_upcast(values), mask)
+    old_values = _valid_only(_upcast(old_values).detach(), mask)
+    returns = _valid_only(_upcast(returns).detach(), mask)
+    clipped = torch.clamp(values, old_values - clip, old_values + clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped - returns) ** 2
+    loss = 0.5 * agg_loss(torch.maximum(loss_unclipped, loss_clipped), mask, agg,
+                          num_tokens=num_tokens, num_seqs=num_seqs)
+    with torch.no_grad():
+        clipfrac = masked_mean((loss_clipped > loss_unclipped).to(loss.dtype), mask)
+    return loss, clipfrac
+
+
+# ----------------------------------------------------------------------------- KL
+KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+
+
+def _kl_value(log_prob, ref_log_prob, estimator):
+    diff = log_prob - ref_log_prob
+    if estimator in ("k1", "kl"):
+        return diff
+    if estimator == "abs":
+        return diff.abs()
+    if estimator in ("k2", "mse"):
+        return 0.5 * diff * diff
+    kappa = torch.clamp(ref_log_prob - log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # k3 / low_var_kl
+    return torch.clamp(torch.exp(kappa) - kappa - 1.0, -K3_CLAMP, K3_CLAMP)
+
+
+def kl_penalty(log_prob, ref_log_prob, *, estimator="k1"):
+    """Per-token KL estimate between the policy and the reference.
+
+    k1/kl: d; abs: |d|; k2/mse: d^2/2; k3/low_var_kl: exp(k) - k - 1 with k = ref - log_prob
+    (clamped), d = log_prob - ref. A '+' suffix keeps the value and takes the gradient of k2.
+    """
+    log_prob, ref_log_prob = _upcast(log_prob), _upcast(ref_log_prob)
+    value = _kl_value(log_prob, ref_log_prob, estimator.rstrip("+"))
+    if estimator.endswith("+"):
+        k2 = _kl_value(log_prob, ref_log_prob, "k2")
+        return k2 + (value - k2).detach()
+    return value
+
+
+@torch.no_grad()
+def compute_rewards(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1"):
+    """Token rewards: -kl_coef * KL on every valid token, plus the sequence score [B] on the
+    last valid token of its row."""
+    kl = kl_penalty(_valid_only(log_prob, mask), _valid_only(ref_log_prob, mask), estimator=estimator)
+    m = mask.to(kl.dtype)
+    rewards = -kl_coef * kl * m
+    T = m.shape[-1]
+    if T == 0:
+        return rewards
+    last = T - 1 - m.flip(-1).argmax(-1)
+    has_tokens = m.sum(-1) > 0
+    rows = torch.arange(m.shape[0], device=m.device)
+    rewards[rows[has_tokens], last[has_tokens]] += _upcast(scores)[has_tokens].to(rewards.dtype)
+    return rewards
+
+
+# ----------------------------------------------------------------------------- advantages
+@torch.no_grad()
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation, the per-step loop other trainers use.
+
+    Masked positions inside a response (tool or observation tokens) are skipped: the next
+    value and the running advantage are carried across them. Rewards and values at masked
+    positions are read as 0, so there returns = the carried advantage.
+    """
+    rewards, values = _valid_only(_upcast(rewards), mask), _valid_only(_upcast(values), mask)
+    m = mask.to(rewards.dtype)
+    next_value = rewards.new_zeros(rewards.shape[0])
+    last = rewards.new_zeros(rewards.shape[0])
+    advantages = torch.empty_like(rewards)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        valid = m[:, t] != 0
+        next_value = torch.where(valid, values[:, t], next_value)
+        last = torch.where(valid, delta + gamma * lam * last, last)
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+GROUP_MODES = ("grpo", "rloo", "none")
+
+
+@torch.no_grad()
+def group_advantages(scores, group_size, *, mode="grpo"):
+    """Per-sequence advantages from groups of `group_size` consecutive samples of one prompt.
+
+    grpo: (s - mean) / (std + 1e-6), unbiased std; rloo: s minus the mean of the others;
+    none: s - mean. A group of one gets advantage 0.
+    """
+    grouped = _upcast(scores).view(-1, group_size)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    if mode == "none" or group_size == 1:
+        advantages = centred if group_size > 1 else torch.zeros_like(grouped)
+    elif mode == "grpo":
+        advantages = centred / (grouped.std(-1, keepdim=True) + GROUP_STD_EPS)
+    else:  # rloo: s_i - (sum - s_i) / (g - 1) = g (s_i - mean) / (g - 1)
+        advantages = centred * group_size / (group_size - 1)
+    return advantages.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- fused linear
+def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False, chunk_size=None):
+    """logprobs_from_logits(hidden @ weight.T + bias, labels, ...), materialising the logits
+    (`chunk_size` is accepted for the signature and ignored)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return logprobs_from_logits(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                return_entropy=return_entropy)

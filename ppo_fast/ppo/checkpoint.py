@@ -1,0 +1,85 @@
+"""Checkpoints on disk: what `PPOTrainer.state_dict()` returns, in files.
+
+OUT/checkpoints/step_00000010/
+    policy.safetensors   trainable policy parameters, fp32 masters (only the adapters under LoRA)
+    critic.safetensors   trainable critic parameters, fp32 masters (the head only with a shared critic)
+    state.pt             the rest: optimiser, LR schedule, KL coefficient, step, RNG states, prompt order
+
+A checkpoint is written to `step_N.tmp/`, flushed to disk, then renamed to `step_N/`: the
+rename is atomic, so a run killed mid-write leaves only a `.tmp` folder, which loading ignores.
+A checkpoint that is damaged anyway (a truncated file, a missing state.pt) is skipped, with a
+warning, for the newest one that loads.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+
+import torch
+
+from ppo_fast.ppo.run_folder import fsync_path
+
+CHECKPOINT_DIR = "checkpoints"
+TENSOR_FILES = ("policy", "critic")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_path(out: str, step: int) -> str:
+    return os.path.join(out, CHECKPOINT_DIR, f"step_{step:08d}")
+
+
+def save_checkpoint(state: dict, out: str, step: int, keep: int = 0) -> str:
+    """Write `state` ({"policy": tensors, "critic": tensors, "trainer": anything torch.save takes})
+    to OUT/checkpoints/step_N atomically; keep the newest `keep` checkpoints (0: all)."""
+    from safetensors.torch import save_file
+
+    final = checkpoint_path(out, step)
+    root, tmp = os.path.dirname(final), final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in TENSOR_FILES:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state[name].items()},
+                  os.path.join(tmp, f"{name}.safetensors"))
+    torch.save(state["trainer"], os.path.join(tmp, "state.pt"))
+    for name in os.listdir(tmp):  # the files are on disk before the rename makes them visible
+        fsync_path(os.path.join(tmp, name))
+    fsync_path(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_path(root)
+    if keep:
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out: str) -> list[str]:
+    """Checkpoint folders of a run, oldest first (finished renames only)."""
+    root = os.path.join(out, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name)))
+    return [os.path.join(root, name) for _, name in steps]
+
+
+def load_checkpoint(path: str) -> dict:
+    """The state saved at `path` (tensors on the CPU)."""
+    from safetensors.torch import load_file
+
+    state = {name: load_file(os.path.join(path, f"{name}.safetensors")) for name in TENSOR_FILES}
+    state["trainer"] = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    return state
+
+
+def load_newest(out: str):
+    """(path, state) of the newest checkpoint that loads, or (None, None). A damaged newer one
+    is reported and skipped."""
+    for path in reversed(list_checkpoints(out)):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as err:  # noqa: BLE001 - any damage: truncated, missing, unpickling
+            warnings.warn(f"ppo_fast: checkpoint {path} is damaged ({type(err).__name__}: {err}); "
+                          f"trying the one before it", RuntimeWarning)
+    return None, None

@@ -1,0 +1,84 @@
+"""AdamW on fp32 master copies of the trained parameters, with gradient clipping per model, a
+warm-up + decay schedule, and non-finite steps skipped.
+
+An update of lr ~ 1e-6 would round away in bf16 weights, so the optimiser steps fp32 masters
+and copies them back into the (bf16/fp16) parameters after each step, as DeepSpeed and FSDP's
+mixed precision do. fp32 parameters are their own masters.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` optimiser steps, then constant / linear / cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+class MasterAdamW:
+    """AdamW over groups of (name, parameter) pairs, one group per model, each with its lr."""
+
+    def __init__(self, named_groups: list, lrs: list, *, weight_decay: float, max_grad_norm: float,
+                 total_steps: int, warmup_steps: int, schedule: str, fused: bool):
+        self.names = [[name for name, _ in group] for group in named_groups]
+        self.params = [[p for _, p in group] for group in named_groups]
+        self.masters = [[p if p.dtype == torch.float32 else p.detach().float() for p in group] for group in self.params]
+        self.max_grad_norm = max_grad_norm or float("inf")
+        self.optimizer = torch.optim.AdamW([{"params": m, "lr": lr} for m, lr in zip(self.masters, lrs)],
+                                           weight_decay=weight_decay, fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: lr_factor(i, warmup_steps, total_steps, schedule))
+        self.skipped = 0
+
+    def step(self, loss: torch.Tensor) -> list:
+        """Gradients to the masters, clip each group, then apply the step unless the loss or a
+        gradient norm is not finite (counted in `skipped`). Returns the groups' gradient norms."""
+        for p, master in self._separate_masters():
+            master.grad, p.grad = (None if p.grad is None else p.grad.float()), None
+        norms = [torch.nn.utils.clip_grad_norm_(group, self.max_grad_norm) for group in self.masters]
+        if bool(torch.isfinite(torch.stack([loss.detach().float(), *norms])).all()):
+            self.optimizer.step()
+            self.copy_masters_to_params()
+        else:
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped step still advances the schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        return norms
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def named_masters(self, group: int) -> list:
+        """(name, fp32 master) pairs of a group: what checkpoints hold."""
+        return list(zip(self.names[group], self.masters[group]))
+
+    def copy_masters_to_params(self) -> None:
+        with torch.no_grad():
+            for p, master in self._separate_masters():
+                p.copy_(master)
+
+    def _separate_masters(self):
+        return [(p, m) for params, masters in zip(self.params, self.masters) for p, m in zip(params, masters)
+                if m is not p]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped = state["skipped"]

@@ -1,0 +1,81 @@
+"""Batched sampling with a KV cache.
+
+Prompts are left-padded so every row's next token lands in one column; position ids count
+from each row's first real token. Responses are right-padded with the pad token after EOS.
+Sequences are laid out [left pad | prompt | response | right pad], with the prompt block
+P columns wide, so response token t of every row sits at column P + t.
+"""
+from __future__ import annotations
+
+import torch
+
+from ppo_fast.ppo.models import backbone, position_ids
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids [B, P], attention mask [B, P]), padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top_k, and outside the smallest set whose
+    probability reaches top_p (the most likely token always stays)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None):
+    """Sample up to max_new_tokens per row, stopping a row at EOS and all rows when all stopped.
+
+    Returns (response ids [B, R], response mask [B, R] bool, True up to and including EOS),
+    R = the longest response. Only the last position's logits are computed at each step.
+    Raises FloatingPointError if the logits are not finite (a diverged policy).
+    """
+    body, lm_head = backbone(model), model.get_output_embeddings()
+    B = prompt_ids.shape[0]
+    attention_mask = prompt_mask.long()
+    positions = position_ids(attention_mask)
+    tokens, cache = prompt_ids, None
+    finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    out_tokens = []
+    for _ in range(max_new_tokens):
+        out = body(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = lm_head(out.last_hidden_state[:, -1]).float() / temperature
+        probs = filter_logits(logits, top_k, top_p).softmax(-1)
+        probs = torch.where(torch.isfinite(probs), probs, 1.0)  # checked below; multinomial must not fail first
+        next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        next_token = next_token.masked_fill(finished, pad_token_id)
+        out_tokens.append(next_token)
+        finished |= next_token == eos_token_id
+        all_finished, finite = torch.stack([finished.all(), torch.isfinite(logits).all()]).tolist()  # one sync
+        if not finite:
+            raise FloatingPointError("the sampling logits are not finite")
+        if all_finished:
+            break
+        tokens = next_token[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    response = torch.stack(out_tokens, dim=1)
+    is_eos = response == eos_token_id
+    # valid = no EOS strictly before this position: sum over earlier positions of is_eos == 0
+    response_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+    return response.masked_fill(~response_mask, pad_token_id), response_mask

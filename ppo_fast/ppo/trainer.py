@@ -1,0 +1,460 @@
+"""PPO for language models on one device: rollout -> experience -> update, step after step.
+
+    trainer = PPOTrainer(PPOConfig(...))          # or pass your own policy / tokenizer / reward
+    trainer.train()                               # metrics.jsonl + config.yaml in config.out
+
+One step:
+  1. rollout     sample a response to each prompt with a KV cache (ppo_fast.ppo.rollout)
+  2. experience  no grad: old and reference log-probs (fused linear -> log-prob, no logits),
+                 values, scores; r_t = score on the last token - beta KL_t; GAE; whitening
+  3. update      epochs x minibatches x micro-batches; the clipped policy loss (+ entropy
+                 bonus, KL loss) and the clipped value loss, normalised by the minibatch's
+                 token count so accumulated micro-batches equal one big batch; AdamW on fp32
+                 masters, clipping, LR schedule; a non-finite loss or gradient skips the step
+
+`config.ops = "reference"` runs the same loop on `ppo_fast.ops.reference` (the baseline).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import resource
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ppo_fast import ops as fused_ops
+from ppo_fast.ops import reference
+from ppo_fast.ppo import models, tasks
+from ppo_fast.ppo.checkpoint import checkpoint_path, list_checkpoints, load_newest, save_checkpoint
+from ppo_fast.ppo.config import ConfigError, PPOConfig, load_function
+from ppo_fast.ppo.data import PromptCycle, encode, read_prompts
+from ppo_fast.ppo.experience import Experience, Rollout, experience_stats, rows_in_chunks
+from ppo_fast.ppo.kl_controller import AdaptiveKLController, FixedKLController
+from ppo_fast.ppo.optim import MasterAdamW
+from ppo_fast.ppo.rollout import left_pad, sample
+from ppo_fast.ppo.run_folder import RunFolder
+
+
+class TrainingDiverged(RuntimeError):
+    """The run cannot go on: too many non-finite steps in a row, or non-finite sampling logits."""
+
+
+class PPOTrainer:
+    """Policy, reference, critic and reward on one device. Anything not passed in is loaded
+    from the config (or, with `config.policy` unset, built for the embedded count task)."""
+
+    def __init__(self, config: PPOConfig, *, policy=None, tokenizer=None, reward_fn=None, reward_model=None,
+                 prompts: list[str] | None = None):
+        given = (policy, tokenizer, reward_fn, reward_model, prompts)
+        self.config = cfg = config.validate(check_sources=all(x is None for x in given))
+        self.device = torch.device(cfg.resolved_device())
+        self.dtype = cfg.resolved_dtype()
+        torch.manual_seed(cfg.seed)
+        self.sample_generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.data_generator = torch.Generator().manual_seed(cfg.seed)
+        self.ops = reference if cfg.ops == "reference" else fused_ops
+        self.packed = padding_free(cfg.padding_free, self.device)
+        self._load_models(policy, tokenizer, reward_fn, reward_model, prompts)
+        self.kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                              else FixedKLController(cfg.kl_coef))
+        self.optimizer = MasterAdamW(
+            [self.named_trainable("policy"), self.named_trainable("critic")], [cfg.lr, cfg.critic_lr],
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+            total_steps=cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size),
+            warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, fused=self.device.type == "cuda")
+        self.step_count = 0
+        self.consecutive_skips = 0
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume: bool = False, folder: RunFolder | None = None) -> list[dict]:
+        """Run to config.steps, appending each step's metrics to OUT/metrics.jsonl (and
+        TensorBoard), checkpointing every `save_every` steps and at the end. `resume` first
+        restores the newest complete checkpoint in OUT. The folder is locked while it runs
+        (pass `folder` already locked, as the CLI does, to hold it from before model loading)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if folder is None:
+            folder = RunFolder(cfg.out)
+            folder.lock()
+        try:
+            kept = self._start_or_resume(folder, resume)
+            if cfg.tensorboard:
+                folder.start_tensorboard(kept)
+            history = []
+            bar = tqdm(range(self.step_count, cfg.steps), desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
+            for _ in bar:
+                metrics = self.step()
+                history.append(metrics)
+                folder.append_metrics(metrics)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}",
+                                ent=f"{metrics['entropy']:.2f}", clip=f"{metrics['clipfrac']:.3f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if cfg.save_every and self.step_count % cfg.save_every == 0 and self.step_count < cfg.steps:
+                    self.save()
+            if not os.path.isdir(checkpoint_path(cfg.out, self.step_count)):
+                self.save()
+            return history
+        finally:
+            folder.close()
+
+    def step(self) -> dict:
+        """One PPO step; returns its metrics (plain floats)."""
+        phases = {}
+        rollout = self._timed("rollout", phases, self.rollout)
+        experience, stats = self._timed("experience", phases, self.make_experience, rollout)
+        update_stats = self._timed("update", phases, self.update, experience)
+        stats = {k: float(v) for k, v in {**stats, **update_stats}.items()}  # one device sync for all
+        self.kl_controller.update(stats["kl"], self.config.rollout_batch_size)
+        self.step_count += 1
+        tokens = int(rollout.attention_mask.sum())
+        step_time = sum(v for k, v in phases.items() if k.startswith("time_"))
+        peaks = [v for k, v in phases.items() if k.startswith("peak_memory_")]
+        return {
+            "step": self.step_count, **stats,
+            "kl_coef": self.kl_controller.value, "lr": self.optimizer.lr, "skipped_steps": self.optimizer.skipped,
+            "tokens": tokens, "tokens_per_s": tokens / step_time, **phases,
+            "peak_memory_gb": max(peaks) if peaks else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        }
+
+    # ------------------------------------------------------------------ 1. rollout
+    def rollout(self) -> Rollout:
+        cfg = self.config
+        prompts = self.prompt_source(cfg.rollout_batch_size)
+        rows = [encode(self.tokenizer, p)[-cfg.max_prompt_length:] for p in prompts]
+        prompt_ids, prompt_mask = left_pad(rows, self.pad_token_id, self.device)
+        try:
+            response, mask = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                    generator=self.sample_generator)
+        except FloatingPointError as err:
+            raise TrainingDiverged(f"step {self.step_count + 1}: {err}; the policy has diverged (lower lr?). "
+                                   f"The newest checkpoint in {cfg.out!r} is from before it") from None
+        return Rollout.from_sampling(prompts, prompt_ids, prompt_mask, response, mask)
+
+    # ------------------------------------------------------------------ 2. experience
+    @torch.no_grad()
+    def make_experience(self, rollout: Rollout):
+        """Experience for the update, and its statistics (tensors)."""
+        cfg, ops = self.config, self.ops
+        seqs, attn, labels, mask = rollout.sequences, rollout.attention_mask, rollout.labels, rollout.mask
+        micro = cfg.micro_batch_size
+        old_logp, entropy, values = rows_in_chunks(lambda s, a, lab: self.policy_outputs(s, a, lab, True),
+                                                   micro, seqs, attn, labels)
+        with self.frozen_models_on_device():
+            ref_logp = rows_in_chunks(self.reference_logprobs, micro, seqs, attn, labels)
+            scores = self.score(rollout)
+        rewards = ops.compute_rewards(scores, old_logp, ref_logp, mask, kl_coef=self.kl_controller.value,
+                                      estimator=cfg.kl_estimator)
+        advantages, returns = ops.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        stats = experience_stats(scores, old_logp, ref_logp, entropy, values, advantages, returns, mask,
+                                 rollout.prompt_mask, ops)
+        if cfg.whiten_advantages:
+            advantages = ops.masked_whiten(advantages, mask)
+        return Experience(seqs, attn, labels, old_logp, ref_logp, values, advantages, returns), stats
+
+    def policy_outputs(self, sequences, attention_mask, labels, return_entropy=False):
+        """(log-probs, entropy or None, values) [B, R]; a shared critic reuses the policy's hidden states."""
+        prompt_length = sequences.shape[1] - labels.shape[1]
+        hidden = models.response_hidden(self.policy, sequences, attention_mask, prompt_length, self.packed)
+        out = self.head_logprobs(self.policy, hidden, labels, return_entropy)
+        logp, entropy = out if return_entropy else (out, None)
+        if self.config.critic == "shared":
+            values = self.critic.values_from_hidden(hidden)
+        else:
+            values = self.critic(sequences, attention_mask, prompt_length, self.packed)
+        return logp, entropy, values
+
+    def reference_logprobs(self, sequences, attention_mask, labels):
+        """Log-probs under the frozen reference (with LoRA: the policy with adapters disabled)."""
+        prompt_length = sequences.shape[1] - labels.shape[1]
+        lora = self.peft_policy is not None
+        model = self.policy if lora else self.reference
+        with self.peft_policy.disable_adapter() if lora else contextlib.nullcontext():
+            hidden = models.response_hidden(model, sequences, attention_mask, prompt_length, self.packed)
+        return self.head_logprobs(model, hidden, labels)
+
+    def head_logprobs(self, model, hidden, labels, return_entropy=False):
+        """Log-probs of labels [B, R] (and entropy) from hidden states [B, R, H] and lm_head.weight."""
+        head = model.get_output_embeddings()
+        return self.ops.fused_linear_logprobs(hidden, head.weight, labels, bias=head.bias,
+                                              temperature=self.config.temperature, return_entropy=return_entropy)
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> torch.Tensor:
+        """Sequence scores [B] from the reward model or function, with the no-EOS penalty."""
+        cfg = self.config
+        response, mask = rollout.response, rollout.mask
+        ended = (response == self.tokenizer.eos_token_id).any(-1)
+        if self.reward_model is not None:
+            scores = rows_in_chunks(lambda s, a: models.reward_model_scores(self.reward_model, s, a, self.packed),
+                                    cfg.micro_batch_size, rollout.sequences, rollout.attention_mask)
+        else:
+            lengths = (mask.sum(-1) - ended.long()).tolist()  # response tokens before EOS
+            texts = self.tokenizer.batch_decode([row[:n] for row, n in zip(response.tolist(), lengths)],
+                                                skip_special_tokens=True)
+            scores = torch.as_tensor(self.reward_fn(rollout.prompts, texts), dtype=torch.float32).to(self.device)
+            if scores.shape != (len(rollout.prompts),) or not bool(torch.isfinite(scores).all()):
+                raise ValueError(f"reward_fn: expected {len(rollout.prompts)} finite scores, got shape "
+                                 f"{tuple(scores.shape)} with values {scores.tolist()[:8]}...")
+        if cfg.missing_eos_penalty is not None:
+            scores = scores + cfg.missing_eos_penalty * (~ended).float()
+        return scores
+
+    # ------------------------------------------------------------------ 3. update
+    def update(self, experience: Experience) -> dict:
+        """ppo_epochs x minibatches, each an optimiser step over accumulated micro-batches."""
+        cfg = self.config
+        self.policy.train(), self.critic.train()  # dropout is off: only gradient checkpointing reads this
+        totals, n_steps = defaultdict(float), 0
+        try:
+            for _ in range(cfg.ppo_epochs):
+                for rows in torch.randperm(len(experience.labels), generator=self.data_generator).split(
+                        cfg.mini_batch_size):
+                    for key, value in self.minibatch_step(experience.select(rows.to(self.device))).items():
+                        totals[key] = totals[key] + value
+                    n_steps += 1
+        finally:
+            self.policy.eval(), self.critic.eval()
+        return {key: value / n_steps for key, value in totals.items()}
+
+    def minibatch_step(self, mini: Experience) -> dict:
+        """Accumulate the micro-batches' gradients, then one optimiser step; the minibatch's stats."""
+        token_counts = mini.mask.sum(-1)
+        num_tokens = max(int(token_counts.sum()), 1)
+        num_seqs = max(int((token_counts > 0).sum()), 1)
+        stats, loss_sum = defaultdict(float), 0.0
+        for start in range(0, len(mini.labels), self.config.micro_batch_size):
+            micro = mini.select(slice(start, start + self.config.micro_batch_size))
+            loss, micro_stats = self.micro_batch_loss(micro, num_tokens, num_seqs)
+            loss.backward()
+            loss_sum = loss_sum + loss.detach()
+            share = micro.mask.sum() / num_tokens
+            for key, value in micro_stats.items():  # losses are shares already; token-mean stats are not
+                stats[key] = stats[key] + (value if key.endswith("loss") else value * share)
+        skipped_before = self.optimizer.skipped
+        stats["grad_norm"], stats["critic_grad_norm"] = self.optimizer.step(loss_sum)
+        self._count_skips(self.optimizer.skipped > skipped_before)
+        return stats
+
+    def micro_batch_loss(self, batch: Experience, num_tokens: float, num_seqs: float):
+        """Loss of a micro-batch as its share of the minibatch mean, and its statistics."""
+        cfg, ops = self.config, self.ops
+        agg = dict(agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        logp, entropy, values = self.policy_outputs(batch.sequences, batch.attention_mask, batch.labels,
+                                                    return_entropy=cfg.entropy_coef > 0)
+        policy_loss, stats = ops.ppo_policy_loss(logp, batch.old_logp, batch.advantages, batch.mask,
+                                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                                 dual_clip=cfg.dual_clip, **agg)
+        loss = policy_loss
+        if entropy is not None:
+            loss = loss - cfg.entropy_coef * ops.agg_loss(entropy, batch.mask, **agg)
+        if cfg.kl_loss_coef > 0:
+            kl = ops.kl_penalty(logp, batch.ref_logp, estimator=cfg.kl_loss_estimator)
+            loss = loss + cfg.kl_loss_coef * ops.agg_loss(kl, batch.mask, **agg)
+        value_loss, value_clipfrac = ops.value_loss(values, batch.old_values, batch.returns, batch.mask,
+                                                    clip=cfg.value_clip, **agg)
+        loss = loss + cfg.vf_coef * value_loss
+        stats = {**stats, "policy_loss": policy_loss, "value_loss": value_loss, "value_clipfrac": value_clipfrac}
+        return loss, {k: v.detach() for k, v in stats.items()}
+
+    def _count_skips(self, skipped: bool) -> None:
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        limit = self.config.max_consecutive_skips
+        if limit and self.consecutive_skips >= limit:
+            raise TrainingDiverged(f"step {self.step_count + 1}: {limit} optimiser steps in a row had a non-finite "
+                                   f"loss or gradient and were skipped; the run has diverged (lower lr?). The newest "
+                                   f"checkpoint in {self.config.out!r} is from before it")
+
+    # ------------------------------------------------------------------ state and checkpoints
+    def state_dict(self) -> dict:
+        """Everything a run needs to continue exactly: fp32 masters, optimiser, KL, RNG, prompt order."""
+        return {
+            "policy": dict(self.optimizer.named_masters(0)), "critic": dict(self.optimizer.named_masters(1)),
+            "trainer": {"step": self.step_count, "kl_coef": self.kl_controller.value,
+                        "optimizer": self.optimizer.state_dict(), "rng": self._rng_state(),
+                        "prompt_order": getattr(self.prompt_source, "order", None)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for group, name in enumerate(("policy", "critic")):
+            masters = dict(self.optimizer.named_masters(group))
+            if set(masters) != set(state[name]):
+                missing, extra = sorted(set(masters) - set(state[name])), sorted(set(state[name]) - set(masters))
+                raise ConfigError(f"the {name} checkpoint does not match the model (did a setting change the "
+                                  f"model?): missing {missing[:5]}, unexpected {extra[:5]}")
+            with torch.no_grad():
+                for key, master in masters.items():
+                    master.copy_(state[name][key])
+        self.optimizer.copy_masters_to_params()
+        rest = state["trainer"]
+        self.optimizer.load_state_dict(rest["optimizer"])
+        self.kl_controller.value = rest["kl_coef"]
+        self.step_count = rest["step"]
+        self._set_rng_state(rest["rng"])
+        if rest["prompt_order"] is not None:
+            self.prompt_source.order = list(rest["prompt_order"])
+
+    def save(self) -> str:
+        return save_checkpoint(self.state_dict(), self.config.out, self.step_count, self.config.keep_checkpoints)
+
+    def resume_from_latest(self) -> bool:
+        """Restore the newest checkpoint of config.out that loads; False if there is none."""
+        path, state = load_newest(self.config.out)
+        if path is None:
+            print(f"ppo_fast: no checkpoint in {self.config.out}, starting from step 0")
+            return False
+        self.load_state_dict(state)
+        return True
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.optimizer.skipped
+
+    # ------------------------------------------------------------------ set-up details
+    def _start_or_resume(self, folder: RunFolder, resume: bool) -> list[dict]:
+        """Restore the newest checkpoint (resume) or start afresh; returns the metrics kept."""
+        if not resume and list_checkpoints(self.config.out):
+            raise ConfigError(f"out: {self.config.out!r} holds checkpoints of an earlier run; resume it (--resume) "
+                              f"or choose another folder")
+        step = self.step_count if resume and self.resume_from_latest() else 0
+        self.config.save(folder.config_path)  # after a resume has loaded: a failed one leaves the old config
+        return folder.keep_metrics_through(step)
+
+    def _load_models(self, policy, tokenizer, reward_fn, reward_model, prompts) -> None:
+        cfg = self.config
+        if policy is None and cfg.policy is None:  # the embedded default
+            from transformers import AutoModelForCausalLM
+
+            self.tokenizer = tasks.DigitTokenizer()
+            attn = "flash_attention_2" if models.flash_attn_available(self.device) else "sdpa"
+            policy = AutoModelForCausalLM.from_config(tasks.tiny_policy_config(self.tokenizer), dtype=self.dtype,
+                                                      attn_implementation=attn)
+            reward_fn = tasks.count_reward
+            self.prompt_source = lambda n: tasks.count_prompts(n, self.data_generator)
+        else:
+            if policy is None:
+                policy = models.load_model(_given(cfg.policy, "policy"), "causal-lm", self.dtype, self.device)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(_given(cfg.tokenizer or cfg.policy, "tokenizer"),
+                                                          local_files_only=True)
+            self.tokenizer = tokenizer
+            if reward_model is None and reward_fn is None:
+                if cfg.reward_model:
+                    reward_model = models.load_model(cfg.reward_model, "reward", self.dtype, self.device)
+                else:
+                    reward_fn = load_function(_given(cfg.reward_fn, "reward_fn"))
+            self.prompt_source = PromptCycle(prompts if prompts is not None else read_prompts(_given(cfg.prompts,
+                                                                                                     "prompts")),
+                                             self.data_generator)
+        models.check_plain_lm_head(policy)
+        self.policy = models.disable_dropout(policy).to(self.device).eval()  # old and new log-probs agree
+        self.reward_model = None if reward_model is None else reward_model.to(self.device).eval().requires_grad_(False)
+        self.reward_fn = reward_fn
+        self.pad_token_id = pick_pad_token_id(self.tokenizer)
+        critic_source = self.reward_model if cfg.critic == "reward" or (cfg.critic == "auto" and self.reward_model) \
+            else self.policy
+        self.critic = models.ValueModel.from_model(critic_source, share=cfg.critic == "shared").to(self.device)
+        self._apply_memory_savers()
+
+    def _apply_memory_savers(self) -> None:
+        """The reference (a frozen copy, or with LoRA the policy with adapters disabled),
+        gradient checkpointing, offloading of the frozen models."""
+        cfg = self.config
+        self.peft_policy = None
+        if cfg.lora_rank:
+            self.peft_policy = models.add_lora(self.policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+            self.policy, self.reference = self.peft_policy.get_base_model(), None
+        else:
+            self.reference = models.frozen_copy(self.policy)
+        if cfg.gradient_checkpointing:
+            models.enable_gradient_checkpointing(self.policy)
+            if cfg.critic != "shared":
+                models.enable_gradient_checkpointing(self.critic.body)
+        self.offloaded = [m for m in (self.reference, self.reward_model) if m is not None and cfg.offload]
+        for model in self.offloaded:
+            model.to("cpu")
+
+    @contextlib.contextmanager
+    def frozen_models_on_device(self):
+        """With `offload`, the reference and reward model visit the device for the block."""
+        for model in self.offloaded:
+            model.to(self.device, non_blocking=True)
+        try:
+            yield
+        finally:
+            for model in self.offloaded:
+                model.to("cpu")
+
+    def named_trainable(self, which: str) -> list:
+        """(name, parameter) pairs the optimiser updates, of the "policy" or the "critic"."""
+        module = self.policy if which == "policy" else self.critic.head if self.config.critic == "shared" else self.critic
+        return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+    def _timed(self, phase: str, into: dict, fn, *args):
+        """fn(*args), recording time_<phase> (s) and on CUDA peak_memory_<phase>_gb (allocated)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        out = fn(*args)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            into[f"peak_memory_{phase}_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        into[f"time_{phase}"] = time.perf_counter() - start
+        return out
+
+    def _rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "sample": self.sample_generator.get_state(), "data": self.data_generator.get_state(),
+                "python": random.getstate(), "numpy": np.random.get_state()}
+
+    def _set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        self.sample_generator.set_state(state["sample"])
+        self.data_generator.set_state(state["data"])
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+
+
+# ----------------------------------------------------------------------------- helpers
+def padding_free(setting: str, device: torch.device) -> bool:
+    """Whether the no-cache forwards pack sequences: "auto" where flash-attn's varlen kernel runs."""
+    if setting == "off":
+        return False
+    if not models.packing_supported():
+        if setting == "on":
+            raise ConfigError("padding_free=on: this transformers cannot read packed sequences from position ids; "
+                              "upgrade it (>= 5) or set padding_free=off")
+        return False
+    return setting == "on" or models.flash_attn_available(device)
+
+
+def pick_pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad token if it is not EOS, else its unk token; sampling pads finished
+    rows with it and masks carry the real extent, but EOS must stay recognisable."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("tokenizer: has no eos_token_id; generation needs one to stop")
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "unk_token_id", None)):
+        if candidate is not None and candidate != eos:
+            return candidate
+    raise ConfigError("tokenizer: no pad token distinct from EOS (pad and unk are None or EOS); "
+                      "add one, e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}), and resize the embeddings")
+
+
+def _given(value, key: str):
+    if value is None:
+        raise ConfigError(f"{key}: not passed to PPOTrainer and not set in the config")
+    return value

@@ -1,0 +1,71 @@
+"""The benchmark runners' records, tables and plots have the documented structure, and their
+figures follow from the timings they report (no timing assertions: speed lives in benchmarks/)."""
+import json
+import os
+
+import pytest
+
+from ppo_fast.bench import ops, records
+
+
+def test_op_record_table_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPO_FAST_BACKEND", "auto")
+    record = ops.run("cpu", ops=["gae", "kl"], quick=True)
+    assert {"kind", "device", "torch", "triton", "commit", "copy_gbps", "matmul_tflops", "results"} <= set(record)
+    assert record["kind"] == "ops" and record["copy_gbps"] > 0 and record["matmul_tflops"] > 0
+    rows = record["results"]
+    assert {(r["op"], r["fn"], r["mode"]) for r in rows} == {
+        ("gae", "gae", "fwd"), ("kl", "kl_penalty", "fwd"), ("kl", "kl_penalty", "fwd+bwd"),
+        ("kl", "compute_rewards", "fwd")}
+    assert {r["impl"] for r in rows if r["fn"] == "gae"} == {"torch", "ppo_fast-cpp", "ppo_fast-triton"} - (
+        set() if os.environ.get("TRITON_INTERPRET") == "1" else {"ppo_fast-triton"})
+    for r in rows:
+        assert {"op", "fn", "impl", "mode", "dtype", "shape", "ms", "peak_mem_mb", "gbps", "tflops"} <= set(r)
+        assert r["ms"] > 0
+    # The rates, recomputed here from the documented byte counts (B=16, T=512 on CPU --quick):
+    # gae reads rewards, values (4 B each), a bool mask (1) and writes advantages, returns (4 each).
+    for r in rows:
+        per_token = {"gae": 17, "compute_rewards": 13}.get(r["fn"], 12 if r["mode"] == "fwd" else 20)
+        assert r["shape"] == {"B": 16, "T": 512}
+        assert r["gbps"] == pytest.approx(per_token * 16 * 512 / (r["ms"] / 1e3) / 1e9, rel=1e-3, abs=1e-3)
+        assert r["tflops"] is None
+
+    path = records.save(record, str(tmp_path))
+    assert os.path.basename(path).startswith("cpu-") and path.endswith("-quick.json")
+    with open(path) as f:
+        assert json.load(f) == record
+    table = open(path.replace(".json", ".md")).read()
+    gae_torch = next(r for r in rows if r["fn"] == "gae" and r["impl"] == "torch")
+    assert f"| gae | fwd | float32 | B=16 T=512 | torch | {gae_torch['ms']:.3f} | 1.00x |" in table
+    pct = 100 * gae_torch["gbps"] / record["copy_gbps"]
+    assert f"{gae_torch['gbps']:.1f} GB/s | {pct:.1f}% |" in table
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
+        os.path.basename(path).replace(".json", f"-{fn}.png") for fn in ("gae", "kl_penalty", "compute_rewards"))
+
+
+def test_torch_compile_gets_one_compiled_function_per_case(monkeypatch):
+    """One torch.compile object per case, so no case is past dynamo's recompile limit."""
+    from ppo_fast.bench import cases
+
+    compiled = []
+    monkeypatch.setattr(cases.torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    monkeypatch.setattr(cases, "token_shapes", lambda device, quick: [(2, 3), (4, 5), (6, 7)])
+    n_cases = len(cases.token_cases("policy_loss", cases.torch.device("cuda"), quick=True))
+    assert n_cases == 6 and len(compiled) == 6
+
+
+def test_e2e_record_and_table(tmp_path):
+    pytest.importorskip("transformers")
+    from ppo_fast.bench import e2e
+    from ppo_fast.ppo import PPOConfig
+
+    config = PPOConfig(device="cpu", rollout_batch_size=8, mini_batch_size=8, micro_batch_size=4, ppo_epochs=1)
+    record = e2e.run(config, steps=1, warmup=0)
+    assert record["kind"] == "e2e" and [r["ops"] for r in record["results"]] == ["reference", "fused"]
+    for r in record["results"]:
+        assert r["tokens"] > 0 and r["steps"] == 1
+        assert all(r[f"{phase}_tokens_per_s"] > 0 for phase in e2e.PHASES)
+    assert record["speedup"] == record["results"][1]["tokens_per_s"] / record["results"][0]["tokens_per_s"]
+    path = records.save(record, str(tmp_path))
+    assert os.path.basename(path).startswith("e2e-cpu-") and json.load(open(path)) == record
+    assert "| fused |" in open(path.replace(".json", ".md")).read()

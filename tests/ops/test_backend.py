@@ -1,0 +1,63 @@
+"""Backend choice: PPO_FAST_BACKEND, use_backend, auto, and clear errors when forced."""
+import pytest
+import torch
+from support import DEVICE
+
+import ppo_fast
+from ppo_fast.ops.backend import BackendError, available_backends, requested_backend, resolve_backend
+from ppo_fast.ops import logprobs_from_logits
+
+ALL = ("triton", "cuda", "cpp", "torch")
+
+
+def test_env_variable_and_context_manager(monkeypatch):
+    monkeypatch.setenv("PPO_FAST_BACKEND", "torch")
+    assert requested_backend() == "torch"
+    with ppo_fast.use_backend("triton"):
+        assert requested_backend() == "triton"
+        with ppo_fast.use_backend("auto"):
+            assert requested_backend() == "auto"
+        assert requested_backend() == "triton"
+    assert requested_backend() == "torch"
+    monkeypatch.delenv("PPO_FAST_BACKEND")
+    assert requested_backend() == "auto"
+
+
+def test_unknown_backend_names_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'numba'"):
+        with ppo_fast.use_backend("numba"):
+            pass
+    monkeypatch.setenv("PPO_FAST_BACKEND", "jax")
+    with pytest.raises(ValueError, match=r"PPO_FAST_BACKEND must be one of .*got 'jax'"):
+        requested_backend()
+
+
+def test_auto_picks_by_device():
+    with ppo_fast.use_backend("auto"):
+        if DEVICE.type == "cuda":
+            assert resolve_backend(DEVICE, "op", ALL) == "triton"
+        expected_cpu = "cpp" if "cpp" in available_backends("cpu") else "torch"
+        assert resolve_backend(torch.device("cpu"), "op", ALL) == expected_cpu
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    cpu = torch.device("cpu")
+    with ppo_fast.use_backend("cuda"), pytest.raises(BackendError, match="runs on CUDA tensors only"):
+        resolve_backend(cpu, "op", ALL)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ppo_fast.use_backend("triton"), pytest.raises(BackendError, match="TRITON_INTERPRET=1 for CPU"):
+        resolve_backend(cpu, "op", ALL)
+    with ppo_fast.use_backend("triton"), pytest.raises(BackendError, match="does not implement this op"):
+        resolve_backend(cpu, "op", {"torch": None})
+
+
+@pytest.mark.skipif("cpp" in available_backends("cpu"), reason="the C++ extension is built here")
+def test_forced_cpp_without_extension_raises():
+    with ppo_fast.use_backend("cpp"), pytest.raises(BackendError, match=r"ppo_fast._C was not built"):
+        resolve_backend(torch.device("cpu"), "op", ALL)
+
+
+def test_op_refuses_a_backend_it_lacks():
+    logits, labels = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    with ppo_fast.use_backend("cuda"), pytest.raises(BackendError, match=r"logprobs_from_logits: backend 'cuda'"):
+        logprobs_from_logits(logits, labels)

@@ -1,0 +1,168 @@
+"""Rules every op follows on every backend, checked against the reference (the spec):
+
+- NaN / inf at a valid position: every output and gradient equals the float64 reference's,
+  NaN where it has NaN;
+- NaN / inf at a masked position (mask = 0): never reaches a result or a gradient;
+- strided views and expanded (stride 0) tensors in any argument: the same results as the
+  contiguous tensors (the kernels index by flat offsets, so a layout assumption would show).
+"""
+import pytest
+import torch
+from support import DEVICE, assert_close_f64, backends_for, on_backend, ragged_mask, randn, strided
+
+from ppo_fast import ops
+from ppo_fast.ops import reference
+
+NAN, INF = float("nan"), float("inf")
+B, T, V, H = 3, 37, 131, 16
+
+
+def per_token(seed):
+    return randn(B, T, seed=seed, scale=0.5) - 1.0
+
+
+# op: (make inputs, call(fn, inputs) -> outputs, differentiable inputs, float inputs with a mask)
+CASES = {
+    "logprobs_from_logits": (
+        lambda: {"logits": randn(B, T, V, seed=1, scale=2.0), "labels": torch.randint(0, V, (B, T), device=DEVICE)},
+        lambda f, x: f(x["logits"], x["labels"], return_entropy=True), ["logits"], []),
+    "entropy_from_logits": (lambda: {"logits": randn(B, V, seed=2, scale=2.0)},
+                            lambda f, x: f(x["logits"]), ["logits"], []),
+    "fused_linear_logprobs": (
+        lambda: {"hidden": randn(B, T, H, seed=3), "weight": randn(V, H, seed=4, scale=0.3),
+                 "labels": torch.randint(0, V, (B, T), device=DEVICE)},
+        lambda f, x: f(x["hidden"], x["weight"], x["labels"], return_entropy=True), ["hidden", "weight"], []),
+    "ppo_policy_loss": (
+        lambda: {"log_prob": per_token(5), "old": per_token(6), "adv": randn(B, T, seed=7),
+                 "mask": ragged_mask(B, T, seed=8)},
+        lambda f, x: f(x["log_prob"], x["old"], x["adv"], x["mask"], dual_clip=3.0, agg="seq-mean-token-mean"),
+        ["log_prob"], ["log_prob", "old", "adv"]),
+    "value_loss": (
+        lambda: {"values": randn(B, T, seed=9), "old": randn(B, T, seed=10), "returns": randn(B, T, seed=11),
+                 "mask": ragged_mask(B, T, seed=12)},
+        lambda f, x: f(x["values"], x["old"], x["returns"], x["mask"]), ["values"], ["values", "old", "returns"]),
+    "kl_penalty": (lambda: {"log_prob": per_token(13), "ref": per_token(14)},
+                   lambda f, x: f(x["log_prob"], x["ref"], estimator="k3"), ["log_prob", "ref"], []),
+    "compute_rewards": (
+        lambda: {"scores": randn(B, seed=15), "log_prob": per_token(16), "ref": per_token(17),
+                 "mask": ragged_mask(B, T, seed=18)},
+        lambda f, x: f(x["scores"], x["log_prob"], x["ref"], x["mask"], kl_coef=0.1, estimator="k3"), [],
+        ["log_prob", "ref"]),
+    "gae": (lambda: {"rewards": randn(B, T, seed=19), "values": randn(B, T, seed=20), "mask": ragged_mask(B, T, seed=21)},
+            lambda f, x: f(x["rewards"], x["values"], x["mask"], gamma=0.99, lam=0.95), [], ["rewards", "values"]),
+    "agg_loss": (lambda: {"loss": randn(B, T, seed=22), "mask": ragged_mask(B, T, seed=23)},
+                 lambda f, x: f(x["loss"], x["mask"], "seq-mean-token-sum"), ["loss"], ["loss"]),
+    "masked_mean": (lambda: {"x": randn(B, T, seed=24), "mask": ragged_mask(B, T, seed=25)},
+                    lambda f, x: f(x["x"], x["mask"]), ["x"], ["x"]),
+    "masked_whiten": (lambda: {"x": randn(B, T, seed=26), "mask": ragged_mask(B, T, seed=27)},
+                      lambda f, x: f(x["x"], x["mask"]), [], ["x"]),
+    "group_advantages": (lambda: {"scores": randn(6, seed=28)}, lambda f, x: f(x["scores"], 3), [], []),
+}
+PAIRS = [(op, b) for op in CASES for b in backends_for(op)]
+
+
+def outputs_of(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in outputs_of(list(o.values()) if isinstance(o, dict) else o)]
+
+
+def evaluate(fn, call, inputs, grad_names, double=False):
+    """The outputs and the gradients (random upstream weights) of call(fn, inputs)."""
+    x = {k: (v.double() if double and v.is_floating_point() else v).detach().clone() for k, v in inputs.items()}
+    for name in grad_names:
+        x[name].requires_grad_()
+    outs = outputs_of(call(fn, x))
+    diff = [o for o in outs if o.requires_grad]
+    grads = []
+    if diff:
+        g = torch.Generator().manual_seed(0)
+        total = sum((o * torch.rand(o.shape, generator=g).to(o.device, o.dtype)).sum() for o in diff)
+        grads = list(torch.autograd.grad(total, [x[n] for n in grad_names]))
+    return [o.detach() for o in outs], grads
+
+
+def check_against_reference(op, inputs):
+    _, call, grad_names, _ = CASES[op]
+    outs, grads = evaluate(getattr(ops, op), call, inputs, grad_names)
+    outs64, grads64 = evaluate(getattr(reference, op), call, inputs, grad_names, double=True)
+    for i, (a, e) in enumerate(zip(outs + grads, outs64 + grads64)):
+        assert_close_f64(a, e, f"{op} output/grad {i}", magnitude=10.0, equal_nan=True)
+    return outs, grads
+
+
+def poke(x, row, col, value):
+    x = x.clone()
+    x[row, col] = value
+    return x
+
+
+def first_positions(mask, valid, n=2):
+    """The first n (row, col) positions where mask == valid."""
+    return [tuple(p) for p in (mask.bool() == valid).nonzero()[:n].tolist()]
+
+
+@pytest.mark.parametrize("op, backend", PAIRS)
+def test_nan_and_inf_at_valid_positions_follow_the_reference(op, backend):
+    make, _, _, with_mask = CASES[op]
+    inputs = make()
+    name = with_mask[0] if with_mask else next(k for k, v in inputs.items() if v.is_floating_point())
+    if with_mask:
+        (r0, c0), (r1, c1) = first_positions(inputs["mask"], True)
+        inputs[name] = poke(poke(inputs[name], r0, c0, NAN), r1, c1, INF)
+    else:
+        inputs[name] = inputs[name].clone()
+        inputs[name].view(-1)[1] = NAN
+        inputs[name].view(-1)[-1] = INF
+    with on_backend(backend):
+        outs, _ = check_against_reference(op, inputs)
+    assert any(torch.isnan(o).any() for o in outs), "a NaN input must reach an output"
+
+
+@pytest.mark.parametrize("op, backend", [(op, b) for op, b in PAIRS if CASES[op][3]])
+def test_nan_and_inf_at_masked_positions_never_leak(op, backend):
+    make, _, _, with_mask = CASES[op]
+    inputs = make()
+    (r0, c0), (r1, c1) = first_positions(inputs["mask"], False)
+    for name in with_mask:
+        inputs[name] = poke(poke(inputs[name], r0, c0, NAN), r1, c1, -INF)
+    with on_backend(backend):
+        outs, grads = check_against_reference(op, inputs)
+    valid = inputs["mask"].bool()
+    for t in outs + grads:
+        finite = torch.isfinite(t[valid] if t.shape == valid.shape else t)
+        assert finite.all(), f"{op}: a masked NaN leaked into a result or gradient"
+
+
+def relayout(x: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout: a stride-2 view, or an expanded (stride 0)
+    tensor when all values along the first dim are equal."""
+    if x.dim() >= 1 and x.shape[0] > 1 and bool((x == x[:1]).all()):
+        return x[:1].expand_as(x)
+    return strided(x) if x.dim() else x
+
+
+@pytest.mark.parametrize("op, backend", PAIRS)
+def test_strided_and_expanded_inputs_give_the_contiguous_results(op, backend):
+    make, call, grad_names, _ = CASES[op]
+    inputs = make()
+    if "labels" in inputs:  # one label everywhere: expanded with stride 0
+        inputs["labels"] = torch.full_like(inputs["labels"], 7)
+    views = {k: relayout(v) for k, v in inputs.items()}
+    assert any(not v.is_contiguous() for v in views.values())
+    with on_backend(backend):
+        outs, grads = evaluate(getattr(ops, op), call, inputs, grad_names)
+        outs_v, grads_v = evaluate(getattr(ops, op), call, views, grad_names)
+    for i, (a, e) in enumerate(zip(outs_v + grads_v, outs + grads)):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, equal_nan=True, msg=lambda m: f"{op} {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", backends_for("logprobs_from_logits"))
+def test_column_of_a_label_matrix(backend):
+    """A 1-D label view with stride 2 (a column of an [N, 2] tensor), on logits [N, V]."""
+    logits = randn(9, V, seed=30)
+    pairs = torch.randint(0, V, (9, 2), device=DEVICE)
+    with on_backend(backend):
+        got = ops.logprobs_from_logits(logits, pairs[:, 0])
+        want = ops.logprobs_from_logits(logits, pairs[:, 0].contiguous())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
