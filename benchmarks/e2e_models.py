@@ -1,8 +1,8 @@
 """Write a random, config-only policy and reward model (any size) plus prompts, for
-`ppo-fast bench --e2e` where no real checkpoint is at hand:
+`ppo-fast bench e2e` where no real checkpoint is at hand:
 
     python -m benchmarks.e2e_models /tmp/e2e --vocab 32000 --hidden 256 --layers 2
-    ppo-fast bench --e2e --config /tmp/e2e/run.yaml
+    ppo-fast bench e2e --config /tmp/e2e/run.yaml
 
 Weights are built at random when the run starts (only config.json is written), the
 tokenizer knows the digits only (prompts are digits; responses are scored as token ids by

@@ -4,11 +4,20 @@
 
 #include <torch/extension.h>
 
+#include <initializer_list>
+#include <utility>
+
 namespace ppo_fast {
 
-inline void check_f32_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2, name,
-              ": expected a contiguous float32 [B, T] tensor");
+// Each (tensor, name) is a contiguous float32 [B, T] tensor of the first one's shape; returns (B, T).
+inline std::pair<int64_t, int64_t> check_f32_rows(
+    std::initializer_list<std::pair<const at::Tensor&, const char*>> tensors) {
+  const at::Tensor& first = tensors.begin()->first;
+  for (const auto& [t, name] : tensors)
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 && t.sizes() == first.sizes(),
+                name, ": expected a contiguous float32 [B, T] tensor of shape ", first.sizes(), ", got ",
+                t.scalar_type(), " ", t.sizes());
+  return {first.size(0), first.size(1)};
 }
 
 inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }

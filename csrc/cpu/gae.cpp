@@ -9,10 +9,8 @@ namespace ppo_fast {
 
 std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,
                                                const at::Tensor& mask, double gamma, double lam) {
-  check_f32_rows(rewards, "rewards");
-  check_f32_rows(values, "values");
-  check_f32_rows(mask, "mask");
-  const int64_t B = rewards.size(0), T = rewards.size(1);
+  const auto shape = check_f32_rows({{rewards, "rewards"}, {values, "values"}, {mask, "mask"}});
+  const int64_t B = shape.first, T = shape.second;
   at::Tensor adv = at::empty_like(rewards), ret = at::empty_like(rewards);
   const float g = static_cast<float>(gamma), gl = static_cast<float>(gamma * lam);
   const float *r = rewards.data_ptr<float>(), *v = values.data_ptr<float>(), *m = mask.data_ptr<float>();

@@ -13,10 +13,9 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_forward(const at::Tensor& log_pro
                                                        const at::Tensor& advantages, const at::Tensor& mask,
                                                        double clip_low, double clip_high,
                                                        c10::optional<double> dual_clip, bool needs_grad) {
-  for (auto [t, n] : {std::pair{&log_prob, "log_prob"}, {&old_log_prob, "old_log_prob"}, {&advantages, "advantages"},
-                      {&mask, "mask"}})
-    check_f32_rows(*t, n);
-  const int64_t B = log_prob.size(0), T = log_prob.size(1);
+  const auto shape = check_f32_rows(
+      {{log_prob, "log_prob"}, {old_log_prob, "old_log_prob"}, {advantages, "advantages"}, {mask, "mask"}});
+  const int64_t B = shape.first, T = shape.second;
   at::Tensor stats = at::empty({B, kPolicyRowStats}, log_prob.options());
   at::Tensor dloss = needs_grad ? at::empty_like(log_prob) : at::Tensor();
   const float lo = 1.0f - static_cast<float>(clip_low), hi = 1.0f + static_cast<float>(clip_high);

@@ -13,10 +13,9 @@ namespace ppo_fast {
 std::tuple<at::Tensor, at::Tensor> value_loss_forward(const at::Tensor& values, const at::Tensor& old_values,
                                                       const at::Tensor& returns, const at::Tensor& mask,
                                                       double clip, bool needs_grad) {
-  for (auto [t, n] : {std::pair{&values, "values"}, {&old_values, "old_values"}, {&returns, "returns"},
-                      {&mask, "mask"}})
-    check_f32_rows(*t, n);
-  const int64_t B = values.size(0), T = values.size(1);
+  const auto shape =
+      check_f32_rows({{values, "values"}, {old_values, "old_values"}, {returns, "returns"}, {mask, "mask"}});
+  const int64_t B = shape.first, T = shape.second;
   at::Tensor stats = at::empty({B, kValueRowStats}, values.options());
   at::Tensor dloss = needs_grad ? at::empty_like(values) : at::Tensor();
   const float cl = static_cast<float>(clip);

@@ -1,8 +1,11 @@
 """The embedded default task, `count`: continue a run of digits.
 
 Prompt: 2-6 consecutive digits mod 10 ("7890"); the right response is the next COUNT_LENGTH
-digits and then EOS ("123456"). Score = (digits right at their position + 1 if the response
-stops right after them) / (COUNT_LENGTH + 1), in [0, 1].
+digits and then EOS ("123456"). Score = (digits right at their position - tokens past the
+COUNT_LENGTH-th + 1 if the response stops right after them) / (COUNT_LENGTH + 1), floored at 0:
+in [0, 1]. Running on past the answer costs as much as a wrong digit per token, so stopping is
+worth 1/7 plus the tokens it saves (with a stop bonus alone, worth one digit, a policy that
+has become sure of its digits never tries EOS at the right place and runs to max_new_tokens).
 
 Why this task: a random policy scores about 0.1, the rule ("next = previous + 1 mod 10") is one
 relation applied at every position, so every token carries signal and a ~0.1M-parameter model
@@ -29,10 +32,12 @@ class DigitTokenizer:
         return [int(c) + 2 for c in text]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Digits as text; EOS is dropped with skip_special_tokens. A pad token is always shown
+        ("_"): the trainer decodes only the tokens up to EOS, so a pad there was generated, and
+        hiding it would let a policy pad its way to a "stopped" response (it did)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        specials = {self.pad_token_id, self.eos_token_id}
-        return "".join(str(i - 2) if i >= 2 else "" if skip_special_tokens else "<pad>" if i == 0 else "<eos>"
-                       for i in ids if not (skip_special_tokens and i in specials))
+        names = {self.pad_token_id: "_", self.eos_token_id: "" if skip_special_tokens else "<eos>"}
+        return "".join(names.get(i, str(i - 2)) for i in ids)
 
     def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(row, skip_special_tokens) for row in rows]
@@ -56,7 +61,8 @@ def count_reward(prompts: list[str], responses: list[str]) -> list[float]:
     for prompt, response in zip(prompts, responses):
         target = count_target(prompt)
         right = sum(a == b for a, b in zip(response, target))
-        scores.append((right + (len(response) == COUNT_LENGTH)) / (COUNT_LENGTH + 1))
+        extra = max(len(response) - COUNT_LENGTH, 0)
+        scores.append(max(right - extra + (len(response) == COUNT_LENGTH), 0) / (COUNT_LENGTH + 1))
     return scores
 
 

@@ -61,3 +61,27 @@ def test_op_refuses_a_backend_it_lacks():
     logits, labels = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
     with ppo_fast.use_backend("cuda"), pytest.raises(BackendError, match=r"logprobs_from_logits: backend 'cuda'"):
         logprobs_from_logits(logits, labels)
+
+
+def test_readme_backends_column_is_each_ops_implementation_table():
+    """The README's ops table states, per op, the backends of its table: a backend dropped from
+    an op (or added without saying so) fails here, not silently in a skipped test."""
+    import os
+    import re
+
+    from ppo_fast.ops import IMPLEMENTATIONS
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    documented = {m.group(1): tuple(b.strip() for b in m.group(2).split(","))
+                  for m in re.finditer(r"^\| `(\w+)\(.*\| ([a-z, ]+) \|$", readme, re.M)}
+    assert documented == IMPLEMENTATIONS
+
+
+def test_importing_the_ops_loads_neither_the_loop_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, ppo_fast.ops; loaded = [m for m in ('transformers', 'ppo_fast.ppo', 'ppo_fast.bench') "
+            "if m in sys.modules]; print(loaded); sys.exit(1 if loaded else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -166,3 +166,15 @@ def test_column_of_a_label_matrix(backend):
         got = ops.logprobs_from_logits(logits, pairs[:, 0])
         want = ops.logprobs_from_logits(logits, pairs[:, 0].contiguous())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op, backend", [(op, b) for op, b in PAIRS if op in ("compute_rewards", "gae", "ppo_policy_loss",
+                                                                             "value_loss", "agg_loss", "masked_whiten")])
+def test_zero_length_sequences_give_empty_or_zero_results(op, backend):
+    """T = 0: empty per-token results and losses of 0 (nothing is valid), never an IndexError."""
+    make, call, grad_names, _ = CASES[op]
+    inputs = {k: (v[:, :0] if v.dim() == 2 else v) for k, v in make().items()}
+    with on_backend(backend):
+        outs, grads = evaluate(getattr(ops, op), call, inputs, grad_names)
+    for t in outs + grads:
+        assert t.numel() == 0 or (t.dim() == 0 and t.item() == 0)

@@ -111,6 +111,21 @@ def test_masked_vocabulary_entries(backend):
     assert torch.all(grad[:, 100:200] == 0) and torch.isfinite(grad).all()
 
 
+def test_reference_gradient_with_banned_entries_is_exact():
+    """The spec itself: finite, zero at the banned entries, equal to the gradient over the allowed ones."""
+    logits, labels = make_inputs((3, 50), torch.float64, ignore_frac=0.0)
+    labels = labels % 25
+    full = logits.clone()
+    full[:, 25:] = float("-inf")
+    grads = []
+    for x in (full, logits[:, :25].clone()):
+        x.requires_grad_()
+        logp, entropy = reference.logprobs_from_logits(x, labels, return_entropy=True)
+        grads.append(torch.autograd.grad((0.7 * logp + 1.3 * entropy).sum(), x)[0])
+    assert torch.isfinite(grads[0]).all() and torch.all(grads[0][:, 25:] == 0)
+    torch.testing.assert_close(grads[0][:, :25], grads[1])
+
+
 def test_uniform_logits_closed_form(backend):
     """Independent of the reference: uniform logits give logp = -log V, entropy = log V."""
     V = 3001

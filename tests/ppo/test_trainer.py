@@ -41,7 +41,7 @@ def test_loop_runs_with_finite_metrics_and_writes_outputs(tmp_path):
 
 def test_default_task_reward_rises(tmp_path):
     """The embedded default run, shortened: a fixed seed, the default hyper-parameters."""
-    history = PPOTrainer(PPOConfig(out=str(tmp_path), device="cpu", progress=False, steps=100)).train()
+    history = PPOTrainer(PPOConfig(out=str(tmp_path), device=DEVICE.type, progress=False, steps=100)).train()
     rewards = [m["reward_mean"] for m in history]
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
     assert last > first + 0.15, f"reward {first:.3f} -> {last:.3f}"
@@ -65,8 +65,9 @@ def test_experience_matches_reference(trainer):
     assert_close_f64(exp.ref_logp, ref_logp, "ref_logp", magnitude=4)
     assert float(stats["entropy"]) == pytest.approx(float(reference.masked_mean(entropy, exp.mask)), rel=1e-5)
 
-    scores = torch.tensor(trainer.reward_fn(rollout.prompts, trainer.tokenizer.batch_decode(
-        [r[m & (r != trainer.tokenizer.eos_token_id)] for r, m in zip(exp.response, exp.mask)])), dtype=torch.float64)
+    texts = trainer.tokenizer.batch_decode(
+        [r[m & (r != trainer.tokenizer.eos_token_id)] for r, m in zip(exp.response, exp.mask)])
+    scores = torch.tensor(trainer.reward_fn(rollout.prompts, texts), dtype=torch.float64, device=DEVICE)
     assert float(stats["reward_mean"]) == pytest.approx(float(scores.mean()), rel=1e-6)
     rewards = reference.compute_rewards(scores, exp.old_logp.double(), exp.ref_logp.double(), exp.mask,
                                         kl_coef=trainer.config.kl_coef)
@@ -146,11 +147,11 @@ def test_sampling_with_cache_and_left_padding_matches_uncached_greedy(trainer):
     """top_k=1 is greedy: compare with argmax over full forwards of each prompt alone."""
     tok, model = trainer.tokenizer, trainer.policy
     rows = [tok.encode("12"), tok.encode("345678"), tok.encode("9012")]
-    ids, mask = left_pad(rows, tok.pad_token_id, "cpu")
+    ids, mask = left_pad(rows, tok.pad_token_id, DEVICE)
     response, response_mask = sample(model, ids, mask, max_new_tokens=5, eos_token_id=tok.eos_token_id,
                                      pad_token_id=tok.pad_token_id, top_k=1)
     for i, row in enumerate(rows):
-        seq = torch.tensor([row])
+        seq = torch.tensor([row], device=DEVICE)
         for t in range(response.shape[1]):
             if not response_mask[i, t]:
                 assert response[i, t] == tok.pad_token_id
@@ -164,7 +165,7 @@ def test_sampling_with_cache_and_left_padding_matches_uncached_greedy(trainer):
 def test_response_mask_stops_after_eos(trainer):
     torch.manual_seed(0)
     tok = trainer.tokenizer
-    ids, mask = left_pad([tok.encode("123")] * 64, tok.pad_token_id, "cpu")
+    ids, mask = left_pad([tok.encode("123")] * 64, tok.pad_token_id, DEVICE)
     response, response_mask = sample(trainer.policy, ids, mask, max_new_tokens=8, eos_token_id=tok.eos_token_id,
                                      pad_token_id=tok.pad_token_id)
     for row, m in zip(response.tolist(), response_mask.tolist()):
@@ -172,6 +173,19 @@ def test_response_mask_stops_after_eos(trainer):
         assert m == [True] * n + [False] * (len(m) - n)
         assert tok.eos_token_id not in row[:n - 1] and all(t == tok.pad_token_id for t in row[n:])
         assert n == len(m) or row[n - 1] == tok.eos_token_id or n == 8
+
+
+def test_count_task_scores_stopping_and_sees_generated_pads():
+    """Stopping right after six right digits scores 1; running on costs a digit per token; a pad
+    token the policy generated shows in the text as a wrong token (a policy once padded its way
+    to the stop bonus when pads vanished from the decoded text)."""
+    from ppo_fast.ppo.tasks import DigitTokenizer, count_reward
+
+    tok = DigitTokenizer()
+    digits = [tok.encode(d)[0] for d in "123456"]
+    texts = [tok.decode(ids) for ids in (digits + [tok.eos_token_id], digits + digits[:2], digits + [0, 0])]
+    assert texts[2] == "123456__"
+    assert count_reward(["0"] * 3, texts) == pytest.approx([1.0, 4 / 7, 4 / 7])
 
 
 def test_filter_logits_top_k_and_top_p():
@@ -251,6 +265,15 @@ def test_trainer_builds_from_a_config_only_directory(tmp_path, hf_dirs):
 # ----------------------------------------------------------------------------- bad configs
 @pytest.mark.parametrize("argv, message", [
     (["bogus_key=1"], "unknown config key(s) ['bogus_key']"),
+    (["lr=inf"], "lr: expected a finite number, got inf"),
+    (["max_grad_norm=inf"], "max_grad_norm: expected a finite number, got inf"),
+    (["temperature=inf"], "temperature: expected a finite number, got inf"),
+    (["--seed", "-1"], "seed: expected an integer in [0, 2**63), got -1"),
+    (["--seed", str(2**70)], "seed: expected an integer in [0, 2**63)"),
+    (["--out", ""], "out: expected a folder path, got ''"),
+    (["--out", "/dev/null/run"], "out: '/dev/null/run' would be under '/dev/null', which is a file"),
+    (["device=cuda:x"], "device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    (["device=cuda:99"], "device: 'cuda:99' asked for, but this machine has"),
     (["lr=fast"], "lr: expected float, got 'fast'"),
     (["steps=1.5"], "steps: expected int"),
     (["progress=maybe"], "progress: expected true or false"),
@@ -278,3 +301,12 @@ def test_bad_reward_fn_and_config_file(tmp_path, hf_dirs):
     (tmp_path / "c.yaml").write_text("lr: [1, 2]\n")
     with pytest.raises(ConfigError, match="lr: expected float"):
         PPOConfig.from_file(str(tmp_path / "c.yaml"))
+    (tmp_path / "broken.yaml").write_text("lr: [1, 2\nsteps: 3\n")
+    with pytest.raises(ConfigError, match="broken.yaml' is not valid YAML"):
+        PPOConfig.from_file(str(tmp_path / "broken.yaml"))
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ConfigError, match="device: 'cuda' asked for, but this machine has no CUDA device"):
+        PPOConfig(device="cuda").validate()
