@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 from support import DEVICE, assert_close_f64, tiny_config  # noqa: E402
 
 from ppo_fast.ops import reference  # noqa: E402
-from ppo_fast.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from ppo_fast.ppo import ConfigError, PPOConfig, PPOTrainer  # noqa: E402
 from ppo_fast.ppo.experience import Rollout  # noqa: E402
 from ppo_fast.ppo.models import ValueModel, position_ids  # noqa: E402
 from ppo_fast.ppo.rollout import filter_logits, left_pad, sample  # noqa: E402
