@@ -6,7 +6,12 @@ PIP := $(PYTHON) -m pip
 # Installed only where no torch is present; an existing (e.g. CUDA) torch is never replaced.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install native cuda-check test demo bench clean
+# The peers the adapter tests compare with (tests/integrations): their own code, installed without
+# their dependencies (never a second torch); omegaconf is the one light package the compared
+# modules need. A peer that cannot be installed makes its tests skip, saying so.
+PEERS ?= verl==0.9.1 trl==1.16.0 openrlhf==0.11.2 liger-kernel==0.8.5
+
+.PHONY: install native peers cuda-check test demo bench clean
 
 # Metadata-only editable install (fast), then the native extensions built in place: ninja
 # keeps its objects under build/, so a rebuild compiles only what changed. A failed native
@@ -32,7 +37,11 @@ cuda-check:
 		$(NVCC) -std=c++17 -gencode=arch=compute_90,code=sm_90 -Icsrc -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; \
 	done
 
-test: install
+peers:
+	@$(PIP) install -q --no-deps $(PEERS) && $(PIP) install -q "omegaconf>=2.3" \
+		|| echo "peers: not installed; tests/integrations will skip" >&2
+
+test: install peers
 	$(PYTHON) -m pytest tests
 
 demo: install

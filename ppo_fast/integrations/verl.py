@@ -1,0 +1,179 @@
+"""verl's signatures and return types, computed by ppo_fast.ops (verl 0.9: verl.trainer.ppo.core_algos,
+verl.utils.torch_functional, verl.utils.experimental.torch_functional).
+
+    from ppo_fast.integrations import verl as pf_verl
+    pf_verl.register()          # verl configs can then say actor.policy_loss.loss_mode: ppo_fast,
+                                # algorithm.adv_estimator: ppo_fast_grpo / ppo_fast_rloo
+
+Conventions that differ from verl's own code are listed in the README ("Drop-in for verl, ...").
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ppo_fast import ops
+from ppo_fast.integrations import unsupported
+
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+
+
+def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+             loss_scale_factor=None):
+    """verl's agg_loss: all five modes, with its global-batch / dp-size scaling (each rank's loss is
+    multiplied by dp_size, since DDP/FSDP average gradients over ranks)."""
+    return ops.agg_loss(loss_mat, loss_mask, **_agg_kwargs(loss_mask, loss_agg_mode, dp_size, batch_num_tokens,
+                                                           global_batch_size, loss_scale_factor))
+
+
+def _agg_kwargs(loss_mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None,
+                **_unused):
+    """verl's aggregation as ppo_fast's (agg, num_tokens, num_seqs): a denominator D over dp_size
+    is ppo_fast's num_tokens / num_seqs = D / dp_size."""
+    if mode not in AGG_MODES:
+        raise ValueError(f"loss_agg_mode: expected one of {AGG_MODES}, got {mode!r}")
+    if dp_size > 1 and batch_num_tokens is None and mode == "token-mean":
+        raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+    if dp_size > 1 and global_batch_size is None and mode.startswith("seq-mean"):
+        raise ValueError("global_batch_size is required when dp_size > 1")
+    if mode == "token-mean":
+        return {"agg": "token-mean", "num_tokens": None if batch_num_tokens is None else float(batch_num_tokens) / dp_size}
+    if mode == "token-sum":  # sum * dp_size = token-mean over 1 / dp_size "tokens"
+        return {"agg": "token-mean", "num_tokens": 1.0 / dp_size}
+    if mode == "seq-mean-token-mean":
+        return {"agg": "seq-mean-token-mean",
+                "num_seqs": None if global_batch_size is None else float(global_batch_size) / dp_size}
+    n_seqs = None if global_batch_size is None else float(global_batch_size) / dp_size
+    if mode == "seq-mean-token-sum-norm":  # further divided by loss_scale_factor (default: the horizon)
+        scale = loss_scale_factor if loss_scale_factor is not None else loss_mask.shape[-1]
+        if n_seqs is None:
+            n_seqs = float(max(int((loss_mask.sum(-1) > 0).sum()), 1))
+        n_seqs *= scale
+    return {"agg": "seq-mean-token-sum", "num_seqs": n_seqs}
+
+
+def _config_get(config, key, default=None):
+    if config is None:
+        return default
+    if isinstance(config, dict):
+        return config.get(key, default)
+    getter = getattr(config, "get", None)
+    return getter(key, default) if callable(getter) else getattr(config, key, default)
+
+
+def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                        rollout_is_weights=None):
+    """verl's `vanilla` policy loss (dual clip always on, clip_ratio_c default 3): (pg_loss, metrics)
+    with metrics actor/pg_clipfrac, actor/ppo_kl, actor/pg_clipfrac_lower as Python floats."""
+    if config is None:
+        raise ValueError("config: verl's policy loss needs the actor config (clip_ratio, clip_ratio_low/high/c)")
+    if rollout_is_weights is not None:
+        raise unsupported("verl", "rollout_is_weights (per-token importance weights)",
+                          "ppo_fast's policy loss has no per-token weight")
+    clip = _config_get(config, "clip_ratio", 0.2)
+    low = _config_get(config, "clip_ratio_low")
+    high = _config_get(config, "clip_ratio_high")
+    dual = _config_get(config, "clip_ratio_c", 3.0)
+    info = dict(_config_get(config, "global_batch_info", None) or {})
+    loss, stats = ops.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask,
+                                      clip_low=clip if low is None else low, clip_high=clip if high is None else high,
+                                      dual_clip=dual, **_agg_kwargs(response_mask, loss_agg_mode, **info))
+    values = torch.stack([stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]]).tolist()  # one sync
+    return loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
+
+
+compute_policy_loss_vanilla = compute_policy_loss
+
+
+def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean", dp_size=1,
+                       batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+    """verl's clipped value loss: (vf_loss, vf_clipfrac tensor)."""
+    return ops.value_loss(vpreds, values, returns, response_mask, clip=cliprange_value,
+                          **_agg_kwargs(response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+                                        loss_scale_factor))
+
+
+def kl_penalty(logprob, ref_logprob, kl_penalty):
+    """verl's estimators by name: kl/k1, abs, mse/k2, low_var_kl/k3, each optionally with '+'."""
+    if kl_penalty.rstrip("+") == "full":
+        raise unsupported("verl", "kl_penalty='full'", "it needs the full distributions, not token log-probs")
+    return ops.kl_penalty(logprob, ref_logprob, estimator=kl_penalty)
+
+
+def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):
+    """verl's GAE: (whitened advantages, returns = unwhitened advantages + values)."""
+    advantages, _ = ops.gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam))
+    returns = advantages + values  # verl adds the raw values at every position, masked ones included
+    return ops.masked_whiten(advantages, response_mask), returns
+
+
+def _grouped_outcome_advantage(token_level_rewards, response_mask, index, mode):
+    """verl's outcome advantages for samples grouped by `index` (one id per sample): the groups are
+    gathered, given ppo_fast's group_advantages, and put back in the samples' order."""
+    ids = np.asarray(index)
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    if len(set(counts.tolist())) != 1:
+        raise unsupported("verl", f"groups of different sizes {sorted(set(counts.tolist()))}",
+                          "group_advantages takes groups of one size")
+    if counts[0] < 2:
+        raise unsupported("verl", "groups of one sample", "verl gives them score / (1 + epsilon), ppo_fast 0")
+    order = torch.as_tensor(np.argsort(inverse, kind="stable"), device=token_level_rewards.device)
+    scores = token_level_rewards.sum(-1)
+    grouped = ops.group_advantages(scores[order], int(counts[0]), mode=mode)
+    advantages = torch.empty_like(grouped).index_copy_(0, order, grouped)
+    advantages = advantages.unsqueeze(-1) * response_mask
+    return advantages, advantages
+
+
+def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                   norm_adv_by_std_in_grpo=True, config=None):
+    if epsilon != 1e-6:
+        raise unsupported("verl", f"epsilon={epsilon}", "ppo_fast's GRPO divides by std + 1e-6")
+    return _grouped_outcome_advantage(token_level_rewards, response_mask, index,
+                                      "grpo" if norm_adv_by_std_in_grpo else "none")
+
+
+def compute_rloo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6, config=None):
+    return _grouped_outcome_advantage(token_level_rewards, response_mask, index, "rloo")
+
+
+def logprobs_from_logits(logits, labels, inplace_backward=True):
+    """verl.utils.torch_functional.logprobs_from_logits (the gradient is never written in place)."""
+    return ops.logprobs_from_logits(logits, labels)
+
+
+def entropy_from_logits(logits):
+    return ops.entropy_from_logits(logits)
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """verl.utils.experimental.torch_functional.FusedLinearForPPO: (log_probs, entropy) of
+    input_ids from hidden states and the LM head, never holding the logits."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
+        return ops.fused_linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
+                                         temperature=temperature, return_entropy=True, chunk_size=self.chunk_size)
+
+
+def register() -> None:
+    """Make ppo_fast's implementations nameable in verl configs: the policy loss "ppo_fast" and the
+    advantage estimators "ppo_fast_grpo", "ppo_fast_rloo" (verl must be importable; its GAE has a
+    path of its own, with the values, so use compute_gae_advantage_return directly)."""
+    from verl.trainer.ppo import core_algos
+
+    core_algos.POLICY_LOSS_REGISTRY.setdefault("ppo_fast", compute_policy_loss)
+    core_algos.ADV_ESTIMATOR_REGISTRY.setdefault("ppo_fast_grpo", _registered_grpo)
+    core_algos.ADV_ESTIMATOR_REGISTRY.setdefault("ppo_fast_rloo", _registered_rloo)
+
+
+def _registered_grpo(token_level_rewards, response_mask, index, config=None, **_unused):
+    norm = _config_get(config, "norm_adv_by_std_in_grpo", True)
+    return compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, norm_adv_by_std_in_grpo=norm)
+
+
+def _registered_rloo(token_level_rewards, response_mask, index, config=None, **_unused):
+    return compute_rloo_outcome_advantage(token_level_rewards, response_mask, index)

@@ -1,0 +1,101 @@
+"""ppo_fast.integrations.openrlhf against OpenRLHF's own PolicyLoss, ValueLoss, compute_approx_kl,
+masked_mean and GAE (loaded by tests/peers.py): values, gradients and statistics."""
+import pytest
+import torch
+from peers import openrlhf_experience_maker, openrlhf_models
+from support import DEVICE, assert_close_f64, ragged_mask, randn
+
+from ppo_fast.integrations import UnsupportedOption
+from ppo_fast.integrations import openrlhf as pf
+
+loss_module, utils = openrlhf_models()
+OP = "ppo_policy_loss"
+SHAPE = (5, 29)
+
+
+def right_padded(B, T, seed):
+    """OpenRLHF's action masks: a response, then padding."""
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(seed))
+    return (torch.arange(T)[None] < lengths[:, None]).to(DEVICE)
+
+
+def with_grad(fn, x):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x)
+    loss = out[0] if isinstance(out, tuple) else out
+    return out, torch.autograd.grad(loss.sum() * 1.3, x)[0]
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("counts", [{}, {"dp_size": 2, "batch_num_tokens": 200.0, "global_batch_size": 8.0}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_loss_matches_openrlhf(backend, dual_clip, token_level_loss, counts, dtype):
+    old = (randn(*SHAPE, seed=1, scale=0.5) - 2).to(dtype)
+    log_prob = (old.float() + randn(*SHAPE, seed=2, scale=0.4)).to(dtype)
+    adv, mask = randn(*SHAPE, seed=3).to(dtype), ragged_mask(*SHAPE, seed=4)
+    ours = pf.PolicyLoss(0.2, 0.28, dual_clip, token_level_loss)
+    theirs = loss_module.PolicyLoss(0.2, 0.28, dual_clip, token_level_loss)
+    out, grad = with_grad(lambda lp: ours(lp, old, adv, mask, **counts), log_prob)
+    want, want_grad = with_grad(lambda lp: theirs(lp, old.double(), adv.double(), mask.double(), **counts),
+                                log_prob.double())  # OpenRLHF's math on the same values, in float64
+    for name, a, b in zip(("loss", "clip_ratio", "ppo_kl"), out[:3], want[:3]):
+        assert_close_f64(a, b, name)
+    assert_close_f64(grad, want_grad, "grad")
+    assert out[3] is None and out[4] is None
+
+
+def test_policy_loss_refuses_what_it_lacks():
+    with pytest.raises(UnsupportedOption, match="gspo"):
+        pf.PolicyLoss(policy_loss_type="gspo")
+    with pytest.raises(UnsupportedOption, match="is_correction_level"):
+        pf.PolicyLoss(is_correction_level="token")
+
+
+@pytest.mark.op("value_loss")
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_value_loss_matches_openrlhf(backend, clip_eps, token_level_loss):
+    values, old, returns = randn(*SHAPE, seed=5), randn(*SHAPE, seed=6), randn(*SHAPE, seed=7)
+    mask = ragged_mask(*SHAPE, seed=8)
+    out, grad = with_grad(lambda v: pf.ValueLoss(clip_eps, token_level_loss)(v, old, returns, mask), values)
+    want, want_grad = with_grad(lambda v: loss_module.ValueLoss(clip_eps, token_level_loss)(
+        v, old.double(), returns.double(), mask.double()), values.double())
+    assert_close_f64(out, want, "loss")
+    assert_close_f64(grad, want_grad, "grad")
+
+
+@pytest.mark.op("kl_penalty")
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("unbiased_gradient", [False, True])
+def test_compute_approx_kl_matches_openrlhf(backend, estimator, unbiased_gradient):
+    log_prob, base = randn(*SHAPE, seed=9, scale=6.0), randn(*SHAPE, seed=10, scale=6.0)  # past the ±10 clamp
+    out, grad = with_grad(lambda lp: pf.compute_approx_kl(lp, base, kl_estimator=estimator,
+                                                          unbiased_gradient=unbiased_gradient), log_prob)
+    want, want_grad = with_grad(lambda lp: utils.compute_approx_kl(lp, base.double(), kl_estimator=estimator,
+                                                                   unbiased_gradient=unbiased_gradient),
+                                log_prob.double())
+    assert_close_f64(out, want.float().double(), estimator, magnitude=10)
+    assert_close_f64(grad, want_grad.float().double(), estimator + " grad", magnitude=10)
+
+
+@pytest.mark.op("masked_mean")
+def test_masked_mean_matches_openrlhf(backend):
+    x, mask = randn(*SHAPE, seed=11), ragged_mask(*SHAPE, seed=12)
+    assert_close_f64(pf.masked_mean(x, mask), utils.masked_mean(x.double(), mask.double()), "masked_mean")
+    with pytest.raises(UnsupportedOption, match="dim=-1"):
+        pf.masked_mean(x, mask, dim=-1)
+
+
+@pytest.mark.op("gae")
+@pytest.mark.parametrize("gamma, lambd", [(1.0, 0.95), (0.99, 1.0)])
+def test_gae_matches_openrlhf(backend, gamma, lambd):
+    maker = openrlhf_experience_maker().RemoteExperienceMaker
+    values, rewards, mask = randn(*SHAPE, seed=13), randn(*SHAPE, seed=14), right_padded(*SHAPE, seed=15)
+    adv, ret = pf.get_advantages_and_returns(values, rewards, mask, gamma, lambd)
+    want_adv, want_ret = maker.get_advantages_and_returns(None, values.double(), rewards.double(), mask.double(),
+                                                          gamma, lambd)
+    assert_close_f64(adv, want_adv, "advantages")
+    assert_close_f64(ret, want_ret, "returns")
+    with pytest.raises(UnsupportedOption, match="gap or leading zeros"):
+        pf.get_advantages_and_returns(values, rewards, ragged_mask(*SHAPE, seed=16), gamma, lambd)

@@ -1,0 +1,162 @@
+"""ppo_fast.integrations.verl against verl's own functions (verl.trainer.ppo.core_algos and
+verl.utils.torch_functional, loaded by tests/peers.py): values, gradients and metrics."""
+import numpy as np
+import pytest
+import torch
+from peers import verl_core_algos, verl_torch_functional
+from support import DEVICE, assert_close_f64, backends_for, on_backend, ragged_mask, randn
+
+from ppo_fast.integrations import UnsupportedOption
+from ppo_fast.integrations import verl as pf
+
+core = verl_core_algos()
+verl_F = verl_torch_functional()
+OP = "ppo_policy_loss"
+MODES = pf.AGG_MODES
+SHAPE = (6, 37)
+
+
+class ActorConfig(dict):
+    """What verl's vanilla loss reads of its ActorConfig: attributes, .get, global_batch_info."""
+
+    def __getattr__(self, key):
+        return self[key]
+
+
+def grads(fn, x, *args, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, *args, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    return out, torch.autograd.grad(loss * 1.7, x)[0]
+
+
+def policy_inputs(dtype=torch.float32, seed=0):
+    old = randn(*SHAPE, seed=seed, scale=0.5) - 2.0
+    log_prob = old + randn(*SHAPE, seed=seed + 1, scale=0.4)
+    return old.to(dtype), log_prob.to(dtype), randn(*SHAPE, seed=seed + 2).to(dtype), ragged_mask(*SHAPE, seed=seed,
+                                                                                                   empty_rows=[2])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch_info", [{}, {"dp_size": 4, "batch_num_tokens": 700, "global_batch_size": 24,
+                                             "loss_scale_factor": 50}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_loss_matches_verl(backend, mode, batch_info, dtype):
+    old, log_prob, adv, mask = policy_inputs(dtype)
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                         global_batch_info=batch_info)
+    (loss, metrics), grad = grads(lambda lp: pf.compute_policy_loss(old, lp, adv, mask, mode, config), log_prob)
+    f64 = lambda t: t.double()  # noqa: E731 - verl's own math on the same values, in float64
+    (want, want_metrics), want_grad = grads(
+        lambda lp: core.compute_policy_loss_vanilla(f64(old), lp, f64(adv), mask.double(), mode, config), f64(log_prob))
+    assert_close_f64(loss, want, "loss")
+    assert_close_f64(grad, want_grad, "grad")
+    assert metrics.keys() == want_metrics.keys()
+    for key in metrics:
+        assert metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def test_policy_loss_rejects_what_it_cannot_follow():
+    old, log_prob, adv, mask = policy_inputs()
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, global_batch_info={})
+    with pytest.raises(UnsupportedOption, match="rollout_is_weights"):
+        pf.compute_policy_loss(old, log_prob, adv, mask, "token-mean", config, rollout_is_weights=torch.ones_like(old))
+    with pytest.raises(ValueError, match="loss_agg_mode: expected one of"):
+        pf.compute_policy_loss(old, log_prob, adv, mask, "seq-sum", config)
+
+
+@pytest.mark.op("agg_loss")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("info", [{}, {"dp_size": 2, "batch_num_tokens": 300, "global_batch_size": 10}])
+def test_agg_loss_matches_verl(backend, mode, info):
+    loss, mask = randn(*SHAPE, seed=5), ragged_mask(*SHAPE, seed=6, empty_rows=[0])
+    got, grad = grads(pf.agg_loss, loss, mask, mode, **info)
+    want, want_grad = grads(core.agg_loss, loss.double(), mask.double(), mode, **info)
+    assert_close_f64(got, want, mode)
+    assert_close_f64(grad, want_grad, mode + " grad")
+
+
+@pytest.mark.op("value_loss")
+@pytest.mark.parametrize("mode", MODES)
+def test_value_loss_matches_verl(backend, mode):
+    values, old, returns = randn(*SHAPE, seed=7), randn(*SHAPE, seed=8), randn(*SHAPE, seed=9)
+    mask = ragged_mask(*SHAPE, seed=10)
+    (loss, clipfrac), grad = grads(pf.compute_value_loss, values, returns, old, mask, 0.2, mode)
+    (want, want_clipfrac), want_grad = grads(core.compute_value_loss, values.double(), returns.double(), old.double(),
+                                             mask.double(), 0.2, mode)
+    assert_close_f64(loss, want, "loss")
+    assert_close_f64(grad, want_grad, "grad")
+    assert float(clipfrac) == pytest.approx(float(want_clipfrac))
+
+
+@pytest.mark.op("kl_penalty")
+@pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+"])
+def test_kl_penalty_matches_verl(backend, name):
+    log_prob, ref = randn(*SHAPE, seed=11) - 2, randn(*SHAPE, seed=12) - 2
+    got, grad = grads(lambda lp: pf.kl_penalty(lp, ref, name).sum(), log_prob)
+    want, want_grad = grads(lambda lp: core.kl_penalty(lp, ref.double(), name).sum(), log_prob.double())
+    assert_close_f64(got, want, name, magnitude=10)
+    assert_close_f64(grad, want_grad, name + " grad")
+    with pytest.raises(UnsupportedOption, match="full"):
+        pf.kl_penalty(log_prob, ref, "full")
+
+
+@pytest.mark.parametrize("name", [b for b in backends_for("gae") if b in backends_for("masked_whiten")])
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 1.0)])
+def test_gae_matches_verl(name, gamma, lam):
+    """GAE then whitening: on the backends that have both ops."""
+    rewards, values, mask = randn(*SHAPE, seed=13), randn(*SHAPE, seed=14), ragged_mask(*SHAPE, seed=15)
+    with on_backend(name):
+        adv, ret = pf.compute_gae_advantage_return(rewards, values, mask, gamma, lam)
+    want_adv, want_ret = core.compute_gae_advantage_return(rewards.double(), values.double(), mask.double(), gamma, lam)
+    assert_close_f64(adv, want_adv, "advantages")
+    assert_close_f64(ret, want_ret, "returns")
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_and_rloo_match_verl(norm):
+    rewards = torch.zeros(12, 9, device=DEVICE)
+    rewards[:, -1] = randn(12, seed=16)
+    mask = torch.ones(12, 9, device=DEVICE)
+    index = np.array(["a", "b", "c"] * 4, dtype=object)  # interleaved groups, as verl's uids come
+    got = pf.compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=norm)
+    want = core.compute_grpo_outcome_advantage(rewards.double(), mask.double(), index, norm_adv_by_std_in_grpo=norm)
+    assert_close_f64(got[0], want[0], "grpo")
+    got, want = pf.compute_rloo_outcome_advantage(rewards, mask, index), core.compute_rloo_outcome_advantage(
+        rewards.double(), mask.double(), index)
+    assert_close_f64(got[0], want[0], "rloo")
+    with pytest.raises(UnsupportedOption, match="different sizes"):
+        pf.compute_grpo_outcome_advantage(rewards[:5], mask[:5], index[:5])
+
+
+@pytest.mark.op("logprobs_from_logits")
+def test_logprobs_and_entropy_match_verl(backend):
+    logits, labels = randn(4, 7, 1013, seed=17, scale=3.0), torch.randint(0, 1013, (4, 7), device=DEVICE)
+    got, grad = grads(lambda x: pf.logprobs_from_logits(x, labels).sum(), logits)
+    want, want_grad = grads(lambda x: verl_F.logprobs_from_logits_naive(x, labels).sum(), logits.double())
+    assert_close_f64(got, want, "logp", magnitude=10)
+    assert_close_f64(grad, want_grad, "grad")
+    assert_close_f64(pf.entropy_from_logits(logits), verl_F.entropy_from_logits(logits.double()), "entropy")
+
+
+@pytest.mark.op("fused_linear_logprobs")
+def test_fused_linear_for_ppo_matches_verl(backend):
+    from peers import load
+
+    verl_exp = load("verl.utils.experimental.torch_functional", stand_ins=("tensordict",))
+    hidden, weight = randn(3, 11, 32, seed=18), randn(509, 32, seed=19, scale=0.3)
+    ids = torch.randint(0, 509, (3, 11), device=DEVICE)
+    logp, entropy = pf.FusedLinearForPPO(chunk_size=8)(hidden, weight, ids, temperature=0.7)
+    want_logp, want_entropy = verl_exp.FusedLinearForPPO(chunk_size=8)(hidden.double(), weight.double(), ids, 0.7)
+    assert_close_f64(logp, want_logp, "logp", magnitude=10)
+    assert_close_f64(entropy, want_entropy, "entropy")
+
+
+def test_register_makes_ppo_fast_nameable_in_verl():
+    pf.register()
+    assert core.get_policy_loss_fn("ppo_fast") is pf.compute_policy_loss
+    fn = core.get_adv_estimator_fn("ppo_fast_grpo")
+    rewards, mask = torch.zeros(4, 3, device=DEVICE), torch.ones(4, 3, device=DEVICE)
+    rewards[:, -1] = torch.tensor([1.0, 0.0, 2.0, 1.0])
+    adv, _ = fn(token_level_rewards=rewards, response_mask=mask, index=np.array([0, 0, 1, 1]), config=None)
+    assert adv[0, 0] > 0 > adv[1, 0]
