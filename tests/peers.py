@@ -3,6 +3,7 @@ the rest of the peer: the peers are installed with `pip install --no-deps` (see 
 `peers` target), their package __init__ files (which start Ray, DeepSpeed, vLLM, ...) are not
 run, and the heavy packages that the loaded modules import but the compared functions never
 call are stand-ins. What is compared is the peer's real source file."""
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -36,7 +37,8 @@ def _package_dir(top: str):
 
 def load(module: str, *, stand_ins=(), attrs=None):
     """Import `module` (e.g. "verl.trainer.ppo.core_algos") from the installed peer with its
-    parent packages as bare namespaces and `stand_ins` modules replaced."""
+    parent packages as bare namespaces and the `stand_ins` modules (those not installed or
+    loaded) replaced for the duration of the import."""
     if module in sys.modules:
         return sys.modules[module]
     top = module.split(".")[0]
@@ -48,10 +50,6 @@ def load(module: str, *, stand_ins=(), attrs=None):
             package = types.ModuleType(name)
             package.__path__ = [os.path.join(root, *parts[:i])]
             sys.modules[name] = package
-    for name in stand_ins:
-        if name not in sys.modules or not isinstance(sys.modules[name], _Stand_in):
-            sys.modules[name] = _Stand_in(name)
-            sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
     for name, values in (attrs or {}).items():
         if name not in sys.modules:
             package = types.ModuleType(name)
@@ -59,7 +57,37 @@ def load(module: str, *, stand_ins=(), attrs=None):
             sys.modules[name] = package
         for key, value in values.items():
             setattr(sys.modules[name], key, value)
-    return importlib.import_module(module)
+    with standing_in(stand_ins):
+        return importlib.import_module(module)
+
+
+@contextlib.contextmanager
+def standing_in(names):
+    """Stand-ins for the modules `names` that are neither installed nor loaded, for the block only:
+    afterwards other code must not take them for the real thing."""
+    added = [name for name in names if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = _Stand_in(name)
+        sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
+    try:
+        yield
+    finally:
+        for name in added:
+            del sys.modules[name]
+
+
+def own_tests(peer_module, relative_path: str, stand_ins=()):
+    """A peer's own test file (shipped in its wheel beside the package) as a module; skip if absent."""
+    package = peer_module.__name__.split(".")[0]
+    site = peer_module.__file__[:peer_module.__file__.rindex(os.sep + package + os.sep) + 1]
+    path = os.path.join(site, *relative_path.split("/"))
+    if not os.path.isfile(path):
+        pytest.skip(f"{package}'s own tests are not installed ({path})")
+    spec = importlib.util.spec_from_file_location(f"{package}_own_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    with standing_in(stand_ins):
+        spec.loader.exec_module(module)
+    return module
 
 
 def verl_core_algos():
@@ -72,10 +100,13 @@ def verl_torch_functional():
     return load("verl.utils.torch_functional", stand_ins=("tensordict",))
 
 
+OPENRLHF_STAND_INS = ("deepspeed", "flash_attn", "flash_attn.bert_padding")
+
+
 def openrlhf_models():
     """(openrlhf.models.loss, openrlhf.models.utils)."""
-    stand_ins = ("deepspeed", "flash_attn", "flash_attn.bert_padding", "transformers.integrations.deepspeed")
-    return (load("openrlhf.models.loss", stand_ins=stand_ins), load("openrlhf.models.utils", stand_ins=stand_ins))
+    return (load("openrlhf.models.loss", stand_ins=OPENRLHF_STAND_INS),
+            load("openrlhf.models.utils", stand_ins=OPENRLHF_STAND_INS))
 
 
 def openrlhf_experience_maker():

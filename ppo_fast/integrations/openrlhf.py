@@ -21,7 +21,10 @@ def _mask_or_ones(mask, like):
 
 def _token_or_sequence_mean(token_level_loss, dp_size, batch_num_tokens, global_batch_size) -> dict:
     """OpenRLHF's aggregate_loss as ppo_fast's (agg, num_tokens, num_seqs): a global count over
-    dp_size ranks is ppo_fast's count / dp_size; without one, the local mean (dp_size unused)."""
+    dp_size ranks is ppo_fast's count / dp_size; without one, the local mean (dp_size unused).
+    Counts may be tensors, as OpenRLHF passes them (read once: a device sync on CUDA)."""
+    batch_num_tokens, global_batch_size = (None if c is None else float(c) for c in (batch_num_tokens,
+                                                                                     global_batch_size))
     if token_level_loss:
         return {"agg": "token-mean", "num_tokens": None if batch_num_tokens is None else batch_num_tokens / dp_size}
     return {"agg": "seq-mean-token-mean", "num_seqs": None if global_batch_size is None else global_batch_size / dp_size}
@@ -29,7 +32,8 @@ def _token_or_sequence_mean(token_level_loss, dp_size, batch_num_tokens, global_
 
 class PolicyLoss(torch.nn.Module):
     """openrlhf.models.loss.PolicyLoss for policy_loss_type="ppo" without IS correction.
-    forward -> (loss, clip_ratio, ppo_kl, vllm_kl=None, is_filter_ratio=None)."""
+    forward -> (loss, clip_ratio, ppo_kl, vllm_kl=None, is_filter_ratio=None); ppo_kl is the masked
+    mean of the raw (unclamped) old - new log-ratio, as OpenRLHF reports it."""
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float = None,
                  token_level_loss: bool = True, policy_loss_type: str = "ppo", is_correction_level: str = "off",
@@ -45,11 +49,13 @@ class PolicyLoss(torch.nn.Module):
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                 batch_num_tokens=None, global_batch_size=None):
+        mask = _mask_or_ones(action_mask, log_probs)
         loss, stats = ops.ppo_policy_loss(
-            log_probs, old_log_probs, advantages, _mask_or_ones(action_mask, log_probs), clip_low=self.clip_eps_low,
-            clip_high=self.clip_eps_high, dual_clip=self.dual_clip,
+            log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
+            dual_clip=self.dual_clip,
             **_token_or_sequence_mean(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size))
-        return loss, stats["clipfrac"], stats["approx_kl"], None, None
+        ppo_kl = ops.masked_mean((old_log_probs - log_probs).detach(), mask)
+        return loss, stats["clipfrac"], ppo_kl, None, None
 
 
 class ValueLoss(torch.nn.Module):

@@ -2,8 +2,8 @@
 masked_mean and GAE (loaded by tests/peers.py): values, gradients and statistics."""
 import pytest
 import torch
-from peers import openrlhf_experience_maker, openrlhf_models
-from support import DEVICE, assert_close_f64, ragged_mask, randn
+from peers import OPENRLHF_STAND_INS, openrlhf_experience_maker, openrlhf_models, own_tests
+from support import DEVICE, assert_close_f64, backends_for, on_backend, ragged_mask, randn
 
 from ppo_fast.integrations import UnsupportedOption
 from ppo_fast.integrations import openrlhf as pf
@@ -26,17 +26,21 @@ def with_grad(fn, x):
     return out, torch.autograd.grad(loss.sum() * 1.3, x)[0]
 
 
+@pytest.mark.parametrize("name", [b for b in backends_for("ppo_policy_loss") if b in backends_for("masked_mean")])
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 @pytest.mark.parametrize("token_level_loss", [True, False])
-@pytest.mark.parametrize("counts", [{}, {"dp_size": 2, "batch_num_tokens": 200.0, "global_batch_size": 8.0}])
+@pytest.mark.parametrize("counts", [{}, {"dp_size": 2, "batch_num_tokens": 200.0, "global_batch_size": 8.0},
+                                    {"dp_size": 2, "batch_num_tokens": torch.tensor(200.0)}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_policy_loss_matches_openrlhf(backend, dual_clip, token_level_loss, counts, dtype):
+def test_policy_loss_matches_openrlhf(name, dual_clip, token_level_loss, counts, dtype):
+    """On the backends that have both ops the adapter uses (the policy loss and masked_mean)."""
     old = (randn(*SHAPE, seed=1, scale=0.5) - 2).to(dtype)
     log_prob = (old.float() + randn(*SHAPE, seed=2, scale=0.4)).to(dtype)
     adv, mask = randn(*SHAPE, seed=3).to(dtype), ragged_mask(*SHAPE, seed=4)
     ours = pf.PolicyLoss(0.2, 0.28, dual_clip, token_level_loss)
     theirs = loss_module.PolicyLoss(0.2, 0.28, dual_clip, token_level_loss)
-    out, grad = with_grad(lambda lp: ours(lp, old, adv, mask, **counts), log_prob)
+    with on_backend(name):
+        out, grad = with_grad(lambda lp: ours(lp, old, adv, mask, **counts), log_prob)
     want, want_grad = with_grad(lambda lp: theirs(lp, old.double(), adv.double(), mask.double(), **counts),
                                 log_prob.double())  # OpenRLHF's math on the same values, in float64
     for name, a, b in zip(("loss", "clip_ratio", "ppo_kl"), out[:3], want[:3]):
@@ -99,3 +103,11 @@ def test_gae_matches_openrlhf(backend, gamma, lambd):
     assert_close_f64(ret, want_ret, "returns")
     with pytest.raises(UnsupportedOption, match="gap or leading zeros"):
         pf.get_advantages_and_returns(values, rewards, ragged_mask(*SHAPE, seed=16), gamma, lambd)
+
+
+def test_openrlhfs_own_policy_loss_tests_pass_on_the_adapter():
+    """OpenRLHF's own tests/test_loss_aggregation.py (shipped in its wheel), with ppo_fast's PolicyLoss."""
+    tests = own_tests(utils, "tests/test_loss_aggregation.py", stand_ins=OPENRLHF_STAND_INS)
+    tests.PolicyLoss = pf.PolicyLoss
+    tests.test_policy_loss_token_mean_aggregation_matches_full_batch()
+    tests.test_policy_kl_metric_is_not_clamped()

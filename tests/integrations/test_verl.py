@@ -3,7 +3,7 @@ verl.utils.torch_functional, loaded by tests/peers.py): values, gradients and me
 import numpy as np
 import pytest
 import torch
-from peers import verl_core_algos, verl_torch_functional
+from peers import own_tests, verl_core_algos, verl_torch_functional
 from support import DEVICE, assert_close_f64, backends_for, on_backend, ragged_mask, randn
 
 from ppo_fast.integrations import UnsupportedOption
@@ -160,3 +160,26 @@ def test_register_makes_ppo_fast_nameable_in_verl():
     rewards[:, -1] = torch.tensor([1.0, 0.0, 2.0, 1.0])
     adv, _ = fn(token_level_rewards=rewards, response_mask=mask, index=np.array([0, 0, 1, 1]), config=None)
     assert adv[0, 0] > 0 > adv[1, 0]
+
+
+def verl_own_tests():
+    """verl's own unit tests of these functions (shipped in its wheel), with ppo_fast's adapters in
+    place of verl's functions."""
+    module = own_tests(core, "tests/trainer/ppo/test_core_algos_on_cpu.py")
+    module.compute_gae_advantage_return = pf.compute_gae_advantage_return
+    module.kl_penalty = pf.kl_penalty
+    return module
+
+
+@pytest.mark.parametrize("repeat", range(5))
+def test_verls_own_multi_turn_gae_test_passes_on_the_adapter(repeat):
+    verl_own_tests().test_multi_turn_compute_gae_advantage_return()  # random gammas and values each time
+
+
+def test_verls_own_kl_straight_through_tests_pass_on_the_adapter():
+    tests = verl_own_tests()
+    (mark,) = [m for m in tests.test_kl_penalty_straight_through_value_matches_base.pytestmark
+               if m.name == "parametrize"]
+    for name, base in mark.args[1]:
+        tests.test_kl_penalty_straight_through_value_matches_base(name, base)
+    tests.test_kl_penalty_k3_plus_uses_k2_gradient()
