@@ -78,7 +78,7 @@ def config_from_args(args, flags, resume=False):
 
 def cmd_train(args) -> int:
     from ppo_fast.ppo import PPOTrainer, TrainingDiverged
-    from ppo_fast.ppo.checkpoint import list_checkpoints
+    from ppo_fast.ppo.checkpoint import refuse_earlier_run
     from ppo_fast.ppo.config import ConfigError
     from ppo_fast.ppo.run_folder import RunFolder
 
@@ -88,9 +88,7 @@ def cmd_train(args) -> int:
         folder = RunFolder(config.out)
         folder.lock()
         if not args.resume:
-            if list_checkpoints(config.out):
-                raise ConfigError(f"out: {config.out!r} holds checkpoints of an earlier run; resume it (--resume) "
-                                  f"or choose another folder")
+            refuse_earlier_run(config.out)
             config.save(folder.config_path)  # before the models load: a run killed then can still be resumed
         history = PPOTrainer(config).train(resume=args.resume, folder=folder)
     except ConfigError as e:

@@ -99,7 +99,7 @@ def get_advantages_and_returns(values, rewards, action_mask, gamma, lambd):
     """OpenRLHF's GAE (experience_maker.get_advantages_and_returns, without `self`): (advantages,
     returns = advantages + mask * values). OpenRLHF runs through masked positions instead of
     skipping them, so a mask must be each row's response followed by padding only (checked)."""
-    mask = torch.ones_like(values, dtype=torch.bool) if action_mask is None else action_mask.bool()
+    mask = _mask_or_ones(action_mask, values).bool()
     if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
         raise unsupported("openrlhf", "an action_mask with a gap or leading zeros",
                           "OpenRLHF's GAE runs through masked positions, ppo_fast's skips them")

@@ -43,11 +43,11 @@ def chunk_budget_rows(vocab: int, device: torch.device) -> int:
     return max(1, budget // (vocab * BYTES_PER_LOGIT))
 
 
-def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, device: torch.device) -> int:
+def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, budget_rows: int) -> int:
     """Forward rows per chunk: a chunk of logits about the size of the hidden states (V / H
-    chunks), at least MIN_CHUNK_ROWS rows so each GEMM stays efficient, within the budget."""
+    chunks), at least MIN_CHUNK_ROWS rows so each GEMM stays efficient, at most budget_rows."""
     rows = max(-(-n_rows // max(1, -(-vocab // hidden_size))), MIN_CHUNK_ROWS)
-    return min(rows, chunk_budget_rows(vocab, device))
+    return min(rows, budget_rows)
 
 
 def _linear(h, weight, bias):
@@ -164,8 +164,11 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     H = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, H)
     flat_labels = labels.reshape(-1).long().contiguous()  # chunks index it by flat row
-    chunk = chunk_size or default_chunk_size(flat_hidden.shape[0], V, H, hidden.device)
-    backward_chunk = chunk_size or chunk_budget_rows(V, hidden.device)
+    if chunk_size is None:  # the budget (a free-memory query on CUDA) is read once per call
+        backward_chunk = chunk_budget_rows(V, hidden.device)
+        chunk = default_chunk_size(flat_hidden.shape[0], V, H, backward_chunk)
+    else:
+        chunk = backward_chunk = chunk_size
     outputs = _FusedLinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, temperature, ignore_index,
                                          return_entropy, chunk, backward_chunk, backend)
     outputs = tuple(t.view(labels.shape) for t in outputs)

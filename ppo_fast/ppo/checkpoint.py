@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from ppo_fast.ppo.config import ConfigError
 from ppo_fast.ppo.run_folder import fsync_path
 
 CHECKPOINT_DIR = "checkpoints"
@@ -62,6 +63,13 @@ def list_checkpoints(out: str) -> list[str]:
         return []
     steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name)))
     return [os.path.join(root, name) for _, name in steps]
+
+
+def refuse_earlier_run(out: str) -> None:
+    """A fresh run must not mix with the checkpoints of an earlier one in the same folder."""
+    if list_checkpoints(out):
+        raise ConfigError(f"out: {out!r} holds checkpoints of an earlier run; resume it (--resume) "
+                          f"or choose another folder")
 
 
 def load_checkpoint(path: str) -> dict:

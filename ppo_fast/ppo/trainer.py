@@ -29,7 +29,7 @@ import torch
 from ppo_fast import ops as fused_ops
 from ppo_fast.ops import reference
 from ppo_fast.ppo import models, tasks
-from ppo_fast.ppo.checkpoint import checkpoint_path, list_checkpoints, load_newest, save_checkpoint
+from ppo_fast.ppo.checkpoint import checkpoint_path, load_newest, refuse_earlier_run, save_checkpoint
 from ppo_fast.ppo.config import ConfigError, PPOConfig, load_function
 from ppo_fast.ppo.data import PromptCycle, encode, read_prompts
 from ppo_fast.ppo.experience import Experience, Rollout, experience_stats, rows_in_chunks
@@ -319,9 +319,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ set-up details
     def _start_or_resume(self, folder: RunFolder, resume: bool) -> list[dict]:
         """Restore the newest checkpoint (resume) or start afresh; returns the metrics kept."""
-        if not resume and list_checkpoints(self.config.out):
-            raise ConfigError(f"out: {self.config.out!r} holds checkpoints of an earlier run; resume it (--resume) "
-                              f"or choose another folder")
+        if not resume:
+            refuse_earlier_run(self.config.out)
         step = self.step_count if resume and self.resume_from_latest() else 0
         self.config.save(folder.config_path)  # after a resume has loaded: a failed one leaves the old config
         return folder.keep_metrics_through(step)
