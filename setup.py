@@ -15,10 +15,12 @@ import os
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# -fopenmp-simd: `omp simd reduction` loops vectorise without -ffast-math (no OpenMP runtime);
-# -fno-trapping-math: branch-free selects on floats; results stay IEEE. PPO_FAST_CPU_FLAGS adds
-# flags, e.g. "-march=native" for a build used only on the machine that compiles it.
-CPU_FLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math"] + os.environ.get("PPO_FAST_CPU_FLAGS", "").split()
+# -fopenmp: at::parallel_for is a header template over `omp parallel` (torch's CPU builds use
+# OpenMP), so without it every kernel would run on one thread; it also makes the `omp simd
+# reduction` loops vectorise without -ffast-math. -fno-trapping-math: branch-free selects on
+# floats; results stay IEEE. PPO_FAST_CPU_FLAGS adds flags, e.g. "-march=native" for a build
+# used only on the machine that compiles it.
+CPU_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"] + os.environ.get("PPO_FAST_CPU_FLAGS", "").split()
 
 
 def _sources(pattern):
@@ -43,6 +45,7 @@ def native_extensions():
                 cpu_sources,
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": CPU_FLAGS},
+                extra_link_args=["-fopenmp"],
             )
         )
     if cuda_sources and cpp_extension.CUDA_HOME is not None and _torch_has_cuda():

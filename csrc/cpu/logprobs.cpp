@@ -80,13 +80,15 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const RowLay
       const float g_entropy = grad_entropy ? grad_entropy[r] : 0.0f;
       const float H = grad_entropy ? entropy[r] : 0.0f;
       const float row_lse = lse[r];
-      auto grad_at = [&](int64_t v, float indicator) {
+      auto grad_at = [=](int64_t v, float indicator) {  // by value: stores to out cannot alias the captures
         const float logp_v = static_cast<float>(row[v]) * inv_t - row_lse;
         return logprobs_grad(logp_v, fast_exp(logp_v), indicator, g_logp, g_entropy, H, inv_t);
       };
+      // The label's entry is computed before the sweep: `out` may be the logits buffer itself.
+      const float label_grad = has_label ? grad_at(y, 1.0f) : 0.0f;
 #pragma omp simd
       for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(grad_at(v, 0.0f));
-      if (has_label) out[y] = static_cast<scalar_t>(grad_at(y, 1.0f));
+      if (has_label) out[y] = static_cast<scalar_t>(label_grad);
     }
   });
 }
@@ -117,8 +119,11 @@ at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::T
                              const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
                              const c10::optional<at::Tensor>& grad_logp,
                              const c10::optional<at::Tensor>& grad_entropy, double inv_temperature,
-                             int64_t ignore_index) {
-  at::Tensor grad = at::empty({layout.n_rows, layout.vocab}, logits.options());
+                             int64_t ignore_index, const c10::optional<at::Tensor>& out) {
+  at::Tensor grad = out.has_value() ? *out : at::empty({layout.n_rows, layout.vocab}, logits.options());
+  TORCH_CHECK(grad.numel() == layout.n_rows * layout.vocab && grad.scalar_type() == logits.scalar_type() &&
+                  grad.is_contiguous(),
+              "logprobs_backward: out must be a contiguous [N, V] tensor of the logits' dtype");
   const int64_t* label_ptr = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_backward", [&] {
     backward_rows<scalar_t>(logits, label_ptr, layout, lse.data_ptr<float>(), optional_ptr(entropy),

@@ -15,12 +15,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
     const at::Tensor& logits, const c10::optional<at::Tensor>& labels, RowLayout layout, double inv_temperature,
     int64_t ignore_index, bool with_entropy);
 
-// Returns grad_logits [N, V] in the logits' dtype.
+// Returns grad_logits [N, V] in the logits' dtype, written into `out` when given (which may be
+// the logits themselves, when they are contiguous [N, V]).
 at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::Tensor>& labels, RowLayout layout,
                              const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
                              const c10::optional<at::Tensor>& grad_logp,
                              const c10::optional<at::Tensor>& grad_entropy, double inv_temperature,
-                             int64_t ignore_index);
+                             int64_t ignore_index, const c10::optional<at::Tensor>& out);
 
 // Returns (advantages, returns), float32 [B, T].
 std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,

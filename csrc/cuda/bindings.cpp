@@ -51,9 +51,14 @@ at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::T
                              const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
                              const c10::optional<at::Tensor>& grad_logp,
                              const c10::optional<at::Tensor>& grad_entropy, double inv_temperature,
-                             int64_t ignore_index) {
+                             int64_t ignore_index, const c10::optional<at::Tensor>& out) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor grad = at::empty({n_rows, vocab}, logits.options());
+  // The kernel reads logits through the read-only cache: the gradient may not overwrite them.
+  TORCH_CHECK(!out.has_value() || out->data_ptr() != logits.data_ptr(),
+              "logprobs_backward: the CUDA kernel cannot write the gradient into the logits buffer");
+  at::Tensor grad = out.has_value() ? *out : at::empty({n_rows, vocab}, logits.options());
+  TORCH_CHECK(grad.numel() == n_rows * vocab && grad.scalar_type() == logits.scalar_type() && grad.is_contiguous(),
+              "logprobs_backward: out must be a contiguous [N, V] tensor of the logits' dtype");
   check(ppo_fast::cuda::launch_logprobs_backward(
             logits.data_ptr(), dtype_of(logits), ptr_or_null<int64_t>(labels),
             RowLayout{n_rows, vocab, rows_per_batch, stride_batch, stride_row}, lse.data_ptr<float>(),

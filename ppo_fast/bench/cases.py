@@ -7,6 +7,7 @@ limit), peers where installed, and `ppo_fast-<backend>` for each ppo_fast backen
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -30,6 +31,7 @@ class Case:
     impls: dict
     bytes_moved: int  # bytes the op must read and write
     flops: int = 0
+    cpu_memory: bool = False  # also measure peak memory on the CPU (a fresh process per implementation)
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -176,7 +178,76 @@ def fused_linear(device: torch.device, quick: bool) -> list:
             impls = {**implementations(device, "fused_linear_logprobs", compile_reference=device.type == "cuda"),
                      **fused_linear_peers()}
             cases.append(Case("fused_linear", "fused_linear_logprobs", mode, dtype, shape, make,
-                              {k: runner(f) for k, f in impls.items()}, moved, flops=flops))
+                              {k: runner(f) for k, f in impls.items()}, moved, flops=flops, cpu_memory=True))
+    return cases
+
+
+PPO_LOSS_ARGS = dict(kl_coef=0.04, kl_estimator="k3", clip_low=0.2, clip_high=0.2, agg="token-mean")
+
+
+def two_op_path(hidden, weight, labels, old_log_prob, advantages, mask, *, ref_log_prob, kl_coef, kl_estimator,
+                **policy_args):
+    """The same objective from ppo_fast's separate ops, as a trainer composed it before the fused
+    loss: fused_linear_logprobs, then ppo_policy_loss + KL (the logits are formed twice)."""
+    logp = ops.fused_linear_logprobs(hidden, weight, labels)
+    loss, stats = ops.ppo_policy_loss(logp, old_log_prob, advantages, mask, **policy_args)
+    kl = ops.kl_penalty(logp, ref_log_prob, estimator=kl_estimator)
+    return loss + kl_coef * ops.agg_loss(kl, mask, policy_args["agg"]), stats
+
+
+def fused_ppo_loss_peers(device: torch.device) -> dict:
+    """Liger-Kernel's fused linear GRPO loss (k3 KL with beta = kl_coef, token-mean as 'dapo';
+    per-sequence advantages, so the case's advantages are constant along each row), where installed."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return {}
+    grpo = LigerFusedLinearGRPOLoss(beta=PPO_LOSS_ARGS["kl_coef"], compiled=device.type == "cuda",
+                                    epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo")
+
+    def liger(hidden, weight, labels, old_log_prob, advantages, mask, *, ref_log_prob, **_):
+        return grpo(hidden, weight, labels, mask.long(), advantages[:, 0], ref_per_token_logps=ref_log_prob,
+                    old_per_token_logps=old_log_prob)
+
+    return {"liger-grpo": liger}
+
+
+def fused_linear_ppo_loss(device: torch.device, quick: bool) -> list:
+    """fused_linear_ppo_loss fwd+bwd (clipped surrogate + k3 KL, token-mean) against plain torch
+    (matmul -> log_softmax -> gather -> loss), ppo_fast's two-op path and Liger's fused GRPO loss;
+    TFLOP/s count the three GEMMs a backward needs (6 N H V)."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16
+        shapes = [(4, 512, 4096, 128256)] if quick else [(8, 1024, 4096, 128256), (16, 1024, 4096, 128256)]
+    else:
+        dtype = torch.float32
+        shapes = [(4, 128, 256, 32000)] if quick else [(8, 256, 256, 32000)]
+    cases = []
+    for B, T, h, v in shapes:
+        def make_inputs(B=B, T=T, h=h, v=v):
+            g = torch.Generator(device=device).manual_seed(0)
+            weight = torch.randn(v, h, device=device, generator=g) / h**0.5
+            old = torch.randn(B, T, device=device, generator=g) * 0.3 - math.log(v)  # near the uniform policy
+            return {"hidden": torch.randn(B, T, h, device=device, dtype=dtype, generator=g).requires_grad_(),
+                    "weight": weight.to(dtype).requires_grad_(), "labels": torch.randint(0, v, (B, T), device=device),
+                    "old": old, "ref": old + 0.1 * torch.randn(B, T, device=device, generator=g),
+                    "adv": torch.randn(B, 1, device=device, generator=g).expand(B, T).contiguous(),
+                    "mask": torch.rand(B, T, device=device, generator=g) < 0.9}
+
+        def runner(fn):
+            def run(x):
+                loss, _ = fn(x["hidden"], x["weight"], x["labels"], x["old"], x["adv"], x["mask"],
+                             ref_log_prob=x["ref"], **PPO_LOSS_ARGS)
+                torch.autograd.grad(loss, (x["hidden"], x["weight"]))
+
+            return run
+
+        n = B * T
+        impls = {**implementations(device, "fused_linear_ppo_loss", compile_reference=device.type == "cuda"),
+                 "ppo_fast-two-op": two_op_path, **fused_ppo_loss_peers(device)}
+        cases.append(Case("fused_linear_ppo_loss", "fused_linear_ppo_loss", "fwd+bwd", dtype,
+                          {"B": B, "T": T, "H": h, "V": v}, make_inputs, {k: runner(f) for k, f in impls.items()},
+                          2 * (n * h + v * h) * dtype.itemsize, flops=6 * n * h * v, cpu_memory=True))
     return cases
 
 
@@ -229,6 +300,6 @@ def token_cases(op: str, device: torch.device, quick: bool) -> list:
     return cases
 
 
-CASES = {"logprobs": logprobs, "fused_linear": fused_linear}
+CASES = {"logprobs": logprobs, "fused_linear": fused_linear, "fused_linear_ppo_loss": fused_linear_ppo_loss}
 CASES.update({op: (lambda device, quick, op=op: token_cases(op, device, quick))
               for op in dict.fromkeys(family for family, *_ in TOKEN_FUNCTIONS.values())})

@@ -1,6 +1,7 @@
 """`ppo-fast bench ops`: every op against the plain-PyTorch reference (cases in cases.py).
 
-Each row reports milliseconds (median), peak memory above the inputs (GPU), and the achieved
+Each row reports milliseconds (median), peak memory above the inputs (GPU; on the CPU for the
+cases that ask for it, measured in a fresh process by cpu_memory.py), and the achieved
 GB/s over the bytes the op must move (TFLOP/s for the GEMM-bound fused linear op), which the
 table states as a fraction of the device's copy bandwidth (matmul rate) measured in the same run.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from ppo_fast.bench import cpu_memory
 from ppo_fast.bench.cases import CASES, Case
 from ppo_fast.bench.timing import copy_bandwidth_gbps, environment, matmul_tflops, peak_memory_mb, time_ms
 from ppo_fast.ops.backend import BackendError
@@ -20,7 +22,8 @@ def achieved_rates(bytes_moved: int, flops: int, ms: float) -> tuple:
     return round(bytes_moved / seconds / 1e9, 3), (round(flops / seconds / 1e12, 4) if flops else None)
 
 
-def run_case(case: Case, device: torch.device) -> list:
+def run_case(case: Case, device: torch.device, index: int = 0, quick: bool = False) -> list:
+    """Rows for each implementation of `case`, the index-th case of its op family."""
     rows = []
     inputs = case.make_inputs()
     for impl, fn in case.impls.items():
@@ -29,6 +32,8 @@ def run_case(case: Case, device: torch.device) -> list:
         try:
             ms = time_ms(lambda: fn(inputs), device)
             peak = peak_memory_mb(lambda: fn(inputs), device)
+            if peak is None and case.cpu_memory:
+                peak = cpu_memory.peak_mb(case.op, index, impl, quick)
         except BackendError:
             continue  # this backend does not implement the op
         except torch.cuda.OutOfMemoryError:
@@ -57,9 +62,9 @@ def run(device=None, *, ops=None, quick=False) -> dict:
     record = {"kind": "ops", **environment(device), "quick": quick,
               "copy_gbps": round(copy_bandwidth_gbps(device), 1), "matmul_tflops": round(matmul_tflops(device), 2),
               "results": []}
-    cases = [case for op in ops or CASES for case in CASES[op](device, quick)]
+    cases = [(case, index) for op in ops or CASES for index, case in enumerate(CASES[op](device, quick))]
     progress = tqdm(cases, desc="bench", unit="case")
-    for case in progress:
+    for case, index in progress:
         progress.set_postfix_str(f"{case.fn} {case.mode} {' '.join(map(str, case.shape.values()))}")
-        record["results"].extend(run_case(case, device))
+        record["results"].extend(run_case(case, device, index, quick))
     return record

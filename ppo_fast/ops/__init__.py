@@ -9,6 +9,7 @@ import importlib
 # The functions gae, group_advantages and value_loss shadow their modules' names here on
 # purpose (users call ppo_fast.ops.gae(...)); the modules stay importable by full name.
 from ppo_fast.ops.fused_linear import fused_linear_logprobs
+from ppo_fast.ops.fused_linear_ppo_loss import fused_linear_ppo_loss
 from ppo_fast.ops.gae import gae
 from ppo_fast.ops.group_advantages import group_advantages
 from ppo_fast.ops.kl import compute_rewards, kl_penalty
@@ -17,7 +18,8 @@ from ppo_fast.ops.masked import agg_loss, masked_mean, masked_whiten
 from ppo_fast.ops.policy_loss import ppo_policy_loss
 from ppo_fast.ops.value_loss import value_loss
 
-FAMILIES = ("logprobs", "fused_linear", "policy_loss", "value_loss", "kl", "masked", "gae", "group_advantages")
+FAMILIES = ("logprobs", "fused_linear", "fused_linear_ppo_loss", "policy_loss", "value_loss", "kl", "masked", "gae",
+            "group_advantages")
 IMPLEMENTATIONS = {op: backends for family in FAMILIES
                    for op, backends in importlib.import_module(f"ppo_fast.ops.{family}").BACKENDS.items()}
 
@@ -28,6 +30,7 @@ __all__ = [
     "compute_rewards",
     "entropy_from_logits",
     "fused_linear_logprobs",
+    "fused_linear_ppo_loss",
     "gae",
     "group_advantages",
     "kl_penalty",

@@ -50,11 +50,11 @@ def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, budget_rows: i
     return min(rows, budget_rows)
 
 
-def _linear(h, weight, bias):
+def linear(h, weight, bias):
     return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
 
 
-def _accumulate_fp32(acc, a, b):
+def accumulate_fp32(acc, a, b):
     """acc += a @ b in place, acc float32, whatever the dtype of a and b."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
@@ -79,7 +79,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         entropy = torch.empty(N, **f32) if with_entropy else None
         for start in range(0, N, chunk):
             rows = slice(start, min(start + chunk, N))
-            logits = _linear(hidden[rows], weight, bias)
+            logits = linear(hidden[rows], weight, bias)
             logp[rows], entropy_c, lse[rows] = launch_forward(logits, labels[rows], inv_temperature, ignore_index,
                                                              with_entropy)
             if with_entropy:
@@ -103,14 +103,14 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             rows = slice(start, min(start + ctx.chunk, N))
             h = hidden[rows]
             grad_logits = ctx.launch_backward(
-                _linear(h, weight, bias), labels[rows], lse[rows], None if entropy is None else entropy[rows],
+                linear(h, weight, bias), labels[rows], lse[rows], None if entropy is None else entropy[rows],
                 None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
                 ctx.inv_temperature, ctx.ignore_index,
             )
             if want_h:
                 grad_h[rows] = grad_logits @ weight
             if want_w:
-                _accumulate_fp32(grad_w, grad_logits.t(), h)
+                accumulate_fp32(grad_w, grad_logits.t(), h)
             if want_b:
                 grad_b += grad_logits.sum(0, dtype=torch.float32)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
@@ -122,20 +122,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 BACKENDS = {"fused_linear_logprobs": tuple(LAUNCHERS)}
 
 
-def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, chunk_size=None):
-    """Log-probs of `labels` (and the entropy) under softmax((hidden @ weight.T + bias) / T),
-    equal to `logprobs_from_logits(hidden @ weight.T + bias, labels, ...)` without the logits.
-
-    Args:
-        hidden: [..., H] float32/bfloat16/float16 (the last hidden states).
-        weight: [V, H], the `lm_head.weight` layout, same dtype as hidden; bias: [V] or None.
-        labels: [...] integer ids (`ignore_index` positions give logp 0, no gradient via logp).
-        chunk_size: rows per chunk in both passes; default from V, H and free memory.
-
-    Returns float32 logp shaped like labels, or (logp, entropy). Gradients flow to hidden,
-    weight and bias through both outputs; weight and bias gradients are accumulated in fp32.
-    """
+def check_linear_inputs(hidden, weight, bias, labels, ignore_index) -> int:
+    """hidden [..., H], weight [V, H] and bias [V] of one float dtype, integer labels shaped
+    hidden.shape[:-1] in [0, V) or ignore_index, all on one device. Returns V."""
     require_float("hidden", hidden)
     require_float("weight", weight)
     if weight.dim() != 2 or hidden.dim() < 1 or weight.shape[1] != hidden.shape[-1]:
@@ -152,10 +141,32 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     require_integer("labels", labels)
     require_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
     require_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
-    temperature = require_temperature(temperature)
+    require_labels_in_range(labels, V, ignore_index)
+    return V
+
+
+def require_chunk_size(chunk_size) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
-    require_labels_in_range(labels, V, ignore_index)
+
+
+def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False, chunk_size=None):
+    """Log-probs of `labels` (and the entropy) under softmax((hidden @ weight.T + bias) / T),
+    equal to `logprobs_from_logits(hidden @ weight.T + bias, labels, ...)` without the logits.
+
+    Args:
+        hidden: [..., H] float32/bfloat16/float16 (the last hidden states).
+        weight: [V, H], the `lm_head.weight` layout, same dtype as hidden; bias: [V] or None.
+        labels: [...] integer ids (`ignore_index` positions give logp 0, no gradient via logp).
+        chunk_size: rows per chunk in both passes; default from V, H and free memory.
+
+    Returns float32 logp shaped like labels, or (logp, entropy). Gradients flow to hidden,
+    weight and bias through both outputs; weight and bias gradients are accumulated in fp32.
+    """
+    V = check_linear_inputs(hidden, weight, bias, labels, ignore_index)
+    temperature = require_temperature(temperature)
+    require_chunk_size(chunk_size)
 
     backend = resolve_backend(hidden.device, "fused_linear_logprobs", LAUNCHERS)
     if backend == "torch":

@@ -170,8 +170,11 @@ def _launch_forward(logits, labels, inv_temperature, ignore_index, with_entropy)
     return logp, entropy, lse
 
 
-def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
-    grad_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+                     out=None):
+    """grad_logits in the logits' dtype, written into `out` when given (it may be the contiguous
+    logits themselves: each element is read before it is overwritten, by the same program)."""
+    grad_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype) if out is None else out
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
     n_rows = logits.numel() // V
@@ -201,7 +204,8 @@ def _native_forward(module, logits, labels, inv_temperature, ignore_index, with_
     return tuple(None if t is None else t.view(out_shape) for t in (logp, entropy, lse))
 
 
-def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
+def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+                     out=None):
     shape = logits.shape
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
@@ -209,7 +213,7 @@ def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entro
         logits, None if labels is None else labels.long().contiguous(), logits.numel() // V, V, rows_per_batch,
         stride_batch, stride_row, lse,
         entropy, *(None if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy)),
-        inv_temperature, ignore_index,
+        inv_temperature, ignore_index, out,
     )
     return grad.view(shape)
 

@@ -244,3 +244,29 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return logprobs_from_logits(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                 return_entropy=return_entropy)
+
+
+def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
+                          ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
+                          entropy_coef=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean",
+                          num_tokens=None, num_seqs=None, chunk_size=None):
+    """The PPO policy objective from hidden states, composed of the ops above:
+
+        loss = ppo_policy_loss(logp) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
+
+    with logp, entropy = fused_linear_logprobs(hidden, weight, labels). Returns (loss, stats):
+    ppo_policy_loss's stats plus `policy_loss` (its loss alone), `entropy` and, with
+    ref_log_prob, `kl` (masked token means), all detached.
+    """
+    logp, entropy = fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                          ignore_index=ignore_index, return_entropy=True)
+    agg_args = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    policy_loss, stats = ppo_policy_loss(logp, old_log_prob, advantages, mask, clip_low=clip_low,
+                                         clip_high=clip_high, dual_clip=dual_clip, **agg_args)
+    loss = policy_loss - entropy_coef * agg_loss(entropy, mask, **agg_args)
+    stats = {**stats, "policy_loss": policy_loss.detach(), "entropy": masked_mean(entropy.detach(), mask)}
+    if ref_log_prob is not None:
+        kl = kl_penalty(_valid_only(logp, mask), _valid_only(ref_log_prob.detach(), mask), estimator=kl_estimator)
+        loss = loss + kl_coef * agg_loss(kl, mask, **agg_args)
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    return loss, stats

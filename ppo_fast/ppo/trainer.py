@@ -159,16 +159,22 @@ class PPOTrainer:
         return Experience(seqs, attn, labels, old_logp, ref_logp, values, advantages, returns), stats
 
     def policy_outputs(self, sequences, attention_mask, labels, return_entropy=False):
-        """(log-probs, entropy or None, values) [B, R]; a shared critic reuses the policy's hidden states."""
-        prompt_length = sequences.shape[1] - labels.shape[1]
-        hidden = models.response_hidden(self.policy, sequences, attention_mask, prompt_length, self.packed)
+        """(log-probs, entropy or None, values) [B, R]."""
+        hidden = self.policy_hidden(sequences, attention_mask, labels)
         out = self.head_logprobs(self.policy, hidden, labels, return_entropy)
         logp, entropy = out if return_entropy else (out, None)
+        return logp, entropy, self.values(hidden, sequences, attention_mask, labels)
+
+    def policy_hidden(self, sequences, attention_mask, labels):
+        """The policy's last hidden states at the response positions [B, R, H]."""
+        prompt_length = sequences.shape[1] - labels.shape[1]
+        return models.response_hidden(self.policy, sequences, attention_mask, prompt_length, self.packed)
+
+    def values(self, policy_hidden, sequences, attention_mask, labels):
+        """Values [B, R]; a shared critic reuses the policy's hidden states."""
         if self.config.critic == "shared":
-            values = self.critic.values_from_hidden(hidden)
-        else:
-            values = self.critic(sequences, attention_mask, prompt_length, self.packed)
-        return logp, entropy, values
+            return self.critic.values_from_hidden(policy_hidden)
+        return self.critic(sequences, attention_mask, sequences.shape[1] - labels.shape[1], self.packed)
 
     def reference_logprobs(self, sequences, attention_mask, labels):
         """Log-probs under the frozen reference (with LoRA: the policy with adapters disabled)."""
@@ -243,24 +249,26 @@ class PPOTrainer:
         return stats
 
     def micro_batch_loss(self, batch: Experience, num_tokens: float, num_seqs: float):
-        """Loss of a micro-batch as its share of the minibatch mean, and its statistics."""
+        """Loss of a micro-batch as its share of the minibatch mean, and its statistics.
+
+        The policy objective (clipped surrogate - entropy bonus + KL loss) comes straight from the
+        hidden states (`fused_linear_ppo_loss`: its gradient is formed in the forward)."""
         cfg, ops = self.config, self.ops
         agg = dict(agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
-        logp, entropy, values = self.policy_outputs(batch.sequences, batch.attention_mask, batch.labels,
-                                                    return_entropy=cfg.entropy_coef > 0)
-        policy_loss, stats = ops.ppo_policy_loss(logp, batch.old_logp, batch.advantages, batch.mask,
-                                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                                 dual_clip=cfg.dual_clip, **agg)
-        loss = policy_loss
-        if entropy is not None:
-            loss = loss - cfg.entropy_coef * ops.agg_loss(entropy, batch.mask, **agg)
-        if cfg.kl_loss_coef > 0:
-            kl = ops.kl_penalty(logp, batch.ref_logp, estimator=cfg.kl_loss_estimator)
-            loss = loss + cfg.kl_loss_coef * ops.agg_loss(kl, batch.mask, **agg)
+        hidden = self.policy_hidden(batch.sequences, batch.attention_mask, batch.labels)
+        head = self.policy.get_output_embeddings()
+        with_kl = cfg.kl_loss_coef > 0
+        loss, policy_stats = ops.fused_linear_ppo_loss(
+            hidden, head.weight, batch.labels, batch.old_logp, batch.advantages, batch.mask, bias=head.bias,
+            temperature=cfg.temperature, ref_log_prob=batch.ref_logp if with_kl else None,
+            kl_coef=cfg.kl_loss_coef, kl_estimator=cfg.kl_loss_estimator, entropy_coef=cfg.entropy_coef,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, **agg)
+        values = self.values(hidden, batch.sequences, batch.attention_mask, batch.labels)
         value_loss, value_clipfrac = ops.value_loss(values, batch.old_values, batch.returns, batch.mask,
                                                     clip=cfg.value_clip, **agg)
         loss = loss + cfg.vf_coef * value_loss
-        stats = {**stats, "policy_loss": policy_loss, "value_loss": value_loss, "value_clipfrac": value_clipfrac}
+        stats = {k: policy_stats[k] for k in ("clipfrac", "approx_kl", "clipfrac_lower", "policy_loss")}
+        stats.update(value_loss=value_loss, value_clipfrac=value_clipfrac)
         return loss, {k: v.detach() for k, v in stats.items()}
 
     def _count_skips(self, skipped: bool) -> None:

@@ -6,6 +6,7 @@ import torch
 from peers import load, trl_utils
 from support import DEVICE, assert_close_f64, randn
 
+from ppo_fast import ops
 from ppo_fast.integrations import UnsupportedOption
 from ppo_fast.integrations import liger as pf_liger
 from ppo_fast.integrations import trl as pf_trl
@@ -86,6 +87,35 @@ def test_fused_linear_cross_entropy_matches_liger(backend, reduction):
     got = pf_liger.LigerFusedLinearCrossEntropyLoss(reduction=reduction)(weight, hidden, target)
     want = liger_flce.LigerFusedLinearCrossEntropyLoss(reduction=reduction)(weight, hidden, target)
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.op("fused_linear_ppo_loss")
+def test_fused_linear_ppo_loss_matches_liger_grpo(backend):
+    """Liger's own fused linear GRPO loss (k3 KL, token-mean as 'dapo', asymmetric clip) as the
+    oracle: with per-sequence advantages the two objectives are the same function."""
+    try:
+        grpo_module = load("liger_kernel.chunked_loss.grpo_loss")
+    except ImportError as err:
+        pytest.skip(f"liger_kernel does not import here: {err}")
+    B, T, H = 3, 7, 16
+    hidden, weight = randn(B, T, H, seed=6), randn(V, H, seed=7, scale=0.25)
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(8)).to(DEVICE) > 0.2
+    with torch.no_grad():
+        logp = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, labels[..., None])[..., 0]
+    old, ref, adv = logp + 0.3 * randn(B, T, seed=9), logp + 0.2 * randn(B, T, seed=10), randn(B, seed=11)
+    grpo = grpo_module.LigerFusedLinearGRPOLoss(beta=0.04, compiled=False, epsilon_low=0.2, epsilon_high=0.28,
+                                                loss_type="dapo")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = grpo(h, w, labels, mask.long(), adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
+    want_grads = torch.autograd.grad(want, (h, w))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got, _ = ops.fused_linear_ppo_loss(h, w, labels, old, adv[:, None].expand(B, T), mask, ref_log_prob=ref,
+                                       kl_coef=0.04, kl_estimator="k3", clip_low=0.2, clip_high=0.28)
+    got_grads = torch.autograd.grad(got, (h, w))
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(("hidden", "weight"), got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_liger_options_ppo_fast_lacks_are_refused():

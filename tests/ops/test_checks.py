@@ -33,6 +33,9 @@ def every_op_call(x):
     adv, _ = ops.gae(rewards, t[0], mask)
     ops.masked_whiten(adv, mask)
     ops.fused_linear_logprobs(x["hidden"], x["weight"], x["labels"], chunk_size=16).sum().backward()
+    loss, _ = ops.fused_linear_ppo_loss(x["hidden"], x["weight"], x["labels"], t[0], t[1], mask, ref_log_prob=t[2],
+                                        kl_coef=0.1, entropy_coef=0.01, chunk_size=16)
+    loss.backward()
 
 
 @contextlib.contextmanager

@@ -150,8 +150,8 @@ def test_backward_chunks_follow_the_memory_budget_not_v_over_h(monkeypatch):
     from ppo_fast.ops import fused_linear
 
     calls = []
-    real = fused_linear._accumulate_fp32
-    monkeypatch.setattr(fused_linear, "_accumulate_fp32", lambda acc, a, b: calls.append(a.shape) or real(acc, a, b))
+    real = fused_linear.accumulate_fp32
+    monkeypatch.setattr(fused_linear, "accumulate_fp32", lambda acc, a, b: calls.append(a.shape) or real(acc, a, b))
     N, H, V = 1000, 16, 50257
     hidden = torch.randn(N, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)

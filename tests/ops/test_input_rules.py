@@ -32,6 +32,13 @@ CASES = {
         lambda: {"hidden": randn(B, T, H, seed=3), "weight": randn(V, H, seed=4, scale=0.3),
                  "labels": torch.randint(0, V, (B, T), device=DEVICE)},
         lambda f, x: f(x["hidden"], x["weight"], x["labels"], return_entropy=True), ["hidden", "weight"], []),
+    "fused_linear_ppo_loss": (
+        lambda: {"hidden": randn(B, T, H, seed=29), "weight": randn(V, H, seed=30, scale=0.3),
+                 "labels": torch.randint(0, V, (B, T), device=DEVICE), "old": per_token(31) - 3.0,
+                 "adv": randn(B, T, seed=32), "ref": per_token(33) - 3.0, "mask": ragged_mask(B, T, seed=34)},
+        lambda f, x: f(x["hidden"], x["weight"], x["labels"], x["old"], x["adv"], x["mask"], ref_log_prob=x["ref"],
+                       kl_coef=0.1, kl_estimator="k2", entropy_coef=0.01, dual_clip=3.0, agg="seq-mean-token-mean"),
+        ["hidden", "weight"], ["old", "adv", "ref"]),
     "ppo_policy_loss": (
         lambda: {"log_prob": per_token(5), "old": per_token(6), "adv": randn(B, T, seed=7),
                  "mask": ragged_mask(B, T, seed=8)},

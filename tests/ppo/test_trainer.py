@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from support import DEVICE, assert_close_f64, tiny_config  # noqa: E402
 
+from ppo_fast import ops as fused_ops  # noqa: E402
 from ppo_fast.ops import reference  # noqa: E402
 from ppo_fast.ppo import ConfigError, PPOConfig, PPOTrainer  # noqa: E402
 from ppo_fast.ppo.experience import Rollout  # noqa: E402
@@ -113,6 +114,28 @@ def test_update_loss_equals_reference_loss(trainer):
     value_loss, _ = reference.value_loss(values, exp.old_values.double(), exp.returns.double(), exp.mask)
     assert float(stats["policy_loss"]) == pytest.approx(float(policy_loss), abs=1e-5)
     assert float(stats["value_loss"]) == pytest.approx(float(value_loss), rel=1e-4, abs=1e-7)
+
+
+def test_update_gradient_with_entropy_and_kl_terms_equals_the_reference_ops(tmp_path):
+    """The fused policy objective (fused_linear_ppo_loss) and the reference ops' composition give
+    the same loss and gradients for every parameter, entropy bonus and KL loss included."""
+    trainer = PPOTrainer(tiny_config(tmp_path, entropy_coef=0.01, kl_loss_coef=0.1, kl_loss_estimator="k3"))
+    exp, _ = trainer.make_experience(trainer.rollout())
+    exp.advantages = torch.randn_like(exp.advantages)
+    exp.ref_logp = exp.old_logp + 0.1 * torch.randn_like(exp.old_logp)  # a nonzero KL gradient
+
+    def loss_and_grads(ops):
+        trainer.ops = ops
+        trainer.optimizer.optimizer.zero_grad(set_to_none=True)
+        loss, _ = trainer.micro_batch_loss(exp, int(exp.mask.sum()), exp.mask.shape[0])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for group in trainer.optimizer.params for p in group]
+
+    fused_loss, fused_grads = loss_and_grads(fused_ops)
+    plain_loss, plain_grads = loss_and_grads(reference)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_non_finite_step_is_skipped_and_counted(trainer):

@@ -1,0 +1,260 @@
+"""Fused linear -> PPO loss: the policy objective straight from the last hidden states, its
+gradient formed during the forward.
+
+A token's loss depends on the model only through its log-prob y and entropy H; every other
+input (old and reference log-probs, advantages, mask, the global counts) is known before the
+forward, so dL/dlogits is known inside it. With w_b the aggregation weight of row b
+(ppo_fast.ops.masked: agg(L) = sum_b w_b sum_t m_bt L_bt),
+
+    L        = sum_bt w_b m_bt (pg_bt - c_H H_bt + c_KL kl_bt)
+    dL/dy_bt = w_b (m_bt dpg/dy + c_KL m_bt dkl/dy),   dL/dH_bt = -c_H w_b m_bt
+
+Per chunk of whole rows: logits = h W^T + b (GEMM 1); one pass of the log-probs kernel for y,
+H and the lse; the policy-loss kernel for the row sums of pg and m dpg/dy; then the log-probs
+backward turns dL/dy and dL/dH into dL/dlogits, written into the logits buffer itself, and
+grad_h = g W (GEMM 2), grad_W += g^T h (GEMM 3, fp32, in place). The autograd backward only
+scales the saved gradients by the upstream scalar: three GEMMs in all (fused_linear_logprobs
+followed by ppo_policy_loss recomputes the logits: four), O(chunk x V) extra memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ppo_fast.ops import kl as kl_ops
+from ppo_fast.ops import policy_loss as policy_ops
+from ppo_fast.ops import reference
+from ppo_fast.ops.backend import resolve_backend
+from ppo_fast.ops.checks import (
+    contiguous,
+    require_choice,
+    require_finite,
+    require_mask,
+    require_nonnegative,
+    require_optional_count,
+    require_per_token,
+    require_python_float,
+    require_same_device,
+    require_temperature,
+)
+from ppo_fast.ops.constants import POLICY_ROW_STATS, ROW_LOSS
+from ppo_fast.ops.fused_linear import (
+    accumulate_fp32,
+    check_linear_inputs,
+    chunk_budget_rows,
+    linear,
+    require_chunk_size,
+)
+from ppo_fast.ops.logprobs import LAUNCHERS
+from ppo_fast.ops.masked import AGG_MODES, agg_row_weights, row_token_means
+
+# Per-row sums the forward keeps: the policy loss kernel's columns, then entropy and KL.
+ROW_ENTROPY, ROW_KL = len(POLICY_ROW_STATS), len(POLICY_ROW_STATS) + 1
+
+
+@dataclass(frozen=True)
+class Hyper:
+    inv_temperature: float
+    ignore_index: int
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    kl_coef: float
+    kl_estimator: str
+    entropy_coef: float
+    chunk_tokens: int
+
+
+# ----------------------------------------------------------------------------- per-token parts
+def _kl_triton(log_prob, ref, estimator):
+    return kl_ops.KL_PENALTY["triton"](log_prob, ref, estimator)
+
+
+def _kl_torch(log_prob, ref, estimator):
+    return reference.kl_penalty(log_prob, ref, estimator=estimator)
+
+
+# backend -> (policy-loss forward, KL): the O(tokens) parts of a chunk. The cuda backend runs
+# them on Triton, the cpp backend's KL on torch (neither has its own kernel for them).
+TOKEN_PARTS = {
+    "triton": (policy_ops.IMPLEMENTATIONS["triton"], _kl_triton),
+    "cuda": (policy_ops.IMPLEMENTATIONS["triton"], _kl_triton),
+    "cpp": (policy_ops.IMPLEMENTATIONS["cpp"], _kl_torch),
+}
+# Backends whose log-probs backward may write the gradient into the logits buffer.
+IN_PLACE_BACKWARD = ("triton", "cpp")
+
+
+def _kl_and_grad(kl_fn, log_prob, ref, estimator, want_grad):
+    """Per-token KL [k, T] and, with want_grad, d kl / d log_prob (each token's own derivative)."""
+    with torch.enable_grad():
+        x = log_prob.detach().requires_grad_(want_grad)
+        kl = kl_fn(x, ref, estimator)
+        grad = torch.autograd.grad(kl, x, torch.ones_like(kl))[0] if want_grad else None
+    return kl.detach(), grad
+
+
+def _valid_only(x, valid):
+    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# ----------------------------------------------------------------------------- forward with gradients
+def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weights, hp: Hyper, backend, want):
+    """(loss, policy_loss, stats [5], grads (hidden, weight, bias) or None where not wanted).
+
+    hidden [B, T, H]; labels [B, T] int64; old, adv, mask (float 0/1), ref (or None) [B, T]
+    float32 contiguous; row_weights [B] float32; want = (hidden, weight, bias) booleans.
+    """
+    launch_forward, launch_backward = LAUNCHERS[backend]
+    policy_forward, kl_fn = TOKEN_PARTS[backend]
+    needs_grad = any(want)
+    B, T, H = hidden.shape
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    row_stats = torch.zeros(B, ROW_KL + 1, **f32)
+    grad_h = torch.empty_like(hidden) if want[0] else None
+    grad_w = torch.zeros(weight.shape, **f32) if want[1] else None
+    grad_b = torch.zeros(weight.shape[0], **f32) if want[2] else None
+    rows_per_chunk = max(1, hp.chunk_tokens // max(T, 1))
+    for start in range(0, B if T else 0, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, B))
+        k = rows.stop - rows.start
+        h = hidden[rows].reshape(k * T, H)
+        chunk_labels = labels[rows].reshape(-1)
+        logits = linear(h, weight, bias)
+        logp, entropy, lse = launch_forward(logits, chunk_labels, hp.inv_temperature, hp.ignore_index, True)
+        logp, entropy = logp.view(k, T), entropy.view(k, T)
+        m, valid = mask[rows], mask[rows] != 0
+        policy_rows, dloss = policy_forward(logp, old[rows], adv[rows], m, hp.clip_low, hp.clip_high, hp.dual_clip,
+                                            needs_grad)
+        row_stats[rows, :ROW_ENTROPY] = policy_rows
+        row_stats[rows, ROW_ENTROPY] = _valid_only(entropy, valid).sum(-1)
+        w = row_weights[rows, None]
+        grad_logp = w * dloss if needs_grad else None  # dloss = m dpg/dy
+        if ref is not None:
+            kl, dkl = _kl_and_grad(kl_fn, _valid_only(logp, valid), _valid_only(ref[rows], valid), hp.kl_estimator,
+                                   needs_grad and hp.kl_coef != 0)
+            row_stats[rows, ROW_KL] = _valid_only(kl, valid).sum(-1)
+            if dkl is not None:
+                grad_logp = grad_logp + (hp.kl_coef * w) * _valid_only(dkl, valid)
+        if not needs_grad:
+            continue
+        grad_entropy = (-hp.entropy_coef * w * m).reshape(-1) if hp.entropy_coef != 0 else None
+        grad_logits = launch_backward(logits, chunk_labels, lse, entropy.reshape(-1), grad_logp.reshape(-1),
+                                      grad_entropy, hp.inv_temperature, hp.ignore_index,
+                                      out=logits if backend in IN_PLACE_BACKWARD else None)
+        if want[0]:
+            grad_h[rows] = (grad_logits @ weight).view(k, T, H)
+        if want[1]:
+            accumulate_fp32(grad_w, grad_logits.t(), h)
+        if want[2]:
+            grad_b += grad_logits.sum(0, dtype=torch.float32)
+    # agg(x) = sum_b w_b (row sum of m x): the loss terms from the row sums.
+    policy_loss, entropy_agg, kl_agg = (row_weights @ row_stats[:, [ROW_LOSS, ROW_ENTROPY, ROW_KL]]).unbind()
+    loss = policy_loss - hp.entropy_coef * entropy_agg + hp.kl_coef * kl_agg
+    return loss, policy_loss, row_token_means(row_stats), (grad_h, grad_w, grad_b)
+
+
+# ----------------------------------------------------------------------------- autograd
+class _FusedLinearPPOLoss(torch.autograd.Function):
+    """The forward does all the work; the backward scales the saved gradients by the upstream."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, row_weights, hp, backend):
+        loss, policy_loss, stats, grads = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref,
+                                                         row_weights, hp, backend, ctx.needs_input_grad[:3])
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
+        ctx.mark_non_differentiable(policy_loss, stats)
+        return loss, policy_loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stat_grads):
+        scaled = tuple(None if g is None else (g * grad_loss).to(dtype)
+                       for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        return (*scaled, None, None, None, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- public
+IMPLEMENTATIONS = {**{b: TOKEN_PARTS[b] for b in ("triton", "cuda", "cpp")}, "torch": reference.fused_linear_ppo_loss}
+BACKENDS = {"fused_linear_ppo_loss": tuple(IMPLEMENTATIONS)}
+
+
+def _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_prob):
+    if labels.dim() != 2:
+        raise ValueError(f"labels: expected a [B, T] tensor (hidden [B, T, H]), got shape {tuple(labels.shape)}")
+    per_token = {"old_log_prob": old_log_prob, "advantages": advantages}
+    if ref_log_prob is not None:
+        per_token["ref_log_prob"] = ref_log_prob
+    shape = require_per_token(per_token)
+    if tuple(shape) != tuple(labels.shape):
+        raise ValueError(f"old_log_prob: expected the shape of labels {tuple(labels.shape)}, got {tuple(shape)}")
+    require_mask("mask", mask, shape)
+    require_same_device(hidden=hidden, old_log_prob=old_log_prob, mask=mask)
+
+
+def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
+                          ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
+                          entropy_coef=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean",
+                          num_tokens=None, num_seqs=None, chunk_size=None):
+    """PPO policy loss from the last hidden states and the LM head, never holding [N, V] logits:
+
+        ppo_policy_loss(logp) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
+
+    with logp, entropy = fused_linear_logprobs(hidden, weight, labels), in one pass (see the
+    module docstring). Same value, gradients and stats as that composition
+    (`ppo_fast.ops.reference.fused_linear_ppo_loss`).
+
+    Args:
+        hidden: [B, T, H] float32/bfloat16/float16; weight: [V, H] (lm_head.weight); bias: [V].
+        labels: [B, T] integer ids; old_log_prob, advantages, mask (bool or 0/1), ref_log_prob:
+            [B, T]. clip_low/clip_high/dual_clip/agg/num_tokens/num_seqs as in ppo_policy_loss
+            (pass the global counts when accumulating micro-batches: the gradients then add up
+            to the big batch's). A KL term needs ref_log_prob; given without kl_coef its mean is
+            still reported.
+        chunk_size: tokens per chunk (whole rows, at least one); default from V and free memory.
+
+    Returns (loss, stats): a float32 scalar differentiable to hidden, weight and bias, and
+    detached float32 scalars clipfrac, approx_kl, clipfrac_lower, policy_loss, entropy and
+    (with ref_log_prob) kl. Under no_grad, or when nothing requires grad, no gradient work runs.
+    """
+    V = check_linear_inputs(hidden, weight, bias, labels, ignore_index)
+    _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_prob)
+    temperature = require_temperature(temperature)
+    require_chunk_size(chunk_size)
+    require_choice("agg", agg, AGG_MODES)
+    require_choice("kl_estimator", kl_estimator, kl_ops.ESTIMATORS)
+    require_optional_count("num_tokens", num_tokens)
+    require_optional_count("num_seqs", num_seqs)
+    kl_coef, entropy_coef = require_finite("kl_coef", kl_coef), require_finite("entropy_coef", entropy_coef)
+    if kl_coef != 0 and ref_log_prob is None:
+        raise ValueError(f"ref_log_prob: required when kl_coef != 0 (got kl_coef={kl_coef})")
+    clip_low, clip_high = require_nonnegative("clip_low", clip_low), require_nonnegative("clip_high", clip_high)
+    if dual_clip is not None and not (require_python_float("dual_clip", dual_clip) > 1 and dual_clip < float("inf")):
+        raise ValueError(f"dual_clip: expected None or a finite value > 1, got {dual_clip!r}")
+
+    backend = resolve_backend(hidden.device, "fused_linear_ppo_loss", IMPLEMENTATIONS)
+    if backend == "torch":
+        return reference.fused_linear_ppo_loss(
+            hidden, weight, labels, old_log_prob, advantages, mask, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+            num_tokens=num_tokens, num_seqs=num_seqs)
+    hp = Hyper(1.0 / temperature, ignore_index, clip_low, clip_high, None if dual_clip is None else float(dual_clip),
+               kl_coef, kl_estimator, entropy_coef,
+               chunk_size if chunk_size is not None else chunk_budget_rows(V, hidden.device))
+    mask = mask.to(torch.float32)
+    old, adv, ref = (None if t is None else t.detach().float() for t in (old_log_prob, advantages, ref_log_prob))
+    hidden, labels, old, adv, mask, ref = contiguous(hidden, labels.long(), old, adv, mask, ref)
+    row_weights = agg_row_weights(mask.sum(-1), agg, num_tokens, num_seqs)
+    inputs = (hidden, weight, bias, labels, old, adv, mask, ref, row_weights, hp, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        loss, policy_loss, stats = _FusedLinearPPOLoss.apply(*inputs)
+    else:
+        loss, policy_loss, stats, _ = loss_and_grads(*inputs, (False, False, False))
+    clipfrac, approx_kl, clipfrac_lower, entropy, kl = stats.unbind()
+    stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,
+             "policy_loss": policy_loss, "entropy": entropy}
+    if ref_log_prob is not None:
+        stats["kl"] = kl
+    return loss, stats
