@@ -34,5 +34,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae_forward", &ppo_fast::gae_forward);
   m.def("policy_loss_forward", &ppo_fast::policy_loss_forward);
   m.def("value_loss_forward", &ppo_fast::value_loss_forward);
-  m.def("scale_rows", &ppo_fast::scale_rows);
 }

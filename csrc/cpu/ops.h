@@ -38,8 +38,4 @@ std::tuple<at::Tensor, at::Tensor> value_loss_forward(const at::Tensor& values, 
                                                       const at::Tensor& returns, const at::Tensor& mask,
                                                       double clip, bool needs_grad);
 
-// upstream * row_weight[:, None] (* x) (* mask) as a float32 [B, T] tensor (x, mask float32).
-at::Tensor scale_rows(const at::Tensor& row_weight, const at::Tensor& upstream, int64_t B, int64_t T,
-                      const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& mask);
-
 }  // namespace ppo_fast

@@ -1,8 +1,10 @@
 """Benchmark cases, one function per op family (named as in ppo_fast/ops/): each case is one
 public function, mode ("fwd" or "fwd+bwd"), dtype and shape, with every implementation that
 can run here: `torch` (the reference, the baseline), `torch-compile` (the reference under
-torch.compile, GPU; one compiled object per case, so no case runs past dynamo's recompile
-limit), peers where installed, and `ppo_fast-<backend>` for each ppo_fast backend of the op.
+torch.compile: every case on GPU, the per-token cases on CPU; one compiled object per case, so
+no case runs past dynamo's recompile limit), peers where installed, `ppo_fast-<backend>` for
+each ppo_fast backend of the op, and `ppo_fast-compile` (the public op under torch.compile,
+wherever `torch-compile` is).
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def implementations(device: torch.device, fn: str, *, compile_reference: bool) -
     for name in available_backends(device):
         if name != "torch" and name in ops.IMPLEMENTATIONS[fn]:
             impls[f"ppo_fast-{name}"] = _on_backend(name, getattr(ops, fn))
+    if compile_reference:  # ppo_fast's ops are custom ops: the compiler keeps them and fuses what is around
+        impls["ppo_fast-compile"] = torch.compile(getattr(ops, fn), dynamic=False)
     return impls
 
 
@@ -288,7 +292,7 @@ def token_cases(op: str, device: torch.device, quick: bool) -> list:
     for fn, (family, call, bytes_fwd, bytes_fwd_bwd) in TOKEN_FUNCTIONS.items():
         if family != op:
             continue
-        compile_reference = device.type == "cuda" and fn != "gae"  # the loop would unroll T steps
+        compile_reference = fn != "gae"  # the loop would unroll T steps
         for B, T in token_shapes(device, quick):
             modes = [("fwd", _no_grad, False, bytes_fwd)] + (
                 [("fwd+bwd", _with_grad, True, bytes_fwd_bwd)] if bytes_fwd_bwd else [])

@@ -3,7 +3,8 @@
 The choice comes from `use_backend(name)` (innermost wins) or else the environment
 variable PPO_FAST_BACKEND, default `auto`:
 
-- auto: Triton for CUDA tensors; for CPU tensors the C++ extension when built, else torch.
+- auto: Triton for CUDA tensors; for CPU tensors the C++ extension when built, else torch;
+  for meta tensors a custom op of the op's table (its fake implementation gives the shapes).
 - triton: Triton kernels; on CPU tensors only under TRITON_INTERPRET=1 (the test mode).
 - cuda / cpp: the hand-written kernels of csrc/ (`ppo_fast._C_cuda` / `ppo_fast._C`).
 - torch: the plain-PyTorch reference, `ppo_fast.ops.reference`.
@@ -112,6 +113,10 @@ def resolve_backend(device: torch.device, op: str, implementations) -> str:
     """
     supported = tuple(implementations)
     name = requested_backend()
+    if device.type == "meta":  # shapes only: the custom ops' fake implementations answer, no kernel runs
+        runnable = [b for b in ("cpp", "triton", "cuda") if b in supported] + ["torch"]
+        if name == "auto" or name in runnable:
+            return runnable[0] if name == "auto" else name
     runnable = [b for b in available_backends(device) if b in supported]
     if name == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")

@@ -89,17 +89,27 @@ def require_temperature(value) -> float:
     return value
 
 
+def require_values(bad: torch.Tensor, message: str, where=None) -> None:
+    """Raise ValueError(message) if any entry of the boolean tensor `bad` is set; `where(bad)`
+    adds where. Under torch.compile the check is an assert op in the graph (no graph break, no
+    host read while tracing) that raises RuntimeError(message) when the graph runs."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        raise ValueError(message + (where(bad) if where else ""))
+
+
 def require_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Every label is in [0, vocab_size) or equals ignore_index (a value check: see the docstring)."""
     if not labels.numel() or not value_checks_enabled(labels.device):
         return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
+
+    def first(bad):
         where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"labels: values must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"found {int(labels[where])} at index {where}"
-        )
+        return f"; found {int(labels[where])} at index {where}"
+
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    require_values(bad, f"labels: values must be in [0, {vocab_size}) or equal ignore_index={ignore_index}", first)
 
 
 def require_mask(name: str, mask, shape) -> None:
@@ -108,8 +118,8 @@ def require_mask(name: str, mask, shape) -> None:
     require_shape(name, mask, shape, "the shape of the per-token inputs")
     if mask.dtype == torch.bool or not mask.numel() or not value_checks_enabled(mask.device):
         return
-    if bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError(f"{name}: expected a bool or 0/1 mask, found values other than 0 and 1 ({mask.dtype})")
+    require_values((mask != 0) & (mask != 1),
+                   f"{name}: expected a bool or 0/1 mask, found values other than 0 and 1 ({mask.dtype})")
 
 
 def require_choice(name: str, value, choices) -> None:

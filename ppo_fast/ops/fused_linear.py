@@ -16,6 +16,8 @@ written as few times as possible.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ppo_fast.ops import reference
@@ -64,58 +66,96 @@ def accumulate_fp32(acc, a, b):
         acc.addmm_(a.float(), b.float())  # CPU: fp32 copies of the chunk only
 
 
-# ----------------------------------------------------------------------------- autograd
-class _FusedLinearLogprobs(torch.autograd.Function):
-    """Inputs flattened to hidden [N, H], labels [N]; outputs logp [N] (and entropy [N])."""
+# ----------------------------------------------------------------------------- custom ops
+# hidden flattened to [N, H], labels to [N]; chunk_size 0 = the defaults above.
+@torch.library.custom_op("ppo_fast::fused_linear_logprobs_forward", mutates_args=())
+def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool,
+                         chunk_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [N], entropy [N] or empty, lse [N]), float32."""
+    launch_forward = LAUNCHERS[backend][0]
+    (N, H), V = hidden.shape, weight.shape[0]
+    chunk = chunk_size or default_chunk_size(N, V, H, chunk_budget_rows(V, hidden.device))
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    entropy = torch.empty(N if with_entropy else 0, **f32)
+    for start in range(0, N, chunk):
+        rows = slice(start, min(start + chunk, N))
+        logits = linear(hidden[rows], weight, bias)
+        logp[rows], entropy_c, lse[rows] = launch_forward(logits, labels[rows], inv_temperature, ignore_index,
+                                                         with_entropy)
+        if with_entropy:
+            entropy[rows] = entropy_c
+    return logp, entropy, lse
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk, backward_chunk,
-                backend):
-        launch_forward, ctx.launch_backward = LAUNCHERS[backend]
-        inv_temperature = 1.0 / temperature
-        N = hidden.shape[0]
-        f32 = dict(device=hidden.device, dtype=torch.float32)
-        logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
-        entropy = torch.empty(N, **f32) if with_entropy else None
-        for start in range(0, N, chunk):
-            rows = slice(start, min(start + chunk, N))
-            logits = linear(hidden[rows], weight, bias)
-            logp[rows], entropy_c, lse[rows] = launch_forward(logits, labels[rows], inv_temperature, ignore_index,
-                                                             with_entropy)
-            if with_entropy:
-                entropy[rows] = entropy_c
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.inv_temperature, ctx.ignore_index, ctx.chunk = inv_temperature, ignore_index, backward_chunk
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if with_entropy else (logp,)
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 10
-        N = hidden.shape[0]
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
-        grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if want_b else None
-        for start in range(0, N, ctx.chunk):
-            rows = slice(start, min(start + ctx.chunk, N))
-            h = hidden[rows]
-            grad_logits = ctx.launch_backward(
-                linear(h, weight, bias), labels[rows], lse[rows], None if entropy is None else entropy[rows],
-                None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
-                ctx.inv_temperature, ctx.ignore_index,
-            )
-            if want_h:
-                grad_h[rows] = grad_logits @ weight
-            if want_w:
-                accumulate_fp32(grad_w, grad_logits.t(), h)
-            if want_b:
-                grad_b += grad_logits.sum(0, dtype=torch.float32)
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+@fused_linear_forward.register_fake
+def _(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, chunk_size, backend):
+    N = hidden.shape[0]
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for n in (N, N if with_entropy else 0, N))
+
+
+@torch.library.custom_op("ppo_fast::fused_linear_logprobs_backward", mutates_args=())
+def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          labels: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
+                          grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                          inv_temperature: float, ignore_index: int, chunk_size: int, want_hidden: bool,
+                          want_weight: bool, want_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """(grad_hidden, grad_weight, grad_bias), each empty where not wanted; chunks recompute the logits."""
+    launch_backward = LAUNCHERS[backend][1]
+    N, V = hidden.shape[0], weight.shape[0]
+    chunk = chunk_size or chunk_budget_rows(V, hidden.device)
+    grad_h = torch.empty_like(hidden) if want_hidden else hidden.new_empty(0)
+    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_weight else None
+    grad_b = torch.zeros(V, device=weight.device, dtype=torch.float32) if want_bias else None
+    for start in range(0, N, chunk):
+        rows = slice(start, min(start + chunk, N))
+        h = hidden[rows]
+        grad_logits = launch_backward(
+            linear(h, weight, bias), labels[rows], lse[rows], None if entropy is None else entropy[rows],
+            None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
+            inv_temperature, ignore_index,
+        )
+        if want_hidden:
+            grad_h[rows] = grad_logits @ weight
+        if want_weight:
+            accumulate_fp32(grad_w, grad_logits.t(), h)
+        if want_bias:
+            grad_b += grad_logits.sum(0, dtype=torch.float32)
+    grad_w = weight.new_empty(0) if grad_w is None else grad_w.to(weight.dtype)
+    grad_b = weight.new_empty(0) if grad_b is None else grad_b.to(weight.dtype)
+    return grad_h, grad_w, grad_b
+
+
+@fused_linear_backward.register_fake
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+      chunk_size, want_hidden, want_weight, want_bias, backend):
+    return (torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if want_weight else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if want_bias else weight.new_empty(0))
+
+
+def _fused_linear_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, chunk_size, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[2], output[1] if with_entropy else None)
+    ctx.args = (inv_temperature, ignore_index, chunk_size)
+    ctx.backend = backend
+    ctx.set_materialize_grads(False)
+
+
+def _fused_linear_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    grad_entropy = grad_entropy if entropy is not None else None
+    want = ctx.needs_input_grad[:3]
+    if (grad_logp is None and grad_entropy is None) or not any(want):
+        return (None,) * 9
+    grads = fused_linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, *ctx.args,
+                                  *want, ctx.backend)
+    return (*(g if w else None for g, w in zip(grads, want)), None, None, None, None, None, None)
+
+
+fused_linear_forward.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
 
 
 # ----------------------------------------------------------------------------- public
@@ -175,12 +215,6 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     H = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, H)
     flat_labels = labels.reshape(-1).long().contiguous()  # chunks index it by flat row
-    if chunk_size is None:  # the budget (a free-memory query on CUDA) is read once per call
-        backward_chunk = chunk_budget_rows(V, hidden.device)
-        chunk = default_chunk_size(flat_hidden.shape[0], V, H, backward_chunk)
-    else:
-        chunk = backward_chunk = chunk_size
-    outputs = _FusedLinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, temperature, ignore_index,
-                                         return_entropy, chunk, backward_chunk, backend)
-    outputs = tuple(t.view(labels.shape) for t in outputs)
-    return outputs if return_entropy else outputs[0]
+    logp, entropy, _ = fused_linear_forward(flat_hidden, weight, bias, flat_labels, 1.0 / temperature, ignore_index,
+                                            return_entropy, chunk_size or 0, backend)
+    return (logp.view(labels.shape), entropy.view(labels.shape)) if return_entropy else logp.view(labels.shape)

@@ -19,10 +19,12 @@ followed by ppo_policy_loss recomputes the logits: four), O(chunk x V) extra mem
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ppo_fast.ops import kl as kl_ops
+from ppo_fast.ops.kl import kl_and_grad
 from ppo_fast.ops import policy_loss as policy_ops
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import resolve_backend
@@ -67,32 +69,15 @@ class Hyper:
 
 
 # ----------------------------------------------------------------------------- per-token parts
-def _kl_triton(log_prob, ref, estimator):
-    return kl_ops.KL_PENALTY["triton"](log_prob, ref, estimator)
-
-
-def _kl_torch(log_prob, ref, estimator):
-    return reference.kl_penalty(log_prob, ref, estimator=estimator)
-
-
-# backend -> (policy-loss forward, KL): the O(tokens) parts of a chunk. The cuda backend runs
-# them on Triton, the cpp backend's KL on torch (neither has its own kernel for them).
+# backend -> (policy-loss forward, KL backend): the O(tokens) parts of a chunk. The cuda backend
+# runs them on Triton, the cpp backend's KL on torch (neither has its own kernel for them).
 TOKEN_PARTS = {
-    "triton": (policy_ops.IMPLEMENTATIONS["triton"], _kl_triton),
-    "cuda": (policy_ops.IMPLEMENTATIONS["triton"], _kl_triton),
-    "cpp": (policy_ops.IMPLEMENTATIONS["cpp"], _kl_torch),
+    "triton": (policy_ops.IMPLEMENTATIONS["triton"], "triton"),
+    "cuda": (policy_ops.IMPLEMENTATIONS["triton"], "triton"),
+    "cpp": (policy_ops.IMPLEMENTATIONS["cpp"], "torch"),
 }
 # Backends whose log-probs backward may write the gradient into the logits buffer.
 IN_PLACE_BACKWARD = ("triton", "cpp")
-
-
-def _kl_and_grad(kl_fn, log_prob, ref, estimator, want_grad):
-    """Per-token KL [k, T] and, with want_grad, d kl / d log_prob (each token's own derivative)."""
-    with torch.enable_grad():
-        x = log_prob.detach().requires_grad_(want_grad)
-        kl = kl_fn(x, ref, estimator)
-        grad = torch.autograd.grad(kl, x, torch.ones_like(kl))[0] if want_grad else None
-    return kl.detach(), grad
 
 
 def _valid_only(x, valid):
@@ -107,7 +92,7 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weight
     float32 contiguous; row_weights [B] float32; want = (hidden, weight, bias) booleans.
     """
     launch_forward, launch_backward = LAUNCHERS[backend]
-    policy_forward, kl_fn = TOKEN_PARTS[backend]
+    policy_forward, kl_backend = TOKEN_PARTS[backend]
     needs_grad = any(want)
     B, T, H = hidden.shape
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -132,10 +117,9 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weight
         w = row_weights[rows, None]
         grad_logp = w * dloss if needs_grad else None  # dloss = m dpg/dy
         if ref is not None:
-            kl, dkl = _kl_and_grad(kl_fn, _valid_only(logp, valid), _valid_only(ref[rows], valid), hp.kl_estimator,
-                                   needs_grad and hp.kl_coef != 0)
+            kl, dkl = kl_and_grad(_valid_only(logp, valid), _valid_only(ref[rows], valid), hp.kl_estimator, kl_backend)
             row_stats[rows, ROW_KL] = _valid_only(kl, valid).sum(-1)
-            if dkl is not None:
+            if needs_grad and hp.kl_coef != 0:
                 grad_logp = grad_logp + (hp.kl_coef * w) * _valid_only(dkl, valid)
         if not needs_grad:
             continue
@@ -155,24 +139,63 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weight
     return loss, policy_loss, row_token_means(row_stats), (grad_h, grad_w, grad_b)
 
 
-# ----------------------------------------------------------------------------- autograd
-class _FusedLinearPPOLoss(torch.autograd.Function):
-    """The forward does all the work; the backward scales the saved gradients by the upstream."""
+# ----------------------------------------------------------------------------- custom op
+@torch.library.custom_op("ppo_fast::fused_linear_ppo_loss_forward", mutates_args=())
+def fused_ppo_loss_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, ref: Optional[torch.Tensor], row_weights: torch.Tensor,
+    inv_temperature: float, ignore_index: int, clip_low: float, clip_high: float, dual_clip: Optional[float],
+    kl_coef: float, kl_estimator: str, entropy_coef: float, chunk_tokens: int, want_hidden: bool,
+    want_weight: bool, want_bias: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, policy_loss, stats [5], grad_hidden, grad_weight (fp32), grad_bias (fp32)), the
+    gradients of the loss itself, empty where not wanted; chunk_tokens 0 = from the memory budget."""
+    hp = Hyper(inv_temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
+               chunk_tokens or chunk_budget_rows(weight.shape[0], hidden.device))
+    want = (want_hidden, want_weight, want_bias)
+    loss, policy_loss, stats, grads = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weights,
+                                                     hp, backend, want)
+    return loss, policy_loss, stats, *(hidden.new_empty(0) if g is None else g for g in grads)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, row_weights, hp, backend):
-        loss, policy_loss, stats, grads = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref,
-                                                         row_weights, hp, backend, ctx.needs_input_grad[:3])
-        ctx.save_for_backward(*grads)
-        ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
-        ctx.mark_non_differentiable(policy_loss, stats)
-        return loss, policy_loss, stats
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_stat_grads):
-        scaled = tuple(None if g is None else (g * grad_loss).to(dtype)
-                       for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
-        return (*scaled, None, None, None, None, None, None, None, None)
+@fused_ppo_loss_forward.register_fake
+def _(hidden, weight, bias, labels, old, adv, mask, ref, row_weights, inv_temperature, ignore_index, clip_low,
+      clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, chunk_tokens, want_hidden, want_weight, want_bias,
+      backend):
+    def f32(*shape):
+        return hidden.new_empty(shape, dtype=torch.float32)
+
+    return (f32(), f32(), f32(5), torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
+            f32(*weight.shape) if want_weight else hidden.new_empty(0),
+            f32(weight.shape[0]) if want_bias else hidden.new_empty(0))
+
+
+def _scaled(grad, factor):
+    """grad * factor, in place on an eager tensor (this node's own buffer: no second [V, H] fp32
+    tensor at the peak); out of place on the fake/functional tensors of a trace, whose graph may
+    not mutate a forward output."""
+    return grad.mul_(factor) if type(grad) is torch.Tensor else grad.mul(factor)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[3:])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, inputs[1].dtype)
+    ctx.n_inputs, ctx.scaled = len(inputs), False
+
+
+def _backward(ctx, grad_loss, *_grad_outputs):
+    """The forward formed the gradients; the backward scales them by the upstream scalar (in place
+    in eager), so a second backward through the same loss is refused rather than scaled twice."""
+    if ctx.scaled:
+        raise RuntimeError("fused_linear_ppo_loss: backward through the same loss twice (retain_graph=True) is "
+                           "not supported: its gradients are formed in the forward and scaled in place")
+    ctx.scaled = True
+    grads = tuple(_scaled(g, grad_loss).to(dtype) if want else None
+                  for g, dtype, want in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad))
+    return grads + (None,) * (ctx.n_inputs - 3)
+
+
+fused_ppo_loss_forward.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- public
@@ -240,21 +263,19 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
             ignore_index=ignore_index, ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator,
             entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
             num_tokens=num_tokens, num_seqs=num_seqs)
-    hp = Hyper(1.0 / temperature, ignore_index, clip_low, clip_high, None if dual_clip is None else float(dual_clip),
-               kl_coef, kl_estimator, entropy_coef,
-               chunk_size if chunk_size is not None else chunk_budget_rows(V, hidden.device))
     mask = mask.to(torch.float32)
     old, adv, ref = (None if t is None else t.detach().float() for t in (old_log_prob, advantages, ref_log_prob))
     hidden, labels, old, adv, mask, ref = contiguous(hidden, labels.long(), old, adv, mask, ref)
     row_weights = agg_row_weights(mask.sum(-1), agg, num_tokens, num_seqs)
-    inputs = (hidden, weight, bias, labels, old, adv, mask, ref, row_weights, hp, backend)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        loss, policy_loss, stats = _FusedLinearPPOLoss.apply(*inputs)
-    else:
-        loss, policy_loss, stats, _ = loss_and_grads(*inputs, (False, False, False))
-    clipfrac, approx_kl, clipfrac_lower, entropy, kl = stats.unbind()
+    grad_on = torch.is_grad_enabled()
+    want = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, policy_loss, stats, *_ = fused_ppo_loss_forward(
+        hidden, weight, bias, labels, old, adv, mask, ref, row_weights, 1.0 / temperature, ignore_index, clip_low,
+        clip_high, None if dual_clip is None else float(dual_clip), kl_coef, kl_estimator, entropy_coef,
+        chunk_size or 0, *want, backend)
+    clipfrac, approx_kl, clipfrac_lower, entropy, kl = stats.detach().unbind()
     stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,
-             "policy_loss": policy_loss, "entropy": entropy}
+             "policy_loss": policy_loss.detach(), "entropy": entropy}
     if ref_log_prob is not None:
         stats["kl"] = kl
     return loss, stats

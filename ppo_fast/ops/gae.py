@@ -81,9 +81,22 @@ def _gae_native(module):
     return run
 
 
+# ----------------------------------------------------------------------------- custom op
+@torch.library.custom_op("ppo_fast::gae", mutates_args=())
+def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return IMPLEMENTATIONS[backend](rewards, values, mask, gamma, lam)
+
+
+@gae_op.register_fake
+def _(rewards, values, mask, gamma, lam, backend):
+    return (rewards.new_empty(rewards.shape, dtype=torch.float32),
+            rewards.new_empty(rewards.shape, dtype=torch.float32))
+
+
 # ----------------------------------------------------------------------------- public
 IMPLEMENTATIONS = {"triton": _gae_triton, "cuda": _gae_native("_C_cuda"), "cpp": _gae_native("_C"),
-                   "torch": lambda r, v, m, gamma, lam: reference.gae(r, v, m, gamma=gamma, lam=lam)}
+                   "torch": reference.gae}
 BACKENDS = {"gae": tuple(IMPLEMENTATIONS)}
 
 
@@ -96,4 +109,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     gamma = require_nonnegative("gamma", gamma)
     lam = require_nonnegative("lam", lam)
     backend = resolve_backend(rewards.device, "gae", IMPLEMENTATIONS)
-    return IMPLEMENTATIONS[backend](*contiguous(rewards.detach(), values.detach(), mask), gamma, lam)
+    rewards, values, mask = contiguous(rewards.detach(), values.detach(), mask)
+    if backend == "torch":
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    return gae_op(rewards, values, mask, gamma, lam, backend)

@@ -136,41 +136,102 @@ def _launch_kl_backward(log_prob, ref_log_prob, upstream, code, want_log_prob, w
     return grad_lp, grad_ref
 
 
-# ----------------------------------------------------------------------------- autograd
-class _KLTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, log_prob, ref_log_prob, value_code, grad_code):
-        ctx.save_for_backward(log_prob, ref_log_prob)
-        ctx.grad_code = grad_code
-        return _launch_kl(log_prob, ref_log_prob, value_code)
+def _kl_grad_torch(log_prob, ref, code):
+    """d KL / d log_prob in torch, elementwise: the twin of _kl_grad above for the backends
+    without a KL kernel (tests/ops/test_kl.py checks it against autograd of the reference)."""
+    diff = log_prob - ref
+    if code == KL_K1:
+        return torch.ones_like(diff)
+    if code == KL_ABS:
+        return torch.sign(diff)
+    if code == KL_K2:
+        return diff
+    raw = ref - log_prob
+    kappa = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    value = torch.exp(kappa) - kappa - 1.0
+    inside = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP) & (value >= -K3_CLAMP) & (value <= K3_CLAMP)
+    return torch.where(inside, 1.0 - torch.exp(kappa), 0.0)
 
-    @staticmethod
-    def backward(ctx, upstream):
-        log_prob, ref_log_prob = ctx.saved_tensors
-        grad_lp, grad_ref = _launch_kl_backward(log_prob, ref_log_prob, upstream, ctx.grad_code,
-                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_lp, grad_ref, None, None
+
+def _codes(estimator):
+    """(value code, gradient code): a '+' estimator takes the gradient of k2."""
+    value_code = KL_ESTIMATOR_CODES[estimator.rstrip("+")]
+    return value_code, KL_K2 if estimator.endswith("+") else value_code
 
 
-# ----------------------------------------------------------------------------- launchers
-def _rewards_triton(scores, log_prob, ref_log_prob, mask, kl_coef, estimator):
+def kl_and_grad(log_prob, ref_log_prob, estimator, backend):
+    """Per-token (KL, d KL / d log_prob) without autograd, for ops that form their gradient in
+    the forward (fused_linear_ppo_loss): the Triton kernels, else the reference and _kl_grad_torch."""
+    value_code, grad_code = _codes(estimator)
+    if backend == "triton":
+        grad, _ = _launch_kl_backward(log_prob, ref_log_prob, torch.ones_like(log_prob), grad_code, True, False)
+        return _launch_kl(log_prob, ref_log_prob, value_code), grad
+    return reference.kl_penalty(log_prob, ref_log_prob, estimator=estimator), _kl_grad_torch(log_prob, ref_log_prob,
+                                                                                            grad_code)
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("ppo_fast::kl_forward", mutates_args=())
+def kl_forward(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, value_code: int, grad_code: int) -> torch.Tensor:
+    return _launch_kl(log_prob, ref_log_prob, value_code)
+
+
+@kl_forward.register_fake
+def _(log_prob, ref_log_prob, value_code, grad_code):
+    return log_prob.new_empty(log_prob.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("ppo_fast::kl_backward", mutates_args=())
+def kl_backward(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, upstream: torch.Tensor, grad_code: int,
+                want_log_prob: bool, want_ref: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    grads = _launch_kl_backward(log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref)
+    return tuple(log_prob.new_empty(0) if g is None else g for g in grads)
+
+
+@kl_backward.register_fake
+def _(log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref):
+    return (torch.empty_like(log_prob) if want_log_prob else log_prob.new_empty(0),
+            torch.empty_like(ref_log_prob) if want_ref else log_prob.new_empty(0))
+
+
+def _kl_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.grad_code = inputs[3]
+
+
+def _kl_backward(ctx, upstream):
+    log_prob, ref_log_prob = ctx.saved_tensors
+    want_log_prob, want_ref = ctx.needs_input_grad[:2]
+    grad_lp, grad_ref = kl_backward(log_prob, ref_log_prob, upstream, ctx.grad_code, want_log_prob, want_ref)
+    return grad_lp if want_log_prob else None, grad_ref if want_ref else None, None, None
+
+
+kl_forward.register_autograd(_kl_backward, setup_context=_kl_setup)
+
+
+@torch.library.custom_op("ppo_fast::compute_rewards", mutates_args=())
+def compute_rewards_triton(scores: torch.Tensor, log_prob: torch.Tensor, ref_log_prob: torch.Tensor,
+                           mask: torch.Tensor, kl_coef: float, estimator: str) -> torch.Tensor:
     B, T = log_prob.shape
     out = torch.empty(B, T, device=log_prob.device, dtype=torch.float32)
     if B * T:
         _rewards_kernel[(B,)](scores, log_prob, ref_log_prob, mask, out, T, kl_coef,
-                              ESTIMATOR=KL_ESTIMATOR_CODES[estimator.rstrip("+")], BLOCK_T=block_t(T))
+                              ESTIMATOR=_codes(estimator)[0], BLOCK_T=block_t(T))
     return out
 
 
+@compute_rewards_triton.register_fake
+def _(scores, log_prob, ref_log_prob, mask, kl_coef, estimator):
+    return log_prob.new_empty(log_prob.shape, dtype=torch.float32)
+
+
 def _kl_triton(log_prob, ref_log_prob, estimator):
-    value_code = KL_ESTIMATOR_CODES[estimator.rstrip("+")]
-    grad_code = KL_K2 if estimator.endswith("+") else value_code
-    return _KLTriton.apply(log_prob, ref_log_prob, value_code, grad_code)
+    return kl_forward(log_prob, ref_log_prob, *_codes(estimator))
 
 
 # ----------------------------------------------------------------------------- public
 KL_PENALTY = {"triton": _kl_triton, "torch": reference.kl_penalty}
-COMPUTE_REWARDS = {"triton": _rewards_triton, "torch": reference.compute_rewards}
+COMPUTE_REWARDS = {"triton": compute_rewards_triton, "torch": reference.compute_rewards}
 BACKENDS = {"kl_penalty": tuple(KL_PENALTY), "compute_rewards": tuple(COMPUTE_REWARDS)}
 
 

@@ -16,6 +16,7 @@ ppo_fast.ops.checks) gives logp NaN and is never read.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -228,32 +229,59 @@ LAUNCHERS = {
 BACKENDS = {"logprobs_from_logits": tuple(LAUNCHERS), "entropy_from_logits": tuple(LAUNCHERS)}
 
 
-# ----------------------------------------------------------------------------- autograd
-class _Logprobs(torch.autograd.Function):
-    """Outputs: logp (when labels are given), then entropy (when asked)."""
+# ----------------------------------------------------------------------------- custom ops
+# torch.library ops, so torch.compile(fullgraph=True) and torch.export see one node each (fake
+# implementations give the output shapes without running). Absent outputs are empty tensors.
+@torch.library.custom_op("ppo_fast::logprobs_forward", mutates_args=())
+def logprobs_forward(logits: torch.Tensor, labels: Optional[torch.Tensor], inv_temperature: float,
+                     ignore_index: int, with_entropy: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """(logp or empty, entropy or empty, lse), float32 shaped like logits.shape[:-1]."""
+    logp, entropy, lse = LAUNCHERS[backend][0](logits, labels, inv_temperature, ignore_index, with_entropy)
+    return tuple(logits.new_empty(0, dtype=torch.float32) if t is None else t for t in (logp, entropy, lse))
 
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, backend):
-        inv_temperature = 1.0 / temperature
-        launch_forward, ctx.launch_backward = LAUNCHERS[backend]
-        logp, entropy, lse = launch_forward(logits, labels, inv_temperature, ignore_index, with_entropy)
-        ctx.save_for_backward(logits, labels, lse, entropy)
-        ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
-        ctx.set_materialize_grads(False)
-        return tuple(t for t in (logp, entropy) if t is not None)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        logits, labels, lse, entropy = ctx.saved_tensors
-        grads = list(grads)
-        grad_logp = grads.pop(0) if labels is not None else None
-        grad_entropy = grads.pop(0) if entropy is not None else None
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None
-        grad_logits = ctx.launch_backward(
-            logits, labels, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, ctx.ignore_index
-        )
-        return grad_logits, None, None, None, None, None
+@logprobs_forward.register_fake
+def _(logits, labels, inv_temperature, ignore_index, with_entropy, backend):
+    def out(present):
+        return logits.new_empty(logits.shape[:-1] if present else (0,), dtype=torch.float32)
+
+    return out(labels is not None), out(with_entropy), out(True)
+
+
+@torch.library.custom_op("ppo_fast::logprobs_backward", mutates_args=())
+def logprobs_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], lse: torch.Tensor,
+                      entropy: Optional[torch.Tensor], grad_logp: Optional[torch.Tensor],
+                      grad_entropy: Optional[torch.Tensor], inv_temperature: float, ignore_index: int,
+                      backend: str) -> torch.Tensor:
+    """grad_logits in the logits' dtype (contiguous)."""
+    return LAUNCHERS[backend][1](logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature,
+                                 ignore_index).view(logits.shape)
+
+
+@logprobs_backward.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_backward(ctx, inputs, output):
+    logits, labels, inv_temperature, ignore_index, with_entropy, backend = inputs
+    ctx.save_for_backward(logits, labels, output[2], output[1] if with_entropy else None)
+    ctx.args = (inv_temperature, ignore_index, backend)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    grad_logp = grad_logp if labels is not None else None
+    grad_entropy = grad_entropy if entropy is not None else None
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None, None, None
+    grad = logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, *ctx.args)
+    return grad, None, None, None, None, None
+
+
+logprobs_forward.register_autograd(_backward, setup_context=_setup_backward)
 
 
 # ----------------------------------------------------------------------------- public
@@ -290,8 +318,8 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
     labels = labels.contiguous()  # read by flat row index, whatever the caller's strides
-    outputs = _Logprobs.apply(logits, labels, temperature, ignore_index, return_entropy, backend)
-    return outputs if return_entropy else outputs[0]
+    logp, entropy, _ = logprobs_forward(logits, labels, 1.0 / temperature, ignore_index, return_entropy, backend)
+    return (logp, entropy) if return_entropy else logp
 
 
 def entropy_from_logits(logits, *, temperature=1.0):
@@ -300,4 +328,4 @@ def entropy_from_logits(logits, *, temperature=1.0):
     backend = resolve_backend(logits.device, "entropy_from_logits", LAUNCHERS)
     if backend == "torch":
         return reference.entropy_from_logits(logits, temperature=temperature)
-    return _Logprobs.apply(logits, None, temperature, -100, True, backend)[0]
+    return logprobs_forward(logits, None, 1.0 / temperature, -100, True, backend)[1]

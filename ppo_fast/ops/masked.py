@@ -5,8 +5,9 @@ Every aggregation mode is a weighted sum of per-row masked sums,
     agg(L) = sum_b w_b * sum_t m_bt L_bt,   so   d agg / d L_bt = w_b * m_bt,
 
 with w_b = 1 / n_tokens (token-mean), [n_b > 0] / n_seqs (seq-mean-token-sum) or
-[n_b > 0] / (n_b * n_seqs) (seq-mean-token-mean), n_b = sum_t m_bt. The row-sum kernel and
-the row-scale kernel here are the forward and backward of every loss in ppo_fast.ops.
+[n_b > 0] / (n_b * n_seqs) (seq-mean-token-mean), n_b = sum_t m_bt. The row-sum kernel here
+(and each loss's own row kernel) is the forward; the backward is d agg / d L_bt = w_b m_bt,
+formed by autograd from the row sums (`register_loss_rows_autograd`).
 
 masked_whiten uses the shifted two-pass variance: with c the fp32 mean of pass one,
 S1 = sum m (x - c), S2 = sum m (x - c)^2, mean = c + S1/n and var = (S2 - S1^2/n) / (n - 1);
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import native_module, resolve_backend
+from ppo_fast.ops.backend import resolve_backend
 from ppo_fast.ops.checks import (
     contiguous,
     require_choice,
@@ -57,21 +58,6 @@ def _masked_row_sums_kernel(x_ptr, mask_ptr, center_ptr, out_ptr, T, CENTERED: t
 
 
 @triton.jit
-def _scale_rows_kernel(x_ptr, mask_ptr, row_weight_ptr, upstream_ptr, out_ptr, T,
-                       HAS_X: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
-    """out[b, t] = upstream * w[b] (* x[b, t]) (* m[b, t]): the backward of a row-weighted sum."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = cols < T
-    out = tl.zeros([BLOCK_T], tl.float32) + tl.load(upstream_ptr).to(tl.float32) * tl.load(row_weight_ptr + row)
-    if HAS_X:
-        out *= tl.load(x_ptr + row * T + cols, mask=ok, other=0.0).to(tl.float32)
-    if HAS_MASK:
-        out *= tl.load(mask_ptr + row * T + cols, mask=ok, other=0).to(tl.float32)
-    tl.store(out_ptr + row * T + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def _whiten_kernel(x_ptr, stats_ptr, out_ptr, numel, SHIFT_MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """out = ((x - c) - offset) * inv_std (+ c + offset), stats = (c, offset, inv_std)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -87,28 +73,11 @@ def _whiten_kernel(x_ptr, stats_ptr, out_ptr, numel, SHIFT_MEAN: tl.constexpr, B
 
 
 # ----------------------------------------------------------------------------- launchers
-def masked_row_sums(x, mask, center=None):
-    """[B, 3] float32 per row: (sum_t m (x - c), sum_t m, sum_t m (x - c)^2), c = center or 0."""
+def _row_sums_triton(x, mask, center=None):
     B, T = x.shape
     out = torch.empty(B, 3, device=x.device, dtype=torch.float32)
     if B:
         _masked_row_sums_kernel[(B,)](x, mask, center, out, T, CENTERED=center is not None, BLOCK_T=block_t(T))
-    return out
-
-
-def scale_rows(row_weight, upstream, shape, out_dtype, *, x=None, mask=None, backend="triton"):
-    """upstream * row_weight[:, None] (* x) (* mask): a [B, T] tensor of out_dtype."""
-    B, T = shape
-    if backend == "cpp":
-        x, mask = (None if t is None else t.float().contiguous() for t in (x, mask))
-        return native_module("_C").scale_rows(row_weight, upstream.float(), B, T, x, mask).to(out_dtype)
-    out = torch.empty(shape, device=row_weight.device, dtype=out_dtype)
-    if B * T:
-        block = block_t(T)
-        _scale_rows_kernel[(B, triton.cdiv(T, block))](
-            x, mask, row_weight, upstream.reshape(1).contiguous(), out, T,
-            HAS_X=x is not None, HAS_MASK=mask is not None, BLOCK_T=block,
-        )
     return out
 
 
@@ -125,9 +94,9 @@ def agg_row_weights(row_counts, agg, num_tokens=None, num_seqs=None):
 
 
 def weighted_row_total(row_stats, agg, num_tokens, num_seqs):
-    """(agg scalar, row weights) from per-row statistics with the loss and token columns."""
-    weights = agg_row_weights(row_stats[:, ROW_TOKENS], agg, num_tokens, num_seqs)
-    return (weights * row_stats[:, ROW_LOSS]).sum(), weights
+    """agg of the loss column from per-row statistics with the loss and token columns."""
+    weights = agg_row_weights(row_stats[:, ROW_TOKENS].detach(), agg, num_tokens, num_seqs)
+    return (weights * row_stats[:, ROW_LOSS]).sum()
 
 
 def row_token_means(row_stats):
@@ -137,10 +106,10 @@ def row_token_means(row_stats):
 
 
 def _whiten_triton(x, mask, shift_mean):
-    first = masked_row_sums(x, mask).double().sum(0)
+    first = _row_sums_triton(x, mask).double().sum(0)
     n = first[ROW_TOKENS]
     center = (first[0] / n.clamp(min=1)).float().reshape(1)
-    second = masked_row_sums(x, mask, center=center).double().sum(0)  # S1, n, S2 about c
+    second = _row_sums_triton(x, mask, center=center).double().sum(0)  # S1, n, S2 about c
     offset = second[0] / n.clamp(min=1)
     var = (second[2] - second[0] * offset) / (n - 1).clamp(min=1)
     stats = torch.stack([center[0].double(), offset, torch.rsqrt(var.clamp(min=0) + WHITEN_EPS)]).float()
@@ -151,27 +120,68 @@ def _whiten_triton(x, mask, shift_mean):
     return out
 
 
-# ----------------------------------------------------------------------------- autograd
-class _AggLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, loss, mask, agg, num_tokens, num_seqs):
-        total, weights = weighted_row_total(masked_row_sums(loss, mask), agg, num_tokens, num_seqs)
-        ctx.save_for_backward(mask, weights)
-        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
-        return total
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("ppo_fast::masked_row_sums", mutates_args=())
+def masked_row_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, 3] float32 per row: (sum_t m x, sum_t m, sum_t m x^2); differentiable to x through the
+    first column (the one agg_loss weights; the others are statistics)."""
+    return _row_sums_triton(x, mask)
 
-    @staticmethod
-    def backward(ctx, grad_total):
-        mask, weights = ctx.saved_tensors
-        grad_loss = scale_rows(weights, grad_total, ctx.loss_shape, ctx.loss_dtype, mask=mask)
-        return grad_loss, None, None, None, None
+
+@masked_row_sums.register_fake
+def _(x, mask):
+    return x.new_empty(x.shape[0], 3, dtype=torch.float32)
+
+
+def _row_sums_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.dtype = inputs[0].dtype
+
+
+def _row_sums_backward(ctx, grad_rows):
+    (mask,) = ctx.saved_tensors  # d sum_t m x / d x = m
+    return (grad_rows[:, :1] * mask.to(torch.float32)).to(ctx.dtype), None
+
+
+masked_row_sums.register_autograd(_row_sums_backward, setup_context=_row_sums_setup)
+
+
+@torch.library.custom_op("ppo_fast::masked_whiten", mutates_args=())
+def masked_whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
+    return _whiten_triton(x, mask, shift_mean)
+
+
+@masked_whiten_op.register_fake
+def _(x, mask, shift_mean):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def register_loss_rows_autograd(op) -> None:
+    """Autograd of a loss kernel op returning (row_stats, dloss) with dloss = m dL/dx: the loss
+    column is sum_t m L, so d row_stats[b, LOSS] / d x[b, t] = dloss[b, t] and
+    grad_x = grad_row_stats[:, LOSS] * dloss (the other columns are statistics, not differentiated)."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.dtype, ctx.n_inputs = inputs[0].dtype, len(inputs)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_rows, _grad_dloss):
+        (dloss,) = ctx.saved_tensors
+        grad = None if grad_rows is None else (grad_rows[:, ROW_LOSS, None] * dloss).to(ctx.dtype)
+        return (grad,) + (None,) * (ctx.n_inputs - 1)
+
+    op.register_autograd(backward, setup_context=setup)
 
 
 # ----------------------------------------------------------------------------- public
-AGG_LOSS = {"triton": _AggLoss.apply, "torch": reference.agg_loss}
-MASKED_MEAN = {"triton": lambda x, mask: _AggLoss.apply(x, mask, "token-mean", None, None),
+def _agg_triton(loss, mask, agg, num_tokens, num_seqs):
+    return weighted_row_total(masked_row_sums(loss, mask), agg, num_tokens, num_seqs)
+
+
+AGG_LOSS = {"triton": _agg_triton, "torch": reference.agg_loss}
+MASKED_MEAN = {"triton": lambda x, mask: _agg_triton(x, mask, "token-mean", None, None),
                "torch": reference.masked_mean}
-MASKED_WHITEN = {"triton": _whiten_triton, "torch": reference.masked_whiten}
+MASKED_WHITEN = {"triton": masked_whiten_op, "torch": reference.masked_whiten}
 BACKENDS = {"agg_loss": tuple(AGG_LOSS), "masked_mean": tuple(MASKED_MEAN), "masked_whiten": tuple(MASKED_WHITEN)}
 
 

@@ -9,9 +9,11 @@ Per token, with D = clamp(log_prob - old, -20, 20), r = exp(D):
 
 The forward kernel writes per-row masked sums of L and of the statistics (columns in
 ppo_fast.ops.constants.POLICY_ROW_STATS), and m * dL/dlog_prob for the backward, which only
-scales it by the aggregation weight of its row.
+scales it by the aggregation weight of its row (ppo_fast.ops.masked.register_loss_rows_autograd).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -36,7 +38,7 @@ from ppo_fast.ops.constants import (
     ROW_NEG_LOG_RATIO,
     ROW_TOKENS,
 )
-from ppo_fast.ops.masked import AGG_MODES, row_token_means, scale_rows, weighted_row_total
+from ppo_fast.ops.masked import AGG_MODES, register_loss_rows_autograd, row_token_means, weighted_row_total
 from ppo_fast.ops.triton_helpers import block_t, clamp, load_token_tiles, nan_max, tl, triton
 
 _CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
@@ -108,25 +110,24 @@ def _forward_cpp(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, 
     return native_module("_C").policy_loss_forward(*inputs, clip_low, clip_high, dual_clip, needs_grad)
 
 
-# ----------------------------------------------------------------------------- autograd
-class _PolicyLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens,
-                num_seqs, backend):
-        row_stats, dloss = IMPLEMENTATIONS[backend](log_prob, old_log_prob, advantages, mask, clip_low, clip_high,
-                                                    dual_clip, ctx.needs_input_grad[0])
-        loss, weights = weighted_row_total(row_stats, agg, num_tokens, num_seqs)
-        ctx.save_for_backward(dloss, weights)
-        ctx.dtype, ctx.backend = log_prob.dtype, backend
-        clipfrac, approx_kl, clipfrac_lower = row_token_means(row_stats).unbind()
-        ctx.mark_non_differentiable(clipfrac, approx_kl, clipfrac_lower)
-        return loss, clipfrac, approx_kl, clipfrac_lower
+# ----------------------------------------------------------------------------- custom op
+@torch.library.custom_op("ppo_fast::policy_loss_rows", mutates_args=())
+def policy_loss_rows(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                     mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: Optional[float],
+                     needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_stats [B, len(POLICY_ROW_STATS)], m dL/dlog_prob [B, T] or empty), float32."""
+    row_stats, dloss = IMPLEMENTATIONS[backend](log_prob, old_log_prob, advantages, mask, clip_low, clip_high,
+                                                dual_clip, needs_grad)
+    return row_stats, log_prob.new_empty(0, dtype=torch.float32) if dloss is None else dloss
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_stat_grads):
-        dloss, weights = ctx.saved_tensors
-        grad = scale_rows(weights, grad_loss, dloss.shape, ctx.dtype, x=dloss, backend=ctx.backend)
-        return grad, None, None, None, None, None, None, None, None, None, None
+
+@policy_loss_rows.register_fake
+def _(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad, backend):
+    row_stats = log_prob.new_empty(log_prob.shape[0], len(POLICY_ROW_STATS), dtype=torch.float32)
+    return row_stats, log_prob.new_empty(log_prob.shape if needs_grad else (0,), dtype=torch.float32)
+
+
+register_loss_rows_autograd(policy_loss_rows)
 
 
 # ----------------------------------------------------------------------------- public
@@ -160,6 +161,9 @@ def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, c
         return reference.ppo_policy_loss(log_prob, old_log_prob, advantages, mask, clip_low=clip_low,
                                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,
                                          num_seqs=num_seqs)
-    loss, clipfrac, approx_kl, lower = _PolicyLoss.apply(log_prob, old_log_prob, advantages, mask, clip_low,
-                                                         clip_high, dual_clip, agg, num_tokens, num_seqs, backend)
+    needs_grad = torch.is_grad_enabled() and log_prob.requires_grad
+    row_stats, _ = policy_loss_rows(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip,
+                                    needs_grad, backend)
+    loss = weighted_row_total(row_stats, agg, num_tokens, num_seqs)
+    clipfrac, approx_kl, lower = row_token_means(row_stats.detach()).unbind()
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}

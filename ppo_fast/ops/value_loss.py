@@ -22,7 +22,7 @@ from ppo_fast.ops.checks import (
     require_same_device,
 )
 from ppo_fast.ops.constants import ROW_CLIPPED, ROW_LOSS, ROW_TOKENS, VALUE_ROW_STATS
-from ppo_fast.ops.masked import AGG_MODES, row_token_means, scale_rows, weighted_row_total
+from ppo_fast.ops.masked import AGG_MODES, register_loss_rows_autograd, row_token_means, weighted_row_total
 from ppo_fast.ops.triton_helpers import block_t, clamp, load_token_tiles, nan_max, tl, triton
 
 _N_STATS = tl.constexpr(len(VALUE_ROW_STATS))
@@ -75,23 +75,22 @@ def _forward_cpp(values, old_values, returns, mask, clip, needs_grad):
     return native_module("_C").value_loss_forward(*inputs, clip, needs_grad)
 
 
-# ----------------------------------------------------------------------------- autograd
-class _ValueLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, backend):
-        row_stats, dloss = IMPLEMENTATIONS[backend](values, old_values, returns, mask, clip, ctx.needs_input_grad[0])
-        total, weights = weighted_row_total(row_stats, agg, num_tokens, num_seqs)
-        ctx.save_for_backward(dloss, 0.5 * weights)
-        ctx.dtype, ctx.backend = values.dtype, backend
-        (clipfrac,) = row_token_means(row_stats).unbind()
-        ctx.mark_non_differentiable(clipfrac)
-        return 0.5 * total, clipfrac
+# ----------------------------------------------------------------------------- custom op
+@torch.library.custom_op("ppo_fast::value_loss_rows", mutates_args=())
+def value_loss_rows(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                    clip: float, needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_stats [B, len(VALUE_ROW_STATS)], m dL/dvalues [B, T] or empty), float32."""
+    row_stats, dloss = IMPLEMENTATIONS[backend](values, old_values, returns, mask, clip, needs_grad)
+    return row_stats, values.new_empty(0, dtype=torch.float32) if dloss is None else dloss
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_clipfrac):
-        dloss, weights = ctx.saved_tensors
-        grad = scale_rows(weights, grad_loss, dloss.shape, ctx.dtype, x=dloss, backend=ctx.backend)
-        return grad, None, None, None, None, None, None, None, None
+
+@value_loss_rows.register_fake
+def _(values, old_values, returns, mask, clip, needs_grad, backend):
+    row_stats = values.new_empty(values.shape[0], len(VALUE_ROW_STATS), dtype=torch.float32)
+    return row_stats, values.new_empty(values.shape if needs_grad else (0,), dtype=torch.float32)
+
+
+register_loss_rows_autograd(value_loss_rows)
 
 
 # ----------------------------------------------------------------------------- public
@@ -113,4 +112,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
     if backend == "torch":
         return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg, num_tokens=num_tokens,
                                     num_seqs=num_seqs)
-    return _ValueLoss.apply(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, backend)
+    needs_grad = torch.is_grad_enabled() and values.requires_grad
+    row_stats, _ = value_loss_rows(values, old_values, returns, mask, clip, needs_grad, backend)
+    (clipfrac,) = row_token_means(row_stats.detach()).unbind()
+    return 0.5 * weighted_row_total(row_stats, agg, num_tokens, num_seqs), clipfrac

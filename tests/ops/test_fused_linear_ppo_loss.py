@@ -199,6 +199,16 @@ def test_only_the_inputs_that_require_grad_get_one(backend):
     assert h.grad is not None and weight.grad is None and bias.grad is None
 
 
+def test_a_second_backward_is_refused_not_scaled_twice(backend):
+    if backend == "torch":
+        pytest.skip("the reference keeps autograd's graph, which allows retain_graph")
+    hidden, weight, bias, labels, old, adv, mask, _ = make_inputs(3, 4, 8, 53, torch.float32, seed=9)
+    loss, _ = fused_linear_ppo_loss(hidden.requires_grad_(), weight, labels, old, adv, mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same loss twice"):
+        loss.backward()
+
+
 def test_empty_and_fully_masked_batches_give_zeros(backend):
     for B, T in ((0, 5), (3, 0), (3, 4)):
         hidden, weight = randn(B, T, 8, seed=8).requires_grad_(), randn(31, 8, seed=9).requires_grad_()

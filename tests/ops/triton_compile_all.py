@@ -41,10 +41,6 @@ def variants():
         yield (f"masked row sums centered={centered}", masked._masked_row_sums_kernel,
                dict(x_ptr=P32, mask_ptr=PBOOL, center_ptr=P32 if centered else None, out_ptr=P32, T="i32"),
                dict(CENTERED=centered, BLOCK_T=1024))
-    for has_x in (False, True):
-        yield (f"scale rows x={has_x}", masked._scale_rows_kernel,
-               dict(x_ptr=P32 if has_x else None, mask_ptr=PBOOL, row_weight_ptr=P32, upstream_ptr=P32, out_ptr=P16,
-                    T="i32"), dict(HAS_X=has_x, HAS_MASK=True, BLOCK_T=1024))
     yield ("whiten", masked._whiten_kernel, dict(x_ptr=P32, stats_ptr=P32, out_ptr=P32, numel="i32"),
            dict(SHIFT_MEAN=False, BLOCK=1024))
     for dual, grad in ((True, True), (False, False)):
