@@ -83,13 +83,15 @@ def cmd_train(args) -> int:
     from ppo_fast.ppo.run_folder import RunFolder
 
     folder = None
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone owns the run folder
     try:
         config = config_from_args(args, flags=("out", "steps", "seed"), resume=args.resume).validate()
-        folder = RunFolder(config.out)
-        folder.lock()
-        if not args.resume:
-            refuse_earlier_run(config.out)
-            config.save(folder.config_path)  # before the models load: a run killed then can still be resumed
+        if main_process:
+            folder = RunFolder(config.out)
+            folder.lock()
+            if not args.resume:
+                refuse_earlier_run(config.out)
+                config.save(folder.config_path)  # before the models load: a run killed then can still be resumed
         history = PPOTrainer(config).train(resume=args.resume, folder=folder)
     except ConfigError as e:
         print(f"ppo-fast train: bad config: {e}", file=sys.stderr)
@@ -100,7 +102,7 @@ def cmd_train(args) -> int:
     finally:
         if folder is not None:
             folder.close()
-    if history:
+    if history and main_process:
         first, last = history[0], history[-1]
         print(f"reward_mean {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps; "
               f"metrics in {config.out}/metrics.jsonl")

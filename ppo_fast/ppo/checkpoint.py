@@ -8,7 +8,9 @@ OUT/checkpoints/step_00000010/
 A checkpoint is written to `step_N.tmp/`, flushed to disk, then renamed to `step_N/`: the
 rename is atomic, so a run killed mid-write leaves only a `.tmp` folder, which loading ignores.
 A checkpoint that is damaged anyway (a truncated file, a missing state.pt) is skipped, with a
-warning, for the newest one that loads.
+warning, for the newest one that loads. Distributed runs write sharded checkpoints instead
+(ppo_fast.ppo.distributed: a `dcp/` folder and one state_rank<r>.pt per rank), in the same
+step_N folders, with the same atomic rename.
 """
 from __future__ import annotations
 
@@ -50,10 +52,15 @@ def save_checkpoint(state: dict, out: str, step: int, keep: int = 0) -> str:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_path(root)
+    prune_checkpoints(out, keep)
+    return final
+
+
+def prune_checkpoints(out: str, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0: all)."""
     if keep:
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(out: str) -> list[str]:

@@ -21,6 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPS_MODES = ("fused", "reference")
 PADDING_FREE = ("auto", "on", "off")
+DISTRIBUTED_MODES = ("auto", "none", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,7 @@ class PPOConfig:
     critic: str = "auto"  # initialised from "policy" / "reward" model, "shared" policy backbone; auto: reward if any
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU and for the embedded task's tiny model
     device: str = "auto"  # cuda if available, else cpu
+    distributed: str = "auto"  # fsdp: torchrun + FSDP2 (ppo_fast/ppo/distributed.py); auto: when torchrun launched us; none
     seed: int = 0
     steps: int = 200
     # rollout
@@ -132,7 +134,8 @@ class PPOConfig:
         """Raise ConfigError for anything that would fail later; returns self. check_sources=False
         skips the model / prompt / reward settings (the caller passes those objects itself)."""
         for key, choices in (("critic", CRITIC_MODES), ("dtype", DTYPES), ("lr_schedule", LR_SCHEDULES),
-                             ("ops", OPS_MODES), ("loss_agg", AGG_MODES), ("padding_free", PADDING_FREE)):
+                             ("ops", OPS_MODES), ("loss_agg", AGG_MODES), ("padding_free", PADDING_FREE),
+                             ("distributed", DISTRIBUTED_MODES)):
             _require(getattr(self, key) in choices, f"{key}: expected one of {choices}, got {getattr(self, key)!r}")
         for key in ("kl_estimator", "kl_loss_estimator"):
             estimator = getattr(self, key)

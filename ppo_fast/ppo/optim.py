@@ -25,6 +25,20 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0
 
 
+def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, also over a mix of sharded (FSDP's DTensor) and whole
+    gradients: the norm is over every rank's gradients (the shards' squares summed over ranks)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(hasattr(g, "full_tensor") for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    squares = [g.detach().float().pow(2).sum() for g in grads]
+    total = torch.stack([s.full_tensor() if hasattr(s, "full_tensor") else s for s in squares]).sum().sqrt()
+    coef = min(max_norm / (float(total) + 1e-6), 1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
 class MasterAdamW:
     """AdamW over groups of (name, parameter) pairs, one group per model, each with its lr."""
 
@@ -45,7 +59,7 @@ class MasterAdamW:
         gradient norm is not finite (counted in `skipped`). Returns the groups' gradient norms."""
         for p, master in self._separate_masters():
             master.grad, p.grad = (None if p.grad is None else p.grad.float()), None
-        norms = [torch.nn.utils.clip_grad_norm_(group, self.max_grad_norm) for group in self.masters]
+        norms = [clip_grad_norm_(group, self.max_grad_norm) for group in self.masters]
         if bool(torch.isfinite(torch.stack([loss.detach().float(), *norms])).all()):
             self.optimizer.step()
             self.copy_masters_to_params()
@@ -75,10 +89,36 @@ class MasterAdamW:
                 if m is not p]
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "skipped": self.skipped}
+        return {"optimizer": self.optimizer.state_dict(), **self.schedule_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self.load_schedule_state(state)
+
+    def schedule_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "skipped": self.skipped}
+
+    def load_schedule_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped = state["skipped"]
+
+    def named_state(self) -> dict:
+        """{"<group>.<name>.<field>": tensor}: the AdamW moments and step counts by parameter name
+        (what a sharded checkpoint stores), created as zeros if no step has run yet."""
+        if not self.optimizer.state:
+            self._create_state()
+        return {f"{group}.{name}.{field}": value
+                for group in range(len(self.names)) for name, master in self.named_masters(group)
+                for field, value in self.optimizer.state[master].items()}
+
+    def _create_state(self) -> None:
+        """Zero moments for every master: one step at lr 0 on zero gradients (no parameter moves)."""
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr

@@ -39,14 +39,35 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def uniform_rows(generator, rows: tuple, n: int, device) -> torch.Tensor:
+    """U(0, 1) numbers for rows start..start+n of a global batch of `total` (one draw for all)."""
+    start, total = rows
+    return torch.rand(total, generator=generator, device=generator.device if generator else device)[start:start + n]
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds u * total (zero-probability
+    tokens are never drawn)."""
+    cdf = probs.cumsum(-1)
+    target = (uniform.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None):
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None, all_ranks=None,
+           rows: tuple = None):
     """Sample up to max_new_tokens per row, stopping a row at EOS and all rows when all stopped.
 
     Returns (response ids [B, R], response mask [B, R] bool, True up to and including EOS),
     R = the longest response. Only the last position's logits are computed at each step.
     Raises FloatingPointError if the logits are not finite (a diverged policy).
+
+    Each row's token is drawn by inverse CDF from one uniform number per row and step, drawn for
+    the whole global batch: `rows = (start, total)` says which rows of a global batch of `total`
+    these are (data parallelism), so a row's sample does not depend on how the batch is split.
+    `all_ranks(flag)` says whether a flag holds on every rank: all ranks stop at the same step
+    (their sharded forwards are collectives).
     """
     body, lm_head = backbone(model), model.get_output_embeddings()
     B = prompt_ids.shape[0]
@@ -61,15 +82,15 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_id:
         cache = out.past_key_values
         logits = lm_head(out.last_hidden_state[:, -1]).float() / temperature
         probs = filter_logits(logits, top_k, top_p).softmax(-1)
-        probs = torch.where(torch.isfinite(probs), probs, 1.0)  # checked below; multinomial must not fail first
-        next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = torch.where(torch.isfinite(probs), probs, 1.0)  # checked below
+        next_token = inverse_cdf_sample(probs, uniform_rows(generator, rows or (0, B), B, probs.device))
         next_token = next_token.masked_fill(finished, pad_token_id)
         out_tokens.append(next_token)
         finished |= next_token == eos_token_id
         all_finished, finite = torch.stack([finished.all(), torch.isfinite(logits).all()]).tolist()  # one sync
         if not finite:
             raise FloatingPointError("the sampling logits are not finite")
-        if all_finished:
+        if all_ranks(all_finished) if all_ranks else all_finished:
             break
         tokens = next_token[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)

@@ -28,8 +28,15 @@ import torch
 
 from ppo_fast import ops as fused_ops
 from ppo_fast.ops import reference
-from ppo_fast.ppo import models, tasks
-from ppo_fast.ppo.checkpoint import checkpoint_path, load_newest, refuse_earlier_run, save_checkpoint
+from ppo_fast.ppo import distributed, models, tasks
+from ppo_fast.ppo.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_newest,
+    prune_checkpoints,
+    refuse_earlier_run,
+    save_checkpoint,
+)
 from ppo_fast.ppo.config import ConfigError, PPOConfig, load_function
 from ppo_fast.ppo.data import PromptCycle, encode, read_prompts
 from ppo_fast.ppo.experience import Experience, Rollout, experience_stats, rows_in_chunks
@@ -50,12 +57,20 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, *, policy=None, tokenizer=None, reward_fn=None, reward_model=None,
                  prompts: list[str] | None = None):
         given = (policy, tokenizer, reward_fn, reward_model, prompts)
+        self.world = distributed.setup(config.distributed, torch.device(config.resolved_device()).type)
+        if self.world.enabled:  # compared before anything can fail on one rank only
+            distributed.check_same_config(self.world, config.to_dict())
         self.config = cfg = config.validate(check_sources=all(x is None for x in given))
+        if self.world.enabled:
+            distributed.check_sizes(self.world, cfg)
         self.device = torch.device(cfg.resolved_device())
+        if self.device.type == "cuda" and self.world.enabled:
+            self.device = torch.device("cuda", self.world.local_rank)
         self.dtype = cfg.resolved_dtype()
-        torch.manual_seed(cfg.seed)
-        self.sample_generator = torch.Generator(self.device).manual_seed(cfg.seed)
-        self.data_generator = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.sample_generator = torch.Generator(self.device).manual_seed(cfg.seed)  # each rank uses its rows' draws
+        self.data_generator = torch.Generator().manual_seed(cfg.seed)  # prompts: the same stream on every rank
+        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1 + self.world.rank)  # minibatch rows
         self.ops = reference if cfg.ops == "reference" else fused_ops
         self.packed = padding_free(cfg.padding_free, self.device)
         self._load_models(policy, tokenizer, reward_fn, reward_model, prompts)
@@ -78,19 +93,21 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        if folder is None:
+        if folder is None and self.world.is_main:  # rank 0 alone writes the run folder
             folder = RunFolder(cfg.out)
             folder.lock()
         try:
             kept = self._start_or_resume(folder, resume)
-            if cfg.tensorboard:
+            if cfg.tensorboard and folder is not None:
                 folder.start_tensorboard(kept)
             history = []
-            bar = tqdm(range(self.step_count, cfg.steps), desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
+            bar = tqdm(range(self.step_count, cfg.steps), desc="ppo", dynamic_ncols=True,
+                       disable=not (cfg.progress and self.world.is_main))
             for _ in bar:
                 metrics = self.step()
                 history.append(metrics)
-                folder.append_metrics(metrics)
+                if folder is not None:
+                    folder.append_metrics(metrics)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}",
                                 ent=f"{metrics['entropy']:.2f}", clip=f"{metrics['clipfrac']:.3f}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -100,7 +117,8 @@ class PPOTrainer:
                 self.save()
             return history
         finally:
-            folder.close()
+            if folder is not None:
+                folder.close()
 
     def step(self) -> dict:
         """One PPO step; returns its metrics (plain floats)."""
@@ -111,7 +129,8 @@ class PPOTrainer:
         stats = {k: float(v) for k, v in {**stats, **update_stats}.items()}  # one device sync for all
         self.kl_controller.update(stats["kl"], self.config.rollout_batch_size)
         self.step_count += 1
-        tokens = int(rollout.attention_mask.sum())
+        tokens = rollout.attention_mask.sum()
+        tokens = int(distributed.all_reduce(tokens) if self.world.enabled else tokens)  # every rank's tokens
         step_time = sum(v for k, v in phases.items() if k.startswith("time_"))
         peaks = [v for k, v in phases.items() if k.startswith("peak_memory_")]
         return {
@@ -124,14 +143,17 @@ class PPOTrainer:
     # ------------------------------------------------------------------ 1. rollout
     def rollout(self) -> Rollout:
         cfg = self.config
-        prompts = self.prompt_source(cfg.rollout_batch_size)
+        prompts = self.prompt_source(cfg.rollout_batch_size)  # the same global batch on every rank
+        share = cfg.rollout_batch_size // self.world.size
+        prompts = prompts[self.world.rank * share:(self.world.rank + 1) * share]
         rows = [encode(self.tokenizer, p)[-cfg.max_prompt_length:] for p in prompts]
         prompt_ids, prompt_mask = left_pad(rows, self.pad_token_id, self.device)
         try:
             response, mask = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
                                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    generator=self.sample_generator)
+                                    generator=self.sample_generator, rows=(self.world.rank * share, cfg.rollout_batch_size),
+                                    all_ranks=lambda flag: distributed.all_true(self.world, flag, self.device))
         except FloatingPointError as err:
             raise TrainingDiverged(f"step {self.step_count + 1}: {err}; the policy has diverged (lower lr?). "
                                    f"The newest checkpoint in {cfg.out!r} is from before it") from None
@@ -154,8 +176,11 @@ class PPOTrainer:
         advantages, returns = ops.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
         stats = experience_stats(scores, old_logp, ref_logp, entropy, values, advantages, returns, mask,
                                  rollout.prompt_mask, ops)
-        if cfg.whiten_advantages:
-            advantages = ops.masked_whiten(advantages, mask)
+        if self.world.enabled:  # the mean over ranks of each rank's statistics
+            stats = distributed.reduce_stats(stats, self.device, mean=True)
+        if cfg.whiten_advantages:  # with the statistics of every rank's tokens
+            whiten = distributed.masked_whiten if self.world.enabled else ops.masked_whiten
+            advantages = whiten(advantages, mask)
         return Experience(seqs, attn, labels, old_logp, ref_logp, values, advantages, returns), stats
 
     def policy_outputs(self, sequences, attention_mask, labels, return_entropy=False):
@@ -220,8 +245,8 @@ class PPOTrainer:
         totals, n_steps = defaultdict(float), 0
         try:
             for _ in range(cfg.ppo_epochs):
-                for rows in torch.randperm(len(experience.labels), generator=self.data_generator).split(
-                        cfg.mini_batch_size):
+                for rows in torch.randperm(len(experience.labels), generator=self.shuffle_generator).split(
+                        cfg.mini_batch_size // self.world.size):
                     for key, value in self.minibatch_step(experience.select(rows.to(self.device))).items():
                         totals[key] = totals[key] + value
                     n_steps += 1
@@ -232,17 +257,23 @@ class PPOTrainer:
     def minibatch_step(self, mini: Experience) -> dict:
         """Accumulate the micro-batches' gradients, then one optimiser step; the minibatch's stats."""
         token_counts = mini.mask.sum(-1)
-        num_tokens = max(int(token_counts.sum()), 1)
-        num_seqs = max(int((token_counts > 0).sum()), 1)
+        counts = torch.stack([token_counts.sum(), (token_counts > 0).sum()]).double()
+        if self.world.enabled:  # the losses are shares of the global minibatch's mean
+            distributed.all_reduce(counts)
+        num_tokens, num_seqs = (max(int(c), 1) for c in counts.tolist())
         stats, loss_sum = defaultdict(float), 0.0
         for start in range(0, len(mini.labels), self.config.micro_batch_size):
             micro = mini.select(slice(start, start + self.config.micro_batch_size))
             loss, micro_stats = self.micro_batch_loss(micro, num_tokens, num_seqs)
-            loss.backward()
+            (loss * self.world.size).backward()  # ranks' gradients are averaged: the world size makes it their sum
             loss_sum = loss_sum + loss.detach()
             share = micro.mask.sum() / num_tokens
             for key, value in micro_stats.items():  # losses are shares already; token-mean stats are not
                 stats[key] = stats[key] + (value if key.endswith("loss") else value * share)
+        if self.world.enabled:  # the step's loss and statistics over all ranks; replicated parameters' gradients
+            stats = distributed.reduce_stats({**stats, "loss": loss_sum}, self.device, mean=False)
+            loss_sum = stats.pop("loss")
+            distributed.average_replicated_grads([p for group in self.optimizer.params for p in group])
         skipped_before = self.optimizer.skipped
         stats["grad_norm"], stats["critic_grad_norm"] = self.optimizer.step(loss_sum)
         self._count_skips(self.optimizer.skipped > skipped_before)
@@ -284,9 +315,7 @@ class PPOTrainer:
         """Everything a run needs to continue exactly: fp32 masters, optimiser, KL, RNG, prompt order."""
         return {
             "policy": dict(self.optimizer.named_masters(0)), "critic": dict(self.optimizer.named_masters(1)),
-            "trainer": {"step": self.step_count, "kl_coef": self.kl_controller.value,
-                        "optimizer": self.optimizer.state_dict(), "rng": self._rng_state(),
-                        "prompt_order": getattr(self.prompt_source, "order", None)},
+            "trainer": {**self._loop_state(), "optimizer": self.optimizer.state_dict()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -300,19 +329,41 @@ class PPOTrainer:
                 for key, master in masters.items():
                     master.copy_(state[name][key])
         self.optimizer.copy_masters_to_params()
-        rest = state["trainer"]
-        self.optimizer.load_state_dict(rest["optimizer"])
-        self.kl_controller.value = rest["kl_coef"]
-        self.step_count = rest["step"]
-        self._set_rng_state(rest["rng"])
-        if rest["prompt_order"] is not None:
-            self.prompt_source.order = list(rest["prompt_order"])
+        self.optimizer.load_state_dict(state["trainer"]["optimizer"])
+        self._set_loop_state(state["trainer"])
+
+    def _loop_state(self) -> dict:
+        return {"step": self.step_count, "kl_coef": self.kl_controller.value, "rng": self._rng_state(),
+                "prompt_order": getattr(self.prompt_source, "order", None)}
+
+    def _set_loop_state(self, state: dict) -> None:
+        self.kl_controller.value = state["kl_coef"]
+        self.step_count = state["step"]
+        self._set_rng_state(state["rng"])
+        if state["prompt_order"] is not None:
+            self.prompt_source.order = list(state["prompt_order"])
 
     def save(self) -> str:
-        return save_checkpoint(self.state_dict(), self.config.out, self.step_count, self.config.keep_checkpoints)
+        cfg = self.config
+        if self.world.enabled:  # sharded: every rank writes its shards
+            path = distributed.save_checkpoint(self.world, checkpoint_path(cfg.out, self.step_count), self.optimizer,
+                                               {**self._loop_state(), **self.optimizer.schedule_state()})
+            if self.world.is_main:
+                prune_checkpoints(cfg.out, cfg.keep_checkpoints)
+            return path
+        return save_checkpoint(self.state_dict(), cfg.out, self.step_count, cfg.keep_checkpoints)
 
     def resume_from_latest(self) -> bool:
         """Restore the newest checkpoint of config.out that loads; False if there is none."""
+        if self.world.enabled:
+            found = list_checkpoints(self.config.out)
+            if found:
+                state = distributed.load_checkpoint(self.world, found[-1], self.optimizer)
+                self.optimizer.load_schedule_state(state)
+                self._set_loop_state(state)
+            elif self.world.is_main:
+                print(f"ppo_fast: no checkpoint in {self.config.out}, starting from step 0")
+            return bool(found)
         path, state = load_newest(self.config.out)
         if path is None:
             print(f"ppo_fast: no checkpoint in {self.config.out}, starting from step 0")
@@ -330,6 +381,8 @@ class PPOTrainer:
         if not resume:
             refuse_earlier_run(self.config.out)
         step = self.step_count if resume and self.resume_from_latest() else 0
+        if folder is None:  # another rank than 0: rank 0 writes the folder
+            return []
         self.config.save(folder.config_path)  # after a resume has loaded: a failed one leaves the old config
         return folder.keep_metrics_through(step)
 
@@ -370,6 +423,10 @@ class PPOTrainer:
             else self.policy
         self.critic = models.ValueModel.from_model(critic_source, share=cfg.critic == "shared").to(self.device)
         self._apply_memory_savers()
+        if self.world.enabled:
+            for model in (self.policy, self.critic, self.reference, self.reward_model):
+                if model is not None:
+                    distributed.shard(model)
 
     def _apply_memory_savers(self) -> None:
         """The reference (a frozen copy, or with LoRA the policy with adapters disabled),
@@ -423,6 +480,7 @@ class PPOTrainer:
         return {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "sample": self.sample_generator.get_state(), "data": self.data_generator.get_state(),
+                "shuffle": self.shuffle_generator.get_state(),
                 "python": random.getstate(), "numpy": np.random.get_state()}
 
     def _set_rng_state(self, state: dict) -> None:
@@ -431,6 +489,7 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(state["cuda"])
         self.sample_generator.set_state(state["sample"])
         self.data_generator.set_state(state["data"])
+        self.shuffle_generator.set_state(state["shuffle"])
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
 
