@@ -8,6 +8,7 @@ import importlib
 
 # The functions gae, group_advantages and value_loss shadow their modules' names here on
 # purpose (users call ppo_fast.ops.gae(...)); the modules stay importable by full name.
+from ppo_fast.ops.dpo import dpo_loss
 from ppo_fast.ops.fused_linear import fused_linear_logprobs
 from ppo_fast.ops.fused_linear_ppo_loss import fused_linear_ppo_loss
 from ppo_fast.ops.gae import gae
@@ -19,7 +20,7 @@ from ppo_fast.ops.policy_loss import ppo_policy_loss
 from ppo_fast.ops.value_loss import value_loss
 
 FAMILIES = ("logprobs", "fused_linear", "fused_linear_ppo_loss", "policy_loss", "value_loss", "kl", "masked", "gae",
-            "group_advantages")
+            "group_advantages", "dpo")
 IMPLEMENTATIONS = {op: backends for family in FAMILIES
                    for op, backends in importlib.import_module(f"ppo_fast.ops.{family}").BACKENDS.items()}
 
@@ -28,6 +29,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "agg_loss",
     "compute_rewards",
+    "dpo_loss",
     "entropy_from_logits",
     "fused_linear_logprobs",
     "fused_linear_ppo_loss",

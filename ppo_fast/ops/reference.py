@@ -270,3 +270,25 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
         loss = loss + kl_coef * agg_loss(kl, mask, **agg_args)
         stats["kl"] = masked_mean(kl.detach(), mask)
     return loss, stats
+
+
+# ----------------------------------------------------------------------------- preferences
+def dpo_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp, beta=0.1, *,
+             label_smoothing=0.0):
+    """Direct preference optimisation over [B] sequence log-probs (sums over response tokens):
+
+        z = beta ((pi_c - ref_c) - (pi_r - ref_r)),  loss = mean(-(1 - eps) log sigmoid(z) - eps log sigmoid(-z))
+
+    eps = label_smoothing (conservative DPO; 0 is the paper's loss). Returns (loss, stats) with
+    the implicit rewards beta (pi - ref) of chosen and rejected, their margin, and the fraction
+    of pairs whose chosen reward is higher, all detached means.
+    """
+    chosen = beta * (_upcast(policy_chosen_logp) - _upcast(ref_chosen_logp).detach())
+    rejected = beta * (_upcast(policy_rejected_logp) - _upcast(ref_rejected_logp).detach())
+    z = chosen - rejected
+    logsigmoid = torch.nn.functional.logsigmoid
+    losses = -(1 - label_smoothing) * logsigmoid(z) - label_smoothing * logsigmoid(-z)
+    with torch.no_grad():
+        stats = {"rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(), "margin": z.mean(),
+                 "accuracy": (z > 0).to(z.dtype).mean()}
+    return losses.mean(), stats

@@ -22,6 +22,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 OPS_MODES = ("fused", "reference")
 PADDING_FREE = ("auto", "on", "off")
 DISTRIBUTED_MODES = ("auto", "none", "fsdp")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_baseline")
 
 
 class ConfigError(ValueError):
@@ -57,7 +58,11 @@ class PPOConfig:
     kl_horizon: int = 10000
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # gae and reinforce_baseline (grpo and rloo normalise within their groups)
+    # gae: a critic; grpo / rloo / reinforce_baseline: critic-free, advantages from the groups of
+    # samples_per_prompt responses to one prompt (ppo_fast.ops.group_advantages); no critic loaded
+    advantage_estimator: str = "gae"
+    samples_per_prompt: int = 1  # responses per prompt in a rollout (rollout_batch_size counts responses)
     # update
     ppo_epochs: int = 4
     mini_batch_size: int = 32  # sequences per optimiser step
@@ -129,20 +134,25 @@ class PPOConfig:
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage_estimator != "gae"
+
     # ------------------------------------------------------------------ checking
     def validate(self, check_sources: bool = True) -> "PPOConfig":
         """Raise ConfigError for anything that would fail later; returns self. check_sources=False
         skips the model / prompt / reward settings (the caller passes those objects itself)."""
         for key, choices in (("critic", CRITIC_MODES), ("dtype", DTYPES), ("lr_schedule", LR_SCHEDULES),
                              ("ops", OPS_MODES), ("loss_agg", AGG_MODES), ("padding_free", PADDING_FREE),
-                             ("distributed", DISTRIBUTED_MODES)):
+                             ("distributed", DISTRIBUTED_MODES), ("advantage_estimator", ADVANTAGE_ESTIMATORS)):
             _require(getattr(self, key) in choices, f"{key}: expected one of {choices}, got {getattr(self, key)!r}")
         for key in ("kl_estimator", "kl_loss_estimator"):
             estimator = getattr(self, key)
             _require(estimator.rstrip("+") in KL_ESTIMATORS,
                      f"{key}: expected one of {KL_ESTIMATORS} (optionally with '+'), got {estimator!r}")
         for key in ("steps", "rollout_batch_size", "max_prompt_length", "max_new_tokens", "ppo_epochs",
-                    "mini_batch_size", "micro_batch_size", "kl_horizon", "temperature", "lr", "critic_lr"):
+                    "mini_batch_size", "micro_batch_size", "kl_horizon", "temperature", "lr", "critic_lr",
+                    "samples_per_prompt"):
             _require(getattr(self, key) > 0, f"{key}: expected a value > 0, got {getattr(self, key)}")
         for key in ("top_k", "kl_coef", "clip_low", "clip_high", "value_clip", "entropy_coef", "kl_loss_coef",
                     "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "lora_rank", "save_every",
@@ -161,6 +171,12 @@ class PPOConfig:
         _require(self.kl_target is None or self.kl_target > 0, f"kl_target: expected None or > 0, got {self.kl_target}")
         _require(self.rollout_batch_size % self.mini_batch_size == 0,
                  f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+        _require(self.rollout_batch_size % self.samples_per_prompt == 0,
+                 f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of samples_per_prompt "
+                 f"({self.samples_per_prompt}): it counts responses")
+        _require(self.advantage_estimator == "gae" or self.samples_per_prompt >= 2,
+                 f"advantage_estimator={self.advantage_estimator!r} compares responses to one prompt: "
+                 f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
         _require(self.mini_batch_size % self.micro_batch_size == 0,
                  f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,

@@ -66,6 +66,10 @@ def check_sizes(world: World, config) -> None:
         if value % world.size:
             raise ConfigError(f"{key}={value} is not divisible by the world size {world.size}: each rank takes "
                               f"{key} / world_size rows")
+    if (config.rollout_batch_size // world.size) % config.samples_per_prompt:
+        raise ConfigError(f"rollout_batch_size / world_size = {config.rollout_batch_size // world.size} rows per rank "
+                          f"is not a multiple of samples_per_prompt={config.samples_per_prompt}: a prompt's "
+                          f"responses must be on one rank")
     per_rank = config.mini_batch_size // world.size
     if per_rank % config.micro_batch_size:
         raise ConfigError(f"mini_batch_size / world_size = {per_rank} rows per rank is not a multiple of "

@@ -143,7 +143,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ 1. rollout
     def rollout(self) -> Rollout:
         cfg = self.config
-        prompts = self.prompt_source(cfg.rollout_batch_size)  # the same global batch on every rank
+        n = cfg.samples_per_prompt  # the same global batch on every rank; each prompt n times in a row
+        prompts = [p for p in self.prompt_source(cfg.rollout_batch_size // n) for _ in range(n)]
         share = cfg.rollout_batch_size // self.world.size
         prompts = prompts[self.world.rank * share:(self.world.rank + 1) * share]
         rows = [encode(self.tokenizer, p)[-cfg.max_prompt_length:] for p in prompts]
@@ -171,17 +172,29 @@ class PPOTrainer:
         with self.frozen_models_on_device():
             ref_logp = rows_in_chunks(self.reference_logprobs, micro, seqs, attn, labels)
             scores = self.score(rollout)
-        rewards = ops.compute_rewards(scores, old_logp, ref_logp, mask, kl_coef=self.kl_controller.value,
-                                      estimator=cfg.kl_estimator)
-        advantages, returns = ops.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        rewards = ops.compute_rewards(torch.zeros_like(scores) if cfg.critic_free else scores, old_logp, ref_logp,
+                                      mask, kl_coef=self.kl_controller.value, estimator=cfg.kl_estimator)
+        if cfg.critic_free:  # the group's advantage on every token, plus the KL penalty still to come
+            kl_to_go, _ = ops.gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+            advantages = self.group_advantages(scores)[:, None] * mask + kl_to_go
+            returns = advantages
+        else:
+            advantages, returns = ops.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
         stats = experience_stats(scores, old_logp, ref_logp, entropy, values, advantages, returns, mask,
                                  rollout.prompt_mask, ops)
         if self.world.enabled:  # the mean over ranks of each rank's statistics
             stats = distributed.reduce_stats(stats, self.device, mean=True)
-        if cfg.whiten_advantages:  # with the statistics of every rank's tokens
+        if cfg.whiten_advantages and cfg.advantage_estimator in ("gae", "reinforce_baseline"):  # every rank's tokens
             whiten = distributed.masked_whiten if self.world.enabled else ops.masked_whiten
             advantages = whiten(advantages, mask)
         return Experience(seqs, attn, labels, old_logp, ref_logp, values, advantages, returns), stats
+
+    def group_advantages(self, scores):
+        """Per-sequence advantages [B] from the groups of samples_per_prompt responses to a prompt
+        (grpo: z-score in the group; rloo: minus the others' mean; reinforce_baseline: minus the
+        group mean, whitened over the batch afterwards)."""
+        mode = {"grpo": "grpo", "rloo": "rloo", "reinforce_baseline": "none"}[self.config.advantage_estimator]
+        return self.ops.group_advantages(scores, self.config.samples_per_prompt, mode=mode)
 
     def policy_outputs(self, sequences, attention_mask, labels, return_entropy=False):
         """(log-probs, entropy or None, values) [B, R]."""
@@ -196,7 +209,9 @@ class PPOTrainer:
         return models.response_hidden(self.policy, sequences, attention_mask, prompt_length, self.packed)
 
     def values(self, policy_hidden, sequences, attention_mask, labels):
-        """Values [B, R]; a shared critic reuses the policy's hidden states."""
+        """Values [B, R]; a shared critic reuses the policy's hidden states; zeros without a critic."""
+        if self.critic is None:
+            return torch.zeros(labels.shape, device=labels.device)
         if self.config.critic == "shared":
             return self.critic.values_from_hidden(policy_hidden)
         return self.critic(sequences, attention_mask, sequences.shape[1] - labels.shape[1], self.packed)
@@ -241,7 +256,9 @@ class PPOTrainer:
     def update(self, experience: Experience) -> dict:
         """ppo_epochs x minibatches, each an optimiser step over accumulated micro-batches."""
         cfg = self.config
-        self.policy.train(), self.critic.train()  # dropout is off: only gradient checkpointing reads this
+        for model in (self.policy, self.critic):  # dropout is off: only gradient checkpointing reads this
+            if model is not None:
+                model.train()
         totals, n_steps = defaultdict(float), 0
         try:
             for _ in range(cfg.ppo_epochs):
@@ -251,7 +268,9 @@ class PPOTrainer:
                         totals[key] = totals[key] + value
                     n_steps += 1
         finally:
-            self.policy.eval(), self.critic.eval()
+            for model in (self.policy, self.critic):
+                if model is not None:
+                    model.eval()
         return {key: value / n_steps for key, value in totals.items()}
 
     def minibatch_step(self, mini: Experience) -> dict:
@@ -294,10 +313,13 @@ class PPOTrainer:
             temperature=cfg.temperature, ref_log_prob=batch.ref_logp if with_kl else None,
             kl_coef=cfg.kl_loss_coef, kl_estimator=cfg.kl_loss_estimator, entropy_coef=cfg.entropy_coef,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, **agg)
-        values = self.values(hidden, batch.sequences, batch.attention_mask, batch.labels)
-        value_loss, value_clipfrac = ops.value_loss(values, batch.old_values, batch.returns, batch.mask,
-                                                    clip=cfg.value_clip, **agg)
-        loss = loss + cfg.vf_coef * value_loss
+        if self.critic is None:
+            value_loss = value_clipfrac = torch.zeros((), device=loss.device)
+        else:
+            values = self.values(hidden, batch.sequences, batch.attention_mask, batch.labels)
+            value_loss, value_clipfrac = ops.value_loss(values, batch.old_values, batch.returns, batch.mask,
+                                                        clip=cfg.value_clip, **agg)
+            loss = loss + cfg.vf_coef * value_loss
         stats = {k: policy_stats[k] for k in ("clipfrac", "approx_kl", "clipfrac_lower", "policy_loss")}
         stats.update(value_loss=value_loss, value_clipfrac=value_clipfrac)
         return loss, {k: v.detach() for k, v in stats.items()}
@@ -421,7 +443,8 @@ class PPOTrainer:
         self.pad_token_id = pick_pad_token_id(self.tokenizer)
         critic_source = self.reward_model if cfg.critic == "reward" or (cfg.critic == "auto" and self.reward_model) \
             else self.policy
-        self.critic = models.ValueModel.from_model(critic_source, share=cfg.critic == "shared").to(self.device)
+        self.critic = None if cfg.critic_free else models.ValueModel.from_model(
+            critic_source, share=cfg.critic == "shared").to(self.device)
         self._apply_memory_savers()
         if self.world.enabled:
             for model in (self.policy, self.critic, self.reference, self.reward_model):
@@ -440,7 +463,7 @@ class PPOTrainer:
             self.reference = models.frozen_copy(self.policy)
         if cfg.gradient_checkpointing:
             models.enable_gradient_checkpointing(self.policy)
-            if cfg.critic != "shared":
+            if self.critic is not None and cfg.critic != "shared":
                 models.enable_gradient_checkpointing(self.critic.body)
         self.offloaded = [m for m in (self.reference, self.reward_model) if m is not None and cfg.offload]
         for model in self.offloaded:
@@ -459,6 +482,8 @@ class PPOTrainer:
 
     def named_trainable(self, which: str) -> list:
         """(name, parameter) pairs the optimiser updates, of the "policy" or the "critic"."""
+        if which == "critic" and self.critic is None:
+            return []
         module = self.policy if which == "policy" else self.critic.head if self.config.critic == "shared" else self.critic
         return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
 
