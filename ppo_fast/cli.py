@@ -56,10 +56,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def config_from_args(args, flags, resume=False):
-    """A PPOConfig: defaults (the embedded task) < --config file < the `flags` given < key=value.
-    Resuming, the run's own config.yaml takes the place of the defaults and --config."""
+def config_from_args(args, flags, resume=False, config_class=None):
+    """A PPOConfig (or `config_class`): defaults (the embedded task) < --config file < the `flags`
+    given < key=value. Resuming, the run's own config.yaml takes the place of the defaults and --config."""
     from ppo_fast.ppo.config import ConfigError, PPOConfig, parse_overrides
+
+    PPOConfig = config_class or PPOConfig  # noqa: N806 - the class the settings build
 
     if resume:
         saved = os.path.join(args.out or PPOConfig.out, "config.yaml")
@@ -109,6 +111,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_rm(args) -> int:
+    """Train a reward model on preference pairs (ppo_fast.ppo.reward_training)."""
+    from ppo_fast.ppo.config import ConfigError
+    from ppo_fast.ppo.reward_training import RewardModelTrainer, RMConfig
+    from ppo_fast.ppo.run_folder import RunFolder
+
+    folder = None
+    try:
+        config = config_from_args(args, flags=("out", "steps", "seed"), resume=args.resume,
+                                  config_class=RMConfig).validate()
+        folder = RunFolder(config.out)
+        folder.lock()
+        history = RewardModelTrainer(config).train(resume=args.resume, folder=folder)
+    except ConfigError as e:
+        print(f"ppo-fast rm: bad config: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if folder is not None:
+            folder.close()
+    evals = [m["eval_accuracy"] for m in history if "eval_accuracy" in m]
+    if evals:
+        print(f"held-out pairwise accuracy {evals[0]:.3f} -> {evals[-1]:.3f}; the model is in {config.out}/model "
+              f"(ppo-fast train reward_model={config.out}/model)")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from ppo_fast.ppo.plot import plot_run
 
@@ -154,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train_parser.add_argument("overrides", nargs="*", metavar="key=value", help="any PPOConfig field")
     train_parser.set_defaults(func=cmd_train)
+
+    rm_parser = sub.add_parser("rm", help="train a reward model on preference pairs; no arguments: the count task",
+                               description="Reward-model training. Settings: RMConfig defaults < --config < flags "
+                                           "< key=value.")
+    rm_parser.add_argument("--config", default=None, help="a YAML file of RMConfig keys")
+    rm_parser.add_argument("--out", default=None, help="output folder (metrics.jsonl, checkpoints, model/)")
+    rm_parser.add_argument("--steps", type=int, default=None)
+    rm_parser.add_argument("--seed", type=int, default=None)
+    rm_parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    rm_parser.add_argument("overrides", nargs="*", metavar="key=value", help="any RMConfig field")
+    rm_parser.set_defaults(func=cmd_rm)
 
     plot_parser = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     plot_parser.add_argument("run_dir", help="a ppo-fast train --out folder")

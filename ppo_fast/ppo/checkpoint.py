@@ -25,7 +25,6 @@ from ppo_fast.ppo.config import ConfigError
 from ppo_fast.ppo.run_folder import fsync_path
 
 CHECKPOINT_DIR = "checkpoints"
-TENSOR_FILES = ("policy", "critic")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -34,7 +33,7 @@ def checkpoint_path(out: str, step: int) -> str:
 
 
 def save_checkpoint(state: dict, out: str, step: int, keep: int = 0) -> str:
-    """Write `state` ({"policy": tensors, "critic": tensors, "trainer": anything torch.save takes})
+    """Write `state` ({<name>: tensors, ..., "trainer": anything torch.save takes}, e.g. policy and critic)
     to OUT/checkpoints/step_N atomically; keep the newest `keep` checkpoints (0: all)."""
     from safetensors.torch import save_file
 
@@ -42,9 +41,10 @@ def save_checkpoint(state: dict, out: str, step: int, keep: int = 0) -> str:
     root, tmp = os.path.dirname(final), final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name in TENSOR_FILES:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state[name].items()},
-                  os.path.join(tmp, f"{name}.safetensors"))
+    for name, tensors in state.items():
+        if name != "trainer":
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      os.path.join(tmp, f"{name}.safetensors"))
     torch.save(state["trainer"], os.path.join(tmp, "state.pt"))
     for name in os.listdir(tmp):  # the files are on disk before the rename makes them visible
         fsync_path(os.path.join(tmp, name))
@@ -83,7 +83,8 @@ def load_checkpoint(path: str) -> dict:
     """The state saved at `path` (tensors on the CPU)."""
     from safetensors.torch import load_file
 
-    state = {name: load_file(os.path.join(path, f"{name}.safetensors")) for name in TENSOR_FILES}
+    state = {name[:-len(".safetensors")]: load_file(os.path.join(path, name))
+             for name in os.listdir(path) if name.endswith(".safetensors")}
     state["trainer"] = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     return state
 

@@ -29,8 +29,49 @@ class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type, inconsistent values, missing path."""
 
 
+class ConfigFile:
+    """YAML / key=value loading shared by the configs (PPOConfig, RMConfig): unknown keys and
+    mistyped values are a ConfigError before anything loads."""
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, values: dict) -> "ConfigFile":
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(f.name for f in dataclasses.fields(cls))}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
+
+    @classmethod
+    def from_file(cls, path: str) -> "ConfigFile":
+        import yaml
+
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path!r}: expected a mapping of key: value, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+    def replace(self, overrides: dict) -> "ConfigFile":
+        return type(self).from_dict({**dataclasses.asdict(self), **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        import yaml
+
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
 @dataclass
-class PPOConfig:
+class PPOConfig(ConfigFile):
     # models and data; policy None = the embedded `count` task and its tiny random model
     policy: Optional[str] = None  # HF causal-LM directory: weights, or only a config.json to build from
     tokenizer: Optional[str] = None  # HF tokenizer directory; default: the policy directory
@@ -97,42 +138,6 @@ class PPOConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     tensorboard: bool = True  # event files next to metrics.jsonl
     progress: bool = True
-
-    # ------------------------------------------------------------------ building
-    @classmethod
-    def from_dict(cls, values: dict) -> "PPOConfig":
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(f.name for f in dataclasses.fields(cls))}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
-
-    @classmethod
-    def from_file(cls, path: str) -> "PPOConfig":
-        import yaml
-
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path!r}: expected a mapping of key: value, got {type(values).__name__}")
-        return cls.from_dict(values)
-
-    def replace(self, overrides: dict) -> "PPOConfig":
-        return PPOConfig.from_dict({**dataclasses.asdict(self), **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str) -> None:
-        import yaml
-
-        with open(path, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
     @property
     def critic_free(self) -> bool:
@@ -219,10 +224,14 @@ class PPOConfig:
 
     def _validate_sources(self) -> None:
         if self.policy is None:
-            extra = [k for k in ("tokenizer", "reward_model", "reward_fn", "prompts") if getattr(self, k) is not None]
+            extra = [k for k in ("tokenizer", "reward_fn", "prompts") if getattr(self, k) is not None]
             _require(not extra, f"{extra} set without `policy`: the embedded count task brings its own tokenizer, "
-                                f"prompts and reward; set `policy` to a model directory to use your own")
-            _require(self.critic in ("auto", "policy", "shared"), f"critic={self.critic!r} needs a reward_model")
+                                f"prompts and reward (or a reward_model trained on it by `ppo-fast rm`); set "
+                                f"`policy` to a model directory to use your own")
+            _require(self.reward_model is None or os.path.isfile(os.path.join(self.reward_model, "config.json")),
+                     f"reward_model: {self.reward_model!r} is not a model directory (no config.json there)")
+            _require(self.critic in ("auto", "policy", "shared") or self.reward_model is not None,
+                     f"critic={self.critic!r} needs a reward_model")
             return
         for key in ("policy", "tokenizer", "reward_model"):
             path = getattr(self, key)

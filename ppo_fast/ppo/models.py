@@ -175,7 +175,6 @@ class ValueModel(nn.Module):
         return self.values_from_hidden(hidden[:, prompt_length - 1:-1])
 
 
-@torch.no_grad()
 def reward_model_scores(model: nn.Module, sequences, attention_mask, packed: bool = False) -> torch.Tensor:
     """The sequence-classification score at each row's last real token, float32 [B]."""
     hidden = last_hidden(backbone(model), sequences, attention_mask, packed)

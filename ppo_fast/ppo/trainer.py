@@ -417,7 +417,10 @@ class PPOTrainer:
             attn = "flash_attention_2" if models.flash_attn_available(self.device) else "sdpa"
             policy = AutoModelForCausalLM.from_config(tasks.tiny_policy_config(self.tokenizer), dtype=self.dtype,
                                                       attn_implementation=attn)
-            reward_fn = tasks.count_reward
+            if cfg.reward_model:  # a reward model trained on the task (`ppo-fast rm`), in the task's token ids
+                reward_model = models.load_model(cfg.reward_model, "reward", self.dtype, self.device)
+            else:
+                reward_fn = tasks.count_reward
             self.prompt_source = lambda n: tasks.count_prompts(n, self.data_generator)
         else:
             if policy is None:

@@ -305,7 +305,8 @@ def test_trainer_builds_from_a_config_only_directory(tmp_path, hf_dirs):
     (["policy=/no/such/model", "prompts=/no/prompts.txt", "reward_fn=x:y"], "policy: '/no/such/model' is not a model directory"),
     (["kl_estimator=k9"], "kl_estimator: expected one of"),
     (["critic=reward"], "critic='reward' needs a reward_model"),
-    (["reward_model=/x"], "set without `policy`"),
+    (["reward_fn=m:f"], "set without `policy`"),
+    (["reward_model=/x"], "reward_model: '/x' is not a model directory"),
 ])
 def test_bad_config_is_reported_before_loading(monkeypatch, capsys, argv, message):
     from ppo_fast import cli
