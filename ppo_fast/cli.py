@@ -154,6 +154,16 @@ def cmd_demo(args) -> int:
     return cmd_train(args)
 
 
+def _add_run_arguments(parser, config_name: str, out_help: str) -> None:
+    """The arguments `train` and `rm` share: a config file, the output folder, steps, seed, resume, key=value."""
+    parser.add_argument("--config", default=None, help=f"a YAML file of {config_name} keys")
+    parser.add_argument("--out", default=None, help=out_help)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"any {config_name} field")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppo-fast", description="Fused kernels for PPO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,23 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = sub.add_parser("train", help="a PPO run; no arguments: the embedded count task",
                                   description="Run PPO. Settings: PPOConfig defaults < --config < flags < key=value.")
-    train_parser.add_argument("--config", default=None, help="a YAML file of PPOConfig keys")
-    train_parser.add_argument("--out", default=None, help="output folder (metrics.jsonl, config.yaml)")
-    train_parser.add_argument("--steps", type=int, default=None)
-    train_parser.add_argument("--seed", type=int, default=None)
-    train_parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    train_parser.add_argument("overrides", nargs="*", metavar="key=value", help="any PPOConfig field")
+    _add_run_arguments(train_parser, "PPOConfig", "output folder (metrics.jsonl, config.yaml)")
     train_parser.set_defaults(func=cmd_train)
 
     rm_parser = sub.add_parser("rm", help="train a reward model on preference pairs; no arguments: the count task",
                                description="Reward-model training. Settings: RMConfig defaults < --config < flags "
                                            "< key=value.")
-    rm_parser.add_argument("--config", default=None, help="a YAML file of RMConfig keys")
-    rm_parser.add_argument("--out", default=None, help="output folder (metrics.jsonl, checkpoints, model/)")
-    rm_parser.add_argument("--steps", type=int, default=None)
-    rm_parser.add_argument("--seed", type=int, default=None)
-    rm_parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    rm_parser.add_argument("overrides", nargs="*", metavar="key=value", help="any RMConfig field")
+    _add_run_arguments(rm_parser, "RMConfig", "output folder (metrics.jsonl, checkpoints, model/)")
     rm_parser.set_defaults(func=cmd_rm)
 
     plot_parser = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")

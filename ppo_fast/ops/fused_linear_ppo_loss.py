@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 
 from ppo_fast.ops import kl as kl_ops
-from ppo_fast.ops.kl import kl_and_grad
 from ppo_fast.ops import policy_loss as policy_ops
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import resolve_backend
@@ -117,7 +116,8 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weight
         w = row_weights[rows, None]
         grad_logp = w * dloss if needs_grad else None  # dloss = m dpg/dy
         if ref is not None:
-            kl, dkl = kl_and_grad(_valid_only(logp, valid), _valid_only(ref[rows], valid), hp.kl_estimator, kl_backend)
+            kl, dkl = kl_ops.kl_and_grad(_valid_only(logp, valid), _valid_only(ref[rows], valid), hp.kl_estimator,
+                                         kl_backend)
             row_stats[rows, ROW_KL] = _valid_only(kl, valid).sum(-1)
             if needs_grad and hp.kl_coef != 0:
                 grad_logp = grad_logp + (hp.kl_coef * w) * _valid_only(dkl, valid)

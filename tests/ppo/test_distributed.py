@@ -4,9 +4,11 @@ and bad set-ups fail on every rank with a clear message."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -72,20 +74,28 @@ def test_two_ranks_take_the_step_of_one_rank_with_the_global_batch(tmp_path):
         "dcp", "state_rank0.pt", "state_rank1.pt"]
 
 
-def test_a_stopped_two_rank_run_resumes_exactly(tmp_path):
-    """Stopped after its step-2 checkpoint (what a kill leaves: checkpoints are renamed into place
-    only once complete), resumed to step 4: the same as the run that never stopped."""
-    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+def test_a_killed_two_rank_run_resumes_exactly(tmp_path):
+    """SIGKILLed (the whole torchrun process group) once its step-2 checkpoint is in place, then
+    resumed to step 4: the same metrics and weights as the run that was never interrupted."""
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     train(whole, "steps=4", "tensorboard=false", ranks=2)
-    train(resumed, "steps=2", "tensorboard=false", "save_every=1", ranks=2)
-    os.makedirs(os.path.join(resumed, "checkpoints", "step_00000003.tmp"))  # a write cut short by a kill
+    env = dict(os.environ, OMP_NUM_THREADS="1", PPO_FAST_BACKEND="auto")
+    run = subprocess.Popen(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "ppo_fast.cli", "train",
+                            f"out={killed}", *ARGS, "steps=4", "tensorboard=false", "save_every=1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(killed, "checkpoints", "step_00000002")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not os.path.isdir(os.path.join(killed, "checkpoints", "step_00000004")), "killed too late to test"
     result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "ppo_fast.cli",
-                             "train", "--resume", "--out", resumed, "--steps", "4"],
-                            capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                             "train", "--resume", "--out", killed], capture_output=True, text=True, timeout=600,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_run(metrics(whole), metrics(resumed), 4)
+    assert_same_run(metrics(whole), metrics(killed), 4)
     for name, value in masters(whole, 4).items():
-        torch.testing.assert_close(masters(resumed, 4)[name], value, msg=name)
+        torch.testing.assert_close(masters(killed, 4)[name], value, msg=name)
 
 
 def test_resuming_on_another_world_size_is_refused(tmp_path):
