@@ -43,13 +43,15 @@ class MasterAdamW:
     """AdamW over groups of (name, parameter) pairs, one group per model, each with its lr."""
 
     def __init__(self, named_groups: list, lrs: list, *, weight_decay: float, max_grad_norm: float,
-                 total_steps: int, warmup_steps: int, schedule: str, fused: bool):
+                 total_steps: int, warmup_steps: int, schedule: str, fused: bool, sharded: bool = False):
         self.names = [[name for name, _ in group] for group in named_groups]
         self.params = [[p for _, p in group] for group in named_groups]
         self.masters = [[p if p.dtype == torch.float32 else p.detach().float() for p in group] for group in self.params]
         self.max_grad_norm = max_grad_norm or float("inf")
+        # sharded (FSDP): a group mixes DTensor shards and whole tensors, so one tensor at a time
         self.optimizer = torch.optim.AdamW([{"params": m, "lr": lr} for m, lr in zip(self.masters, lrs)],
-                                           weight_decay=weight_decay, fused=fused)
+                                           weight_decay=weight_decay, fused=fused and not sharded,
+                                           foreach=False if sharded else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda i: lr_factor(i, warmup_steps, total_steps, schedule))
         self.skipped = 0

@@ -80,7 +80,8 @@ class PPOTrainer:
             [self.named_trainable("policy"), self.named_trainable("critic")], [cfg.lr, cfg.critic_lr],
             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
             total_steps=cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size),
-            warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, fused=self.device.type == "cuda")
+            warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
+            fused=self.device.type == "cuda", sharded=self.world.enabled)
         self.step_count = 0
         self.consecutive_skips = 0
 
