@@ -80,6 +80,13 @@ def require_nonnegative(name: str, value) -> float:
     return value
 
 
+def require_dual_clip(value):
+    """None, or the dual-clip constant c: a finite value > 1 (as a float)."""
+    if value is not None and not (require_python_float("dual_clip", value) > 1 and value < float("inf")):
+        raise ValueError(f"dual_clip: expected None or a finite value > 1, got {value!r}")
+    return None if value is None else float(value)
+
+
 def require_temperature(value) -> float:
     """A temperature T > 0 whose inverse 1/T, the factor the kernels multiply by, is finite in fp32."""
     value = require_positive("temperature", value)

@@ -30,12 +30,12 @@ from ppo_fast.ops.backend import resolve_backend
 from ppo_fast.ops.checks import (
     contiguous,
     require_choice,
+    require_dual_clip,
     require_finite,
     require_mask,
     require_nonnegative,
     require_optional_count,
     require_per_token,
-    require_python_float,
     require_same_device,
     require_temperature,
 )
@@ -49,6 +49,7 @@ from ppo_fast.ops.fused_linear import (
 )
 from ppo_fast.ops.logprobs import LAUNCHERS
 from ppo_fast.ops.masked import AGG_MODES, agg_row_weights, row_token_means
+from ppo_fast.ops.reference import valid_only
 
 # Per-row sums the forward keeps: the policy loss kernel's columns, then entropy and KL.
 ROW_ENTROPY, ROW_KL = len(POLICY_ROW_STATS), len(POLICY_ROW_STATS) + 1
@@ -79,10 +80,6 @@ TOKEN_PARTS = {
 IN_PLACE_BACKWARD = ("triton", "cpp")
 
 
-def _valid_only(x, valid):
-    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 # ----------------------------------------------------------------------------- forward with gradients
 def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weights, hp: Hyper, backend, want):
     """(loss, policy_loss, stats [5], grads (hidden, weight, bias) or None where not wanted).
@@ -108,19 +105,18 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weight
         logits = linear(h, weight, bias)
         logp, entropy, lse = launch_forward(logits, chunk_labels, hp.inv_temperature, hp.ignore_index, True)
         logp, entropy = logp.view(k, T), entropy.view(k, T)
-        m, valid = mask[rows], mask[rows] != 0
+        m = mask[rows]
         policy_rows, dloss = policy_forward(logp, old[rows], adv[rows], m, hp.clip_low, hp.clip_high, hp.dual_clip,
                                             needs_grad)
         row_stats[rows, :ROW_ENTROPY] = policy_rows
-        row_stats[rows, ROW_ENTROPY] = _valid_only(entropy, valid).sum(-1)
+        row_stats[rows, ROW_ENTROPY] = valid_only(entropy, m).sum(-1)
         w = row_weights[rows, None]
         grad_logp = w * dloss if needs_grad else None  # dloss = m dpg/dy
         if ref is not None:
-            kl, dkl = kl_ops.kl_and_grad(_valid_only(logp, valid), _valid_only(ref[rows], valid), hp.kl_estimator,
-                                         kl_backend)
-            row_stats[rows, ROW_KL] = _valid_only(kl, valid).sum(-1)
+            kl, dkl = kl_ops.kl_and_grad(valid_only(logp, m), valid_only(ref[rows], m), hp.kl_estimator, kl_backend)
+            row_stats[rows, ROW_KL] = valid_only(kl, m).sum(-1)
             if needs_grad and hp.kl_coef != 0:
-                grad_logp = grad_logp + (hp.kl_coef * w) * _valid_only(dkl, valid)
+                grad_logp = grad_logp + (hp.kl_coef * w) * valid_only(dkl, m)
         if not needs_grad:
             continue
         grad_entropy = (-hp.entropy_coef * w * m).reshape(-1) if hp.entropy_coef != 0 else None
@@ -253,8 +249,7 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     if kl_coef != 0 and ref_log_prob is None:
         raise ValueError(f"ref_log_prob: required when kl_coef != 0 (got kl_coef={kl_coef})")
     clip_low, clip_high = require_nonnegative("clip_low", clip_low), require_nonnegative("clip_high", clip_high)
-    if dual_clip is not None and not (require_python_float("dual_clip", dual_clip) > 1 and dual_clip < float("inf")):
-        raise ValueError(f"dual_clip: expected None or a finite value > 1, got {dual_clip!r}")
+    dual_clip = require_dual_clip(dual_clip)
 
     backend = resolve_backend(hidden.device, "fused_linear_ppo_loss", IMPLEMENTATIONS)
     if backend == "torch":
@@ -271,7 +266,7 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     want = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, policy_loss, stats, *_ = fused_ppo_loss_forward(
         hidden, weight, bias, labels, old, adv, mask, ref, row_weights, 1.0 / temperature, ignore_index, clip_low,
-        clip_high, None if dual_clip is None else float(dual_clip), kl_coef, kl_estimator, entropy_coef,
+        clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
         chunk_size or 0, *want, backend)
     clipfrac, approx_kl, clipfrac_lower, entropy, kl = stats.detach().unbind()
     stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,

@@ -22,11 +22,11 @@ from ppo_fast.ops.backend import native_module, resolve_backend
 from ppo_fast.ops.checks import (
     contiguous,
     require_choice,
+    require_dual_clip,
     require_mask,
     require_nonnegative,
     require_optional_count,
     require_per_token,
-    require_python_float,
     require_same_device,
 )
 from ppo_fast.ops.constants import (
@@ -148,15 +148,13 @@ def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, c
     require_same_device(log_prob=log_prob, mask=mask)
     clip_low = require_nonnegative("clip_low", clip_low)
     clip_high = require_nonnegative("clip_high", clip_high)
-    if dual_clip is not None and not (require_python_float("dual_clip", dual_clip) > 1 and dual_clip < float("inf")):
-        raise ValueError(f"dual_clip: expected None or a finite value > 1, got {dual_clip!r}")
+    dual_clip = require_dual_clip(dual_clip)
     require_choice("agg", agg, AGG_MODES)
     require_optional_count("num_tokens", num_tokens)
     require_optional_count("num_seqs", num_seqs)
 
     backend = resolve_backend(log_prob.device, "ppo_policy_loss", IMPLEMENTATIONS)
     log_prob, old_log_prob, advantages, mask = contiguous(log_prob, old_log_prob.detach(), advantages.detach(), mask)
-    dual_clip = None if dual_clip is None else float(dual_clip)
     if backend == "torch":
         return reference.ppo_policy_loss(log_prob, old_log_prob, advantages, mask, clip_low=clip_low,
                                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,

@@ -20,7 +20,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _valid_only(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def valid_only(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x where mask != 0, else 0 (where, not a product: 0 * NaN would be NaN)."""
     return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -57,7 +57,7 @@ AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
 def masked_mean(x, mask):
     """sum(mask * x) / sum(mask); 0 where the mask is empty."""
-    x = _valid_only(_upcast(x), mask)
+    x = valid_only(_upcast(x), mask)
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp(min=1)
 
@@ -69,7 +69,7 @@ def agg_loss(loss, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
     sum_t(m L); seq-mean-token-mean: the same mean of sum_t(m L) / sum_t m. `num_tokens` /
     `num_seqs` replace the local denominators (global batch under accumulation or data parallel).
     """
-    loss = _valid_only(_upcast(loss), mask)
+    loss = valid_only(_upcast(loss), mask)
     m = mask.to(loss.dtype)
     if agg == "token-mean":
         den = m.sum().clamp(min=1) if num_tokens is None else num_tokens
@@ -92,8 +92,8 @@ def masked_whiten(x, mask, *, shift_mean=True):
     x64 = x.double()
     m = mask.double()
     n = m.sum()
-    mean = (_valid_only(x64, mask) * m).sum() / n.clamp(min=1)
-    var = (_valid_only(x64 - mean, mask) ** 2 * m).sum() / (n - 1).clamp(min=1)
+    mean = (valid_only(x64, mask) * m).sum() / n.clamp(min=1)
+    var = (valid_only(x64 - mean, mask) ** 2 * m).sum() / (n - 1).clamp(min=1)
     whitened = (x64 - mean) * torch.rsqrt(var + WHITEN_EPS)
     return (whitened if shift_mean else whitened + mean).to(x.dtype)
 
@@ -105,9 +105,9 @@ def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, c
 
     Returns (loss, stats) with stats clipfrac, approx_kl and clipfrac_lower (dual clip).
     """
-    log_prob = _valid_only(_upcast(log_prob), mask)
-    old_log_prob = _valid_only(_upcast(old_log_prob).detach(), mask)
-    advantages = _valid_only(_upcast(advantages).detach(), mask)
+    log_prob = valid_only(_upcast(log_prob), mask)
+    old_log_prob = valid_only(_upcast(old_log_prob).detach(), mask)
+    advantages = valid_only(_upcast(advantages).detach(), mask)
     delta = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(delta)
     loss_unclipped = -advantages * ratio
@@ -132,9 +132,9 @@ def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, c
 def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", num_tokens=None, num_seqs=None):
     """Clipped value loss 0.5 * agg(max((v - R)^2, (v_clipped - R)^2)) and its clip fraction,
     v_clipped = clamp(v, old - clip, old + clip) (equal to v, to the bit, inside the range)."""
-    values = _valid_only(_upcast(values), mask)
-    old_values = _valid_only(_upcast(old_values).detach(), mask)
-    returns = _valid_only(_upcast(returns).detach(), mask)
+    values = valid_only(_upcast(values), mask)
+    old_values = valid_only(_upcast(old_values).detach(), mask)
+    returns = valid_only(_upcast(returns).detach(), mask)
     clipped = torch.clamp(values, old_values - clip, old_values + clip)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped - returns) ** 2
@@ -179,7 +179,7 @@ def kl_penalty(log_prob, ref_log_prob, *, estimator="k1"):
 def compute_rewards(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1"):
     """Token rewards: -kl_coef * KL on every valid token, plus the sequence score [B] on the
     last valid token of its row."""
-    kl = kl_penalty(_valid_only(log_prob, mask), _valid_only(ref_log_prob, mask), estimator=estimator)
+    kl = kl_penalty(valid_only(log_prob, mask), valid_only(ref_log_prob, mask), estimator=estimator)
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m
     T = m.shape[-1]
@@ -201,7 +201,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     value and the running advantage are carried across them. Rewards and values at masked
     positions are read as 0, so there returns = the carried advantage.
     """
-    rewards, values = _valid_only(_upcast(rewards), mask), _valid_only(_upcast(values), mask)
+    rewards, values = valid_only(_upcast(rewards), mask), valid_only(_upcast(values), mask)
     m = mask.to(rewards.dtype)
     next_value = rewards.new_zeros(rewards.shape[0])
     last = rewards.new_zeros(rewards.shape[0])
@@ -266,7 +266,7 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     loss = policy_loss - entropy_coef * agg_loss(entropy, mask, **agg_args)
     stats = {**stats, "policy_loss": policy_loss.detach(), "entropy": masked_mean(entropy.detach(), mask)}
     if ref_log_prob is not None:
-        kl = kl_penalty(_valid_only(logp, mask), _valid_only(ref_log_prob.detach(), mask), estimator=kl_estimator)
+        kl = kl_penalty(valid_only(logp, mask), valid_only(ref_log_prob.detach(), mask), estimator=kl_estimator)
         loss = loss + kl_coef * agg_loss(kl, mask, **agg_args)
         stats["kl"] = masked_mean(kl.detach(), mask)
     return loss, stats

@@ -69,6 +69,33 @@ class ConfigFile:
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
+    # the checks and resolution of the `device` and `out` fields every config has
+    def _validate_device(self) -> None:
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+                 f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            index = int(self.device.partition(":")[2] or 0)
+            _require(torch.cuda.is_available() and index < torch.cuda.device_count(),
+                     f"device: {self.device!r} asked for, but this machine has "
+                     f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s)")
+
+    def _validate_out(self) -> None:
+        _require(bool(self.out.strip()), "out: expected a folder path, got ''")
+        parent = os.path.abspath(self.out)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        _require(os.path.isdir(parent), f"out: {self.out!r} would be under {parent!r}, which is a file")
+        _require(not os.path.exists(self.out) or os.path.isdir(self.out), f"out: {self.out!r} is a file")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @dataclass
 class PPOConfig(ConfigFile):
@@ -184,35 +211,12 @@ class PPOConfig(ConfigFile):
                  f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
         _require(self.mini_batch_size % self.micro_batch_size == 0,
                  f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
-        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
-                 f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device.startswith("cuda"):
-            import torch
-
-            index = int(self.device.partition(":")[2] or 0)
-            _require(torch.cuda.is_available() and index < torch.cuda.device_count(),
-                     f"device: {self.device!r} asked for, but this machine has "
-                     f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s)")
+        self._validate_device()
         if check_sources:
             self._validate_sources()
         return self
 
-    def _validate_out(self) -> None:
-        _require(bool(self.out.strip()), "out: expected a folder path, got ''")
-        parent = os.path.abspath(self.out)
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        _require(os.path.isdir(parent), f"out: {self.out!r} would be under {parent!r}, which is a file")
-        _require(not os.path.exists(self.out) or os.path.isdir(self.out), f"out: {self.out!r} is a file")
-
     # ------------------------------------------------------------------ resolving "auto"
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
     def resolved_dtype(self):
         """auto: bfloat16 on CUDA for real models; float32 on CPU and for the embedded task's
         0.1M-parameter model (bf16 rounding slows its learning and saves nothing there)."""

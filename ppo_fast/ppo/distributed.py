@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ppo_fast.ops.constants import WHITEN_EPS
+from ppo_fast.ops.reference import valid_only
 from ppo_fast.ppo.config import ConfigError
 
 MODES = ("auto", "none", "fsdp")
@@ -137,9 +138,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """ppo_fast.ops.reference.masked_whiten with the statistics of every rank's valid tokens:
     two-pass sums in float64, each pass one all-reduce."""
     x64, m = x.double(), mask.double()
-    first = all_reduce(torch.stack([(torch.where(mask != 0, x64, 0.0) * m).sum(), m.sum()]))
+    first = all_reduce(torch.stack([(valid_only(x64, mask) * m).sum(), m.sum()]))
     mean = first[0] / first[1].clamp(min=1)
-    squares = all_reduce((torch.where(mask != 0, x64 - mean, 0.0) ** 2 * m).sum())
+    squares = all_reduce((valid_only(x64 - mean, mask) ** 2 * m).sum())
     var = squares / (first[1] - 1).clamp(min=1)
     return ((x64 - mean) * torch.rsqrt(var + WHITEN_EPS)).to(torch.float32)
 

@@ -64,23 +64,17 @@ class RMConfig(ConfigFile):
             _require(getattr(self, key) >= 0, f"{key}: expected a value >= 0, got {getattr(self, key)}")
         _require(0 < self.eval_fraction < 1, f"eval_fraction: expected a value in (0, 1), got {self.eval_fraction}")
         _require(self.dtype in DTYPES, f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
-        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-                 f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
-        if self.device.startswith("cuda"):
-            _require(torch.cuda.is_available(), f"device: {self.device!r} asked for, but this machine has no CUDA")
-        _require(os.path.exists(self.out) is False or os.path.isdir(self.out), f"out: {self.out!r} is not a folder")
+        self._validate_device()
+        self._validate_out()
         for key in ("model", "data"):
             path = getattr(self, key)
             _require(path is None or os.path.exists(path), f"{key}: {path!r} does not exist")
         return self
 
-    def resolved_device(self) -> torch.device:
-        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
-
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
             return getattr(torch, self.dtype)
-        return torch.bfloat16 if self.resolved_device().type == "cuda" and self.model else torch.float32
+        return torch.bfloat16 if self.resolved_device().startswith("cuda") and self.model else torch.float32
 
 
 # ----------------------------------------------------------------------------- data
@@ -128,7 +122,7 @@ def _corrupt(target: str, rng: random.Random) -> str:
 class RewardModelTrainer:
     def __init__(self, config: RMConfig):
         self.config = cfg = config.validate()
-        self.device, self.dtype = cfg.resolved_device(), cfg.resolved_dtype()
+        self.device, self.dtype = torch.device(cfg.resolved_device()), cfg.resolved_dtype()
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         pairs = read_pairs(cfg.data) if cfg.data else count_task_pairs(cfg.embedded_pairs, self.generator)
