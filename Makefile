@@ -28,13 +28,23 @@ native:
 	elif [ "$$PPO_FAST_REQUIRE_NATIVE" = 1 ]; then echo "native: build failed" >&2; exit 1; \
 	else echo "native: build failed; CPU tensors use the torch backend" >&2; fi
 
-# Compile every CUDA kernel as CI does (no GPU or CUDA torch needed, only nvcc).
+# Compile every CUDA kernel as CI does (no GPU or CUDA torch needed, only nvcc), and check the
+# torch-facing bindings (csrc/cuda/*.cpp) for syntax against torch's headers and CUDA's (a CPU
+# torch ships the c10/cuda headers they use; the generated cmake-macros header is skipped).
 NVCC ?= nvcc
+# nvcc's own include flags (-I.../targets/<arch>/include), as its --dryrun reports them
+CUDA_INCLUDES = $(shell $(NVCC) --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/.*INCLUDES="\([^"]*\)".*/\1/p' | head -n 1)
 cuda-check:
 	@mkdir -p build/cuda-check
 	@for f in csrc/cuda/*.cu; do \
 		echo "nvcc $$f"; \
 		$(NVCC) -std=c++17 -gencode=arch=compute_90,code=sm_90 -Icsrc -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; \
+	done
+	@inc=$$($(PYTHON) -c "import torch.utils.cpp_extension as c, sysconfig; print(' '.join(['-I' + p for p in c.include_paths()] + ['-I' + sysconfig.get_paths()['include']]))") && \
+	for f in csrc/cuda/*.cpp; do \
+		echo "g++ -fsyntax-only $$f"; \
+		$(CXX) -std=c++20 -fsyntax-only -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DTORCH_EXTENSION_NAME=_C_cuda \
+			-Icsrc $$inc $(CUDA_INCLUDES) $$f || exit 1; \
 	done
 
 peers:

@@ -11,7 +11,7 @@ from ppo_fast.bench.timing import synchronize
 from ppo_fast.ops.backend import BackendError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = [case for op_cases in OP_CASES.values() for case in op_cases(DEVICE, quick=True)]
+CASES = [case for op_cases in OP_CASES.values() for case in op_cases(DEVICE, "quick")]
 
 
 @pytest.mark.parametrize(

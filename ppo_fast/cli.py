@@ -48,7 +48,8 @@ def cmd_bench(args) -> int:
         if args.overrides:
             print(f"ppo-fast bench ops: takes no key=value settings (got {args.overrides})", file=sys.stderr)
             return 2
-        record = ops.run(args.device, ops=args.op, quick=args.quick)
+        record = ops.run(args.device, ops=args.op, preset="quick" if args.quick else args.preset,
+                         save_to=None if args.no_save else args.out or RESULTS_DIR)
     print()
     print(records.markdown_table(record))
     if not args.no_save:
@@ -173,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "PPO steps with ppo_fast ops vs reference ops")
     bench_parser.add_argument("kind", nargs="?", choices=("ops", "e2e"), default="ops")
     bench_parser.add_argument("--op", action="append", help="ops: only this op family, e.g. gae (repeatable)")
-    bench_parser.add_argument("--quick", action="store_true", help="ops: small subset, under a minute")
+    bench_parser.add_argument("--quick", action="store_true", help="ops: small subset, under a minute (--preset quick)")
+    bench_parser.add_argument("--preset", default="full", choices=("full", "quick", "headline"),
+                              help="ops: which shapes; headline: the GPU run's figures (tiny sizes on a CPU)")
     bench_parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     bench_parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     bench_parser.add_argument("--no-save", action="store_true", help="print the table only")

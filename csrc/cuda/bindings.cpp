@@ -1,6 +1,6 @@
 // Torch-facing wrappers of the CUDA launchers: the module ppo_fast._C_cuda. Same Python
 // signatures as the CPU module ppo_fast._C, so ppo_fast/ops/ calls either one.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
             RowLayout{n_rows, vocab, rows_per_batch, stride_batch, stride_row}, static_cast<float>(inv_temperature),
             ignore_index, logp.defined() ? logp.data_ptr<float>() : nullptr,
             entropy.defined() ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
-            at::cuda::getCurrentCUDAStream()),
+            c10::cuda::getCurrentCUDAStream()),
         "logprobs_forward");
   return {logp, entropy, lse};
 }
@@ -63,7 +63,7 @@ at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::T
             logits.data_ptr(), dtype_of(logits), ptr_or_null<int64_t>(labels),
             RowLayout{n_rows, vocab, rows_per_batch, stride_batch, stride_row}, lse.data_ptr<float>(),
             ptr_or_null<float>(entropy), ptr_or_null<float>(grad_logp), ptr_or_null<float>(grad_entropy),
-            static_cast<float>(inv_temperature), ignore_index, grad.data_ptr(), at::cuda::getCurrentCUDAStream()),
+            static_cast<float>(inv_temperature), ignore_index, grad.data_ptr(), c10::cuda::getCurrentCUDAStream()),
         "logprobs_backward");
   return grad;
 }
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const 
   check(ppo_fast::cuda::launch_gae(rewards.data_ptr<float>(), values.data_ptr<float>(), mask.data_ptr<float>(),
                                    rewards.size(0), rewards.size(1), static_cast<float>(gamma),
                                    static_cast<float>(gamma * lam), adv.data_ptr<float>(), ret.data_ptr<float>(),
-                                   at::cuda::getCurrentCUDAStream()),
+                                   c10::cuda::getCurrentCUDAStream()),
         "gae");
   return {adv, ret};
 }

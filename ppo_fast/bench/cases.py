@@ -5,6 +5,12 @@ torch.compile: every case on GPU, the per-token cases on CPU; one compiled objec
 no case runs past dynamo's recompile limit), peers where installed, `ppo_fast-<backend>` for
 each ppo_fast backend of the op, and `ppo_fast-compile` (the public op under torch.compile,
 wherever `torch-compile` is).
+
+A preset picks the shapes (SHAPES, per device type): `full` (default), `quick` (a small subset,
+under a minute) and `headline`, the figures of the GPU run (scripts/gpu_run.py): a few cases at
+the sizes the anchors report, torch.compile only where the goals compare with it. On the CPU
+the headline preset is that run's dry run: the same cases at tiny sizes, torch.compile on
+dynamo's `eager` backend (traced, no code generation), no fresh-process memory measurements.
 """
 from __future__ import annotations
 
@@ -36,18 +42,65 @@ class Case:
     cpu_memory: bool = False  # also measure peak memory on the CPU (a fresh process per implementation)
 
 
+PRESETS = ("full", "quick", "headline")
+# op family -> device type -> preset -> shapes: (N, V) for logprobs, (N, H, V) for fused_linear,
+# (B, T, H, V) for fused_linear_ppo_loss, (B, T) for the per-token functions (by function name).
+_TOKENS_CUDA = {"full": [(64, 1024), (512, 4096)], "quick": [(64, 1024)]}
+_TOKENS_CPU = {"full": [(64, 2048)], "quick": [(16, 512)]}
+SHAPES = {
+    "logprobs": {
+        "cuda": {"full": [(4096, 128256), (8192, 128256), (16384, 128256), (32768, 128256), (8192, 152064)],
+                 "quick": [(4096, 32000)], "headline": [(4096, 128256), (8192, 151936)]},
+        "cpu": {"full": [(2048, 32000)], "quick": [(512, 32000)], "headline": [(16, 1013)]},
+    },
+    "fused_linear": {
+        "cuda": {"full": [(4096, 4096, 128256), (8192, 4096, 128256), (16384, 4096, 128256), (8192, 3584, 152064)],
+                 "quick": [(2048, 4096, 128256)]},
+        "cpu": {"full": [(2048, 256, 32000)], "quick": [(512, 256, 32000)]},
+    },
+    "fused_linear_ppo_loss": {
+        "cuda": {"full": [(8, 1024, 4096, 128256), (16, 1024, 4096, 128256)], "quick": [(4, 512, 4096, 128256)],
+                 "headline": [(8, 1024, 4096, 128256)]},
+        "cpu": {"full": [(8, 256, 256, 32000)], "quick": [(4, 128, 256, 32000)], "headline": [(2, 8, 16, 1013)]},
+    },
+    **{fn: {"cuda": _TOKENS_CUDA, "cpu": _TOKENS_CPU}
+       for fn in ("value_loss", "kl_penalty", "compute_rewards", "masked_whiten")},
+    "ppo_policy_loss": {"cuda": {**_TOKENS_CUDA, "headline": [(64, 4096)]},
+                        "cpu": {**_TOKENS_CPU, "headline": [(4, 40)]}},
+    "gae": {"cuda": {**_TOKENS_CUDA, "headline": [(512, 2048)]}, "cpu": {**_TOKENS_CPU, "headline": [(4, 40)]}},
+}
+
+
+def shapes(key: str, device: torch.device, preset: str) -> list:
+    """The shapes of `key` (an op family, or a per-token function) for this device and preset;
+    none where the preset leaves it out."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {PRESETS}, got {preset!r}")
+    return SHAPES[key]["cuda" if device.type == "cuda" else "cpu"].get(preset, [])
+
+
+def headline_dry_run(device: torch.device, preset: str) -> bool:
+    return preset == "headline" and device.type != "cuda"
+
+
+def compiled(fn, device: torch.device, preset: str):
+    """torch.compile(fn) for one case (see the module docstring for the headline dry run)."""
+    return torch.compile(fn, dynamic=False, **({"backend": "eager"} if headline_dry_run(device, preset) else {}))
+
+
 # ----------------------------------------------------------------------------- implementations
-def implementations(device: torch.device, fn: str, *, compile_reference: bool) -> dict:
-    """{impl name: function with the op's signature} for every implementation that can run here."""
+def implementations(device: torch.device, fn: str, *, compile_reference: bool, preset: str = "full") -> dict:
+    """{impl name: function with the op's signature} for every implementation that can run here.
+    The headline preset has no `ppo_fast-compile` rows (its goals compare eager ops)."""
     reference_fn = getattr(reference, fn)
     impls = {"torch": reference_fn}
     if compile_reference:
-        impls["torch-compile"] = torch.compile(reference_fn, dynamic=False)
+        impls["torch-compile"] = compiled(reference_fn, device, preset)
     for name in available_backends(device):
         if name != "torch" and name in ops.IMPLEMENTATIONS[fn]:
             impls[f"ppo_fast-{name}"] = _on_backend(name, getattr(ops, fn))
-    if compile_reference:  # ppo_fast's ops are custom ops: the compiler keeps them and fuses what is around
-        impls["ppo_fast-compile"] = torch.compile(getattr(ops, fn), dynamic=False)
+    if compile_reference and preset != "headline":  # custom ops: the compiler keeps them, fuses what is around
+        impls["ppo_fast-compile"] = compiled(getattr(ops, fn), device, preset)
     return impls
 
 
@@ -129,17 +182,14 @@ _fused_linear_fwd, _fused_linear_fwd_bwd = _logprob_runners(
 
 
 # ----------------------------------------------------------------------------- cases by op family
-def logprobs(device: torch.device, quick: bool) -> list:
-    """logprobs_from_logits with entropy; Llama-3-8B (V = 128256) and Qwen2.5-7B (V = 152064) heads on GPU."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16
-        shapes = [(4096, 32000)] if quick else [(4096, 128256), (8192, 128256), (16384, 128256), (32768, 128256),
-                                                (8192, 152064)]
-    else:
-        dtype = torch.float32
-        shapes = [(512, 32000)] if quick else [(2048, 32000)]
+def logprobs(device: torch.device, preset: str) -> list:
+    """logprobs_from_logits with entropy; Llama-3-8B (V = 128256) and Qwen2.5-7B (V = 152064) heads on
+    GPU. The headline preset compiles the reference at its first shape only."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cases = []
-    for n, v in shapes:
+    for i, (n, v) in enumerate(shapes("logprobs", device, preset)):
+        compile_reference = (device.type == "cuda" or headline_dry_run(device, preset)) and (
+            preset != "headline" or i == 0)
         def make_inputs(n=n, v=v, grad=False):
             up = torch.randn(2, n, device=device)
             return {"logits": torch.randn(n, v, device=device, dtype=dtype, requires_grad=grad),
@@ -149,25 +199,19 @@ def logprobs(device: torch.device, quick: bool) -> list:
         for mode, runner, make, moved in (("fwd", _logprobs_fwd, make_inputs, logits_bytes),
                                           ("fwd+bwd", _logprobs_fwd_bwd, lambda m=make_inputs: m(grad=True),
                                            3 * logits_bytes)):  # fwd+bwd: read, read, write the gradient
-            impls = {**implementations(device, "logprobs_from_logits", compile_reference=device.type == "cuda"),
-                     **cross_entropy_peers(device)}
+            impls = {**implementations(device, "logprobs_from_logits", compile_reference=compile_reference,
+                                       preset=preset), **cross_entropy_peers(device)}
             cases.append(Case("logprobs", "logprobs_from_logits", mode, dtype, {"N": n, "V": v}, make,
                               {k: runner(f) for k, f in impls.items()}, moved))
     return cases
 
 
-def fused_linear(device: torch.device, quick: bool) -> list:
+def fused_linear(device: torch.device, preset: str) -> list:
     """fused_linear_logprobs: hidden states + LM head -> log-probs and entropy; TFLOP/s count the
     2NHV of the forward GEMM and 6NHV for fwd+bwd (ppo_fast's recompute GEMM is not credited)."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16
-        shapes = [(2048, 4096, 128256)] if quick else [(4096, 4096, 128256), (8192, 4096, 128256),
-                                                       (16384, 4096, 128256), (8192, 3584, 152064)]
-    else:
-        dtype = torch.float32
-        shapes = [(512, 256, 32000)] if quick else [(2048, 256, 32000)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cases = []
-    for n, h, v in shapes:
+    for n, h, v in shapes("fused_linear", device, preset):
         def make_inputs(n=n, h=h, v=v, grad=False):
             up = torch.randn(2, n, device=device)
             return {"hidden": torch.randn(n, h, device=device, dtype=dtype, requires_grad=grad),
@@ -216,18 +260,14 @@ def fused_ppo_loss_peers(device: torch.device) -> dict:
     return {"liger-grpo": liger}
 
 
-def fused_linear_ppo_loss(device: torch.device, quick: bool) -> list:
+def fused_linear_ppo_loss(device: torch.device, preset: str) -> list:
     """fused_linear_ppo_loss fwd+bwd (clipped surrogate + k3 KL, token-mean) against plain torch
     (matmul -> log_softmax -> gather -> loss), ppo_fast's two-op path and Liger's fused GRPO loss;
     TFLOP/s count the three GEMMs a backward needs (6 N H V)."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16
-        shapes = [(4, 512, 4096, 128256)] if quick else [(8, 1024, 4096, 128256), (16, 1024, 4096, 128256)]
-    else:
-        dtype = torch.float32
-        shapes = [(4, 128, 256, 32000)] if quick else [(8, 256, 256, 32000)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compile_reference = device.type == "cuda" or headline_dry_run(device, preset)
     cases = []
-    for B, T, h, v in shapes:
+    for B, T, h, v in shapes("fused_linear_ppo_loss", device, preset):
         def make_inputs(B=B, T=T, h=h, v=v):
             g = torch.Generator(device=device).manual_seed(0)
             weight = torch.randn(v, h, device=device, generator=g) / h**0.5
@@ -247,19 +287,13 @@ def fused_linear_ppo_loss(device: torch.device, quick: bool) -> list:
             return run
 
         n = B * T
-        impls = {**implementations(device, "fused_linear_ppo_loss", compile_reference=device.type == "cuda"),
+        impls = {**implementations(device, "fused_linear_ppo_loss", compile_reference=compile_reference, preset=preset),
                  "ppo_fast-two-op": two_op_path, **fused_ppo_loss_peers(device)}
         cases.append(Case("fused_linear_ppo_loss", "fused_linear_ppo_loss", "fwd+bwd", dtype,
                           {"B": B, "T": T, "H": h, "V": v}, make_inputs, {k: runner(f) for k, f in impls.items()},
-                          2 * (n * h + v * h) * dtype.itemsize, flops=6 * n * h * v, cpu_memory=True))
+                          2 * (n * h + v * h) * dtype.itemsize, flops=6 * n * h * v,
+                          cpu_memory=not headline_dry_run(device, preset)))
     return cases
-
-
-def token_shapes(device: torch.device, quick: bool) -> list:
-    """[B, T] shapes for the per-token ops: RLHF batch sizes on GPU, scaled down on CPU."""
-    if device.type == "cuda":
-        return [(64, 1024)] if quick else [(64, 1024), (512, 4096)]
-    return [(16, 512)] if quick else [(64, 2048)]
 
 
 def _token_inputs(device, B, T, grad=False, seed=0):
@@ -286,18 +320,22 @@ TOKEN_FUNCTIONS = {
 }
 
 
-def token_cases(op: str, device: torch.device, quick: bool) -> list:
-    """Cases of every per-token function of the op family `op`."""
+def token_cases(op: str, device: torch.device, preset: str) -> list:
+    """Cases of every per-token function of the op family `op` ([B, T] shapes: RLHF batch sizes on
+    GPU, scaled down on CPU). The headline preset times what its goals name: fwd+bwd of the
+    policy loss, the forward of GAE."""
     cases = []
     for fn, (family, call, bytes_fwd, bytes_fwd_bwd) in TOKEN_FUNCTIONS.items():
         if family != op:
             continue
         compile_reference = fn != "gae"  # the loop would unroll T steps
-        for B, T in token_shapes(device, quick):
+        for B, T in shapes(fn, device, preset):
             modes = [("fwd", _no_grad, False, bytes_fwd)] + (
                 [("fwd+bwd", _with_grad, True, bytes_fwd_bwd)] if bytes_fwd_bwd else [])
+            if preset == "headline" and bytes_fwd_bwd:
+                modes = modes[1:]
             for mode, runner, grad, per_token in modes:
-                impls = implementations(device, fn, compile_reference=compile_reference)
+                impls = implementations(device, fn, compile_reference=compile_reference, preset=preset)
                 cases.append(Case(op, fn, mode, torch.float32, {"B": B, "T": T},
                                   lambda B=B, T=T, grad=grad: _token_inputs(device, B, T, grad=grad),
                                   {k: runner(call, f) for k, f in impls.items()}, per_token * B * T))
@@ -305,5 +343,5 @@ def token_cases(op: str, device: torch.device, quick: bool) -> list:
 
 
 CASES = {"logprobs": logprobs, "fused_linear": fused_linear, "fused_linear_ppo_loss": fused_linear_ppo_loss}
-CASES.update({op: (lambda device, quick, op=op: token_cases(op, device, quick))
+CASES.update({op: (lambda device, preset, op=op: token_cases(op, device, preset))
               for op in dict.fromkeys(family for family, *_ in TOKEN_FUNCTIONS.values())})

@@ -1,7 +1,7 @@
 """Peak host memory of one benchmark case on the CPU, where torch keeps no allocator statistics.
 
 Each measurement runs in a fresh process (`python -m ppo_fast.bench.cpu_memory OP INDEX IMPL
-QUICK`): it builds the case's inputs, runs the implementation once (warm-up), returns freed
+PRESET`): it builds the case's inputs, runs the implementation once (warm-up), returns freed
 heap pages to the OS (malloc_trim), resets the kernel's peak-RSS mark (/proc/self/clear_refs),
 runs it again and reports VmHWM minus the RSS before that run: the peak the call itself adds
 above its inputs, the CPU counterpart of the GPU's max_memory_allocated.
@@ -32,10 +32,10 @@ def measure_in_this_process(fn, inputs) -> float:
     return (_status_kb("VmHWM") - before) / 1024
 
 
-def peak_mb(op: str, index: int, impl: str, quick: bool) -> float | None:
-    """Peak MB of CASES[op](cpu, quick)[index].impls[impl] measured in a fresh process; None if
+def peak_mb(op: str, index: int, impl: str, preset: str) -> float | None:
+    """Peak MB of CASES[op](cpu, preset)[index].impls[impl] measured in a fresh process; None if
     the platform cannot say (no /proc)."""
-    out = subprocess.run([sys.executable, "-m", "ppo_fast.bench.cpu_memory", op, str(index), impl, str(int(quick))],
+    out = subprocess.run([sys.executable, "-m", "ppo_fast.bench.cpu_memory", op, str(index), impl, preset],
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         return None
@@ -47,8 +47,8 @@ def main(argv) -> None:
 
     from ppo_fast.bench.cases import CASES
 
-    op, index, impl, quick = argv[0], int(argv[1]), argv[2], bool(int(argv[3]))
-    case = CASES[op](torch.device("cpu"), quick)[index]
+    op, index, impl, preset = argv[0], int(argv[1]), argv[2], argv[3]
+    case = CASES[op](torch.device("cpu"), preset)[index]
     print(json.dumps({"peak_mb": measure_in_this_process(case.impls[impl], case.make_inputs())}))
 
 

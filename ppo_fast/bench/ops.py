@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ppo_fast.bench import cpu_memory
+from ppo_fast.bench import cpu_memory, records
 from ppo_fast.bench.cases import CASES, Case
 from ppo_fast.bench.timing import copy_bandwidth_gbps, environment, matmul_tflops, peak_memory_mb, time_ms
 from ppo_fast.ops.backend import BackendError
@@ -22,7 +22,7 @@ def achieved_rates(bytes_moved: int, flops: int, ms: float) -> tuple:
     return round(bytes_moved / seconds / 1e9, 3), (round(flops / seconds / 1e12, 4) if flops else None)
 
 
-def run_case(case: Case, device: torch.device, index: int = 0, quick: bool = False) -> list:
+def run_case(case: Case, device: torch.device, index: int = 0, preset: str = "full") -> list:
     """Rows for each implementation of `case`, the index-th case of its op family."""
     rows = []
     inputs = case.make_inputs()
@@ -33,7 +33,7 @@ def run_case(case: Case, device: torch.device, index: int = 0, quick: bool = Fal
             ms = time_ms(lambda: fn(inputs), device)
             peak = peak_memory_mb(lambda: fn(inputs), device)
             if peak is None and case.cpu_memory:
-                peak = cpu_memory.peak_mb(case.op, index, impl, quick)
+                peak = cpu_memory.peak_mb(case.op, index, impl, preset)
         except BackendError:
             continue  # this backend does not implement the op
         except torch.cuda.OutOfMemoryError:
@@ -53,18 +53,23 @@ def run_case(case: Case, device: torch.device, index: int = 0, quick: bool = Fal
     return rows
 
 
-def run(device=None, *, ops=None, quick=False) -> dict:
-    """The record of every case of the op families `ops` (default: all)."""
+def run(device=None, *, ops=None, preset="full", save_to=None) -> dict:
+    """The record of every case of the op families `ops` (default: all) in `preset` (cases.PRESETS).
+    With `save_to` (a folder) the record is saved after every case, so a run stopped midway
+    (a time limit) leaves the rows it measured."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unknown = sorted(set(ops or ()) - set(CASES))
     if unknown:
         raise ValueError(f"--op: unknown op {unknown}; expected some of {list(CASES)}")
-    record = {"kind": "ops", **environment(device), "quick": quick,
+    cases_of = {op: CASES[op](device, preset) for op in ops or CASES}  # checks the preset too
+    record = {"kind": "ops", **environment(device), "preset": preset,
               "copy_gbps": round(copy_bandwidth_gbps(device), 1), "matmul_tflops": round(matmul_tflops(device), 2),
               "results": []}
-    cases = [(case, index) for op in ops or CASES for index, case in enumerate(CASES[op](device, quick))]
+    cases = [(case, index) for op_cases in cases_of.values() for index, case in enumerate(op_cases)]
     progress = tqdm(cases, desc="bench", unit="case")
     for case, index in progress:
         progress.set_postfix_str(f"{case.fn} {case.mode} {' '.join(map(str, case.shape.values()))}")
-        record["results"].extend(run_case(case, device, index, quick))
+        record["results"].extend(run_case(case, device, index, preset))
+        if save_to is not None:
+            records.save(record, save_to, plots=False)
     return record

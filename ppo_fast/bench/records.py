@@ -77,18 +77,19 @@ def plot(record: dict, stem: str) -> list:
     return paths
 
 
-def save(record: dict, out_dir: str) -> str:
-    """Write OUT_DIR/[e2e-]<device>-<date>[-quick].json, the .md table beside it and, for op
-    records, a PNG per function. Returns the JSON's path."""
+def save(record: dict, out_dir: str, plots: bool = True) -> str:
+    """Write OUT_DIR/[e2e-]<device>-<date>[-<preset>].json (no suffix for the full preset), the .md
+    table beside it and, for op records with `plots`, a PNG per function. Returns the JSON's path."""
     os.makedirs(out_dir, exist_ok=True)
     slug = "-".join("".join(c if c.isalnum() else " " for c in record["device"].lower()).split())
     prefix = "e2e-" if record["kind"] == "e2e" else ""
-    stem = os.path.join(out_dir, f"{prefix}{slug}-{record['date']}{'-quick' if record.get('quick') else ''}")
+    preset = record.get("preset", "full")
+    stem = os.path.join(out_dir, f"{prefix}{slug}-{record['date']}{'' if preset == 'full' else '-' + preset}")
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(markdown_table(record) + "\n")
-    if record["kind"] == "ops":
+    if record["kind"] == "ops" and plots:
         try:
             plot(record, stem)
         except ImportError:

@@ -10,7 +10,7 @@ from ppo_fast.bench import ops, records
 
 def test_op_record_table_and_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("PPO_FAST_BACKEND", "auto")
-    record = ops.run("cpu", ops=["gae", "kl"], quick=True)
+    record = ops.run("cpu", ops=["gae", "kl"], preset="quick")
     assert {"kind", "device", "torch", "triton", "commit", "copy_gbps", "matmul_tflops", "results"} <= set(record)
     assert record["kind"] == "ops" and record["copy_gbps"] > 0 and record["matmul_tflops"] > 0
     rows = record["results"]
@@ -50,8 +50,8 @@ def test_torch_compile_gets_one_compiled_function_per_case(monkeypatch):
 
     compiled = []
     monkeypatch.setattr(cases.torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
-    monkeypatch.setattr(cases, "token_shapes", lambda device, quick: [(2, 3), (4, 5), (6, 7)])
-    n_cases = len(cases.token_cases("policy_loss", cases.torch.device("cuda"), quick=True))
+    monkeypatch.setattr(cases, "shapes", lambda key, device, preset: [(2, 3), (4, 5), (6, 7)])
+    n_cases = len(cases.token_cases("policy_loss", cases.torch.device("cuda"), "quick"))
     assert n_cases == 6 and len(compiled) == 12
 
 
@@ -95,7 +95,7 @@ def test_fused_ppo_loss_peak_memory_is_under_a_quarter_of_plain_torch(monkeypatc
     monkeypatch.setenv("PPO_FAST_BACKEND", "auto")
     from ppo_fast.bench import cpu_memory
 
-    fused = cpu_memory.peak_mb("fused_linear_ppo_loss", 0, "ppo_fast-cpp", True)
-    plain = cpu_memory.peak_mb("fused_linear_ppo_loss", 0, "torch", True)
+    fused = cpu_memory.peak_mb("fused_linear_ppo_loss", 0, "ppo_fast-cpp", "quick")
+    plain = cpu_memory.peak_mb("fused_linear_ppo_loss", 0, "torch", "quick")
     assert plain > 4 * 4 * 128 * 32000 / 2**20  # the plain way holds several copies of the fp32 logits
     assert 0 < fused < 0.25 * plain, (fused, plain)

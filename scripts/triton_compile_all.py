@@ -1,6 +1,9 @@
-"""Compile every Triton kernel of ppo_fast for sm_90 (PTX and cubin) without a GPU.
+"""scripts/triton_compile_all.py: compile every Triton kernel of ppo_fast for sm_90 (PTX and
+cubin) without a GPU.
 
-Run as a script with TRITON_INTERPRET=0 (tests/test_triton_compile.py does): the interpreter
+    TRITON_INTERPRET=0 python3 scripts/triton_compile_all.py
+
+Run as a script with TRITON_INTERPRET=0 (tests/ops/test_triton_compile.py does): the interpreter
 accepts code that the compiler rejects (a non-constexpr global, a load of a None pointer in a
 branch that is not static), so this is the check that the kernels build for a real device.
 Prints one line per variant and exits 1 if any failed.
