@@ -1,6 +1,7 @@
 # Two entry points, each doing all the set-up it needs in the active Python environment:
-#   make test   install, then run the whole test suite
-#   make demo   install, then run the main job on its embedded default (a fresh runs/demo-<time> each time)
+#   make test   install (with the `dev` extra: test tools, LoRA), then run the whole test suite
+#   make demo   install (with the `train` extra only), then run the main job on its embedded default
+#               (a fresh runs/demo-<time> each time)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # Installed only where no torch is present; an existing (e.g. CUDA) torch is never replaced.
@@ -16,10 +17,12 @@ PEERS ?= verl==0.9.1 trl==1.16.0 openrlhf==0.11.2 liger-kernel==0.8.5
 # Metadata-only editable install (fast), then the native extensions built in place: ninja
 # keeps its objects under build/, so a rebuild compiles only what changed. A failed native
 # build leaves the Triton and torch backends working; PPO_FAST_REQUIRE_NATIVE=1 makes it fatal.
+# EXTRAS: the optional dependencies installed with it (`train` for the demo, `dev` for the tests).
+EXTRAS ?= train
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -q "setuptools>=64" wheel "pybind11>=2.10" ninja
-	PPO_FAST_NO_EXT=1 $(PIP) install -q --no-build-isolation -e ".[dev]"
+	PPO_FAST_NO_EXT=1 $(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	@$(MAKE) --no-print-directory native
 
 native:
@@ -51,6 +54,7 @@ peers:
 	@$(PIP) install -q --no-deps $(PEERS) && $(PIP) install -q "omegaconf>=2.3" \
 		|| echo "peers: not installed; tests/integrations will skip" >&2
 
+test: EXTRAS = dev
 test: install peers
 	$(PYTHON) -m pytest tests
 

@@ -1,4 +1,4 @@
-// Numbers shared by the C++ and CUDA kernels and ppo_fast/ops/constants.py (the Python
+// Numbers shared by the C++ and CUDA kernels and ppo_fast/ops/constants.py and rows.py (the Python
 // side defines them; tests/ops/test_constants.py checks that this header agrees).
 #pragma once
 

@@ -59,11 +59,14 @@ def cmd_bench(args) -> int:
 
 def config_from_args(args, flags, resume=False, config_class=None):
     """A PPOConfig (or `config_class`): defaults (the embedded task) < --config file < the `flags`
-    given < key=value. Resuming, the run's own config.yaml takes the place of the defaults and --config."""
+    given < key=value. Resuming, the run's own config.yaml takes the place of the defaults and --config.
+    A key=value naming no field is refused first, whatever else is wrong."""
     from ppo_fast.ppo.config import ConfigError, PPOConfig, parse_overrides
 
     PPOConfig = config_class or PPOConfig  # noqa: N806 - the class the settings build
 
+    overrides = parse_overrides(args.overrides)
+    PPOConfig.check_keys(overrides)
     if resume:
         saved = os.path.join(args.out or PPOConfig.out, "config.yaml")
         if args.config:
@@ -76,66 +79,56 @@ def config_from_args(args, flags, resume=False, config_class=None):
     else:
         config = PPOConfig.from_file(args.config) if args.config else PPOConfig()
     given = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
-    return config.replace({**given, **parse_overrides(args.overrides)})
+    return config.replace({**given, **overrides})
 
 
-def cmd_train(args) -> int:
-    from ppo_fast.ppo import PPOTrainer, TrainingDiverged
-    from ppo_fast.ppo.checkpoint import refuse_earlier_run
+def run_job(args, name: str, config_class, trainer_class, report) -> int:
+    """`ppo-fast train` and `ppo-fast rm`: the config, the run folder (locked, and for a fresh run
+    config.yaml written, before the models load; rank 0 alone writes it under torchrun), the
+    trainer; `report(history, config)` prints the outcome. Exit codes: 2 bad config, 1 diverged."""
+    from ppo_fast.ppo import TrainingDiverged
     from ppo_fast.ppo.config import ConfigError
     from ppo_fast.ppo.run_folder import RunFolder
 
-    folder = None
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone owns the run folder
+    main_process = int(os.environ.get("RANK", "0")) == 0
     try:
-        config = config_from_args(args, flags=("out", "steps", "seed"), resume=args.resume).validate()
-        if main_process:
-            folder = RunFolder(config.out)
-            folder.lock()
-            if not args.resume:
-                refuse_earlier_run(config.out)
-                config.save(folder.config_path)  # before the models load: a run killed then can still be resumed
-        history = PPOTrainer(config).train(resume=args.resume, folder=folder)
+        config = config_from_args(args, flags=("out", "steps", "seed"), resume=args.resume,
+                                  config_class=config_class).validate()
+        with RunFolder(config.out, main=main_process).open(config, args.resume) as run:
+            history = trainer_class(config).train(resume=args.resume, run=run)
     except ConfigError as e:
-        print(f"ppo-fast train: bad config: {e}", file=sys.stderr)
+        print(f"ppo-fast {name}: bad config: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
-        print(f"ppo-fast train: stopped: {e}", file=sys.stderr)
+        print(f"ppo-fast {name}: stopped: {e}", file=sys.stderr)
         return 1
-    finally:
-        if folder is not None:
-            folder.close()
     if history and main_process:
+        report(history, config)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ppo_fast.ppo import PPOConfig, PPOTrainer
+
+    def report(history, config):
         first, last = history[0], history[-1]
         print(f"reward_mean {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps; "
               f"metrics in {config.out}/metrics.jsonl")
-    return 0
+
+    return run_job(args, "train", PPOConfig, PPOTrainer, report)
 
 
 def cmd_rm(args) -> int:
     """Train a reward model on preference pairs (ppo_fast.ppo.reward_training)."""
-    from ppo_fast.ppo.config import ConfigError
     from ppo_fast.ppo.reward_training import RewardModelTrainer, RMConfig
-    from ppo_fast.ppo.run_folder import RunFolder
 
-    folder = None
-    try:
-        config = config_from_args(args, flags=("out", "steps", "seed"), resume=args.resume,
-                                  config_class=RMConfig).validate()
-        folder = RunFolder(config.out)
-        folder.lock()
-        history = RewardModelTrainer(config).train(resume=args.resume, folder=folder)
-    except ConfigError as e:
-        print(f"ppo-fast rm: bad config: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if folder is not None:
-            folder.close()
-    evals = [m["eval_accuracy"] for m in history if "eval_accuracy" in m]
-    if evals:
-        print(f"held-out pairwise accuracy {evals[0]:.3f} -> {evals[-1]:.3f}; the model is in {config.out}/model "
-              f"(ppo-fast train reward_model={config.out}/model)")
-    return 0
+    def report(history, config):
+        evals = [m["eval_accuracy"] for m in history if "eval_accuracy" in m]
+        if evals:
+            print(f"held-out pairwise accuracy {evals[0]:.3f} -> {evals[-1]:.3f}; the model is in {config.out}/model "
+                  f"(ppo-fast train reward_model={config.out}/model)")
+
+    return run_job(args, "rm", RMConfig, RewardModelTrainer, report)
 
 
 def cmd_plot(args) -> int:

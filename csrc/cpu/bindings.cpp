@@ -1,4 +1,6 @@
 // pybind11 bindings of the CPU kernels: the module ppo_fast._C.
+#include <torch/csrc/utils/pybind.h>
+
 #include "ops.h"
 
 namespace {

@@ -2,7 +2,7 @@
 // (std::max drops a NaN first argument; the reference's torch.maximum / torch.clamp do not).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <initializer_list>
 #include <utility>

@@ -1,7 +1,5 @@
 // GAE on the CPU: one task per row, the per-step loop of ppo_fast/ops/reference.py in fp32.
 // Rewards and values at masked positions are read as 0 (selects, so a NaN there never leaks).
-#include <ATen/Parallel.h>
-
 #include "cpu_checks.h"
 #include "ops.h"
 

@@ -1,8 +1,6 @@
 // Log-probs and entropy from logits on the CPU: one task per row (at::parallel_for), two
 // sweeps over a row that stays in cache (max, then sums of exp). fp32 accumulation; the
 // reductions vectorise through `omp simd reduction` (-fopenmp), not -ffast-math.
-#include <ATen/Parallel.h>
-
 #include <cmath>
 #include <limits>
 

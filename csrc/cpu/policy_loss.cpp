@@ -1,8 +1,6 @@
 // The PPO clipped policy loss on the CPU (math: ppo_fast/ops/policy_loss.py). Inputs arrive as
 // contiguous float32 [B, T]; one task per row, row sums accumulated in double. Inputs at masked
 // positions are read as 0 and max/clamp propagate NaN, as the reference does.
-#include <ATen/Parallel.h>
-
 #include "cpu_checks.h"
 #include "ops.h"
 #include "ppo_constants.h"

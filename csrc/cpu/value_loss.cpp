@@ -1,7 +1,5 @@
 // The clipped value loss on the CPU (math: ppo_fast/ops/value_loss.py); the layout and rules
 // of policy_loss.cpp. v_c = clamp(v, old - clip, old + clip) is v itself inside the range.
-#include <ATen/Parallel.h>
-
 #include <limits>
 
 #include "cpu_checks.h"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-
 from ppo_fast import ops
 from ppo_fast.integrations import unsupported
 

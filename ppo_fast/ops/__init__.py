@@ -1,8 +1,11 @@
 """Fused PPO ops. Each has the signature of its plain-PyTorch twin in `ppo_fast.ops.reference`
 and runs on the backend chosen by `ppo_fast.use_backend` / PPO_FAST_BACKEND.
 
-One file per op family (kernels -> launchers -> autograd.Function -> public function), each
-with a table of its implementations; IMPLEMENTATIONS gathers them: {op: backends it has}.
+One file per op family, in reading order: Triton kernel(s) -> launchers -> custom op with its
+registered autograd -> the public function, which validates its inputs and calls its table of
+implementations {backend: callable with the public signature} through `backend.dispatch`.
+IMPLEMENTATIONS gathers the tables: {op: {backend: implementation}}. The row-statistics protocol
+the losses share is ppo_fast/ops/rows.py.
 """
 import importlib
 
@@ -21,8 +24,8 @@ from ppo_fast.ops.value_loss import value_loss
 
 FAMILIES = ("logprobs", "fused_linear", "fused_linear_ppo_loss", "policy_loss", "value_loss", "kl", "masked", "gae",
             "group_advantages", "dpo")
-IMPLEMENTATIONS = {op: backends for family in FAMILIES
-                   for op, backends in importlib.import_module(f"ppo_fast.ops.{family}").BACKENDS.items()}
+IMPLEMENTATIONS = {op: table for family in FAMILIES
+                   for op, table in importlib.import_module(f"ppo_fast.ops.{family}").IMPLEMENTATIONS.items()}
 
 __all__ = [
     "FAMILIES",

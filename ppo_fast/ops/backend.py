@@ -9,9 +9,12 @@ variable PPO_FAST_BACKEND, default `auto`:
 - cuda / cpp: the hand-written kernels of csrc/ (`ppo_fast._C_cuda` / `ppo_fast._C`).
 - torch: the plain-PyTorch reference, `ppo_fast.ops.reference`.
 
-Each op keeps a table {backend name: implementation}; `resolve_backend` picks from its keys.
-A forced backend that cannot run on the given tensors raises BackendError; it never falls
-back silently.
+Each public op keeps a table {backend name: implementation}, every entry a callable with the
+op's prepared signature (the `torch` entry is the reference itself), and calls it through
+`dispatch`, which picks the entry with `resolve_backend`. A forced backend that cannot run on the
+given tensors raises BackendError; it never falls back silently. An op whose only entry is `torch`
+(a handful of numbers per prompt: group_advantages, dpo_loss) has no kernel to force: it runs its
+reference under any backend.
 """
 from __future__ import annotations
 
@@ -143,3 +146,10 @@ def _why_unavailable(name: str, device: torch.device) -> str:
             return "The cuda backend runs on CUDA tensors only."
         return "ppo_fast._C_cuda was not built (needs a CUDA build of torch and nvcc)."
     return ""
+
+
+def dispatch(op: str, table: dict, device: torch.device, *args, **kwargs):
+    """Run `op` on the backend in force for tensors of `device`: table[backend](*args, **kwargs). A
+    table holding the reference alone runs it whatever the backend (no kernel to choose or force)."""
+    backend = "torch" if tuple(table) == ("torch",) else resolve_backend(device, op, table)
+    return table[backend](*args, **kwargs)

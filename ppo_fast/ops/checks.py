@@ -153,6 +153,17 @@ def require_per_token(names_and_tensors: dict, dtypes=LOWP_FLOATS):
     return first.shape
 
 
+def per_token_inputs(per_token: dict, mask) -> tuple:
+    """The inputs of an op over [B, T] tokens: float [B, T] tensors of one shape on one device and a
+    bool or 0/1 mask of that shape there. Returns them contiguous, every one but the first (the
+    differentiated one) detached, then the mask."""
+    shape = require_per_token(per_token)
+    require_mask("mask", mask, shape)
+    first_name, first = next(iter(per_token.items()))
+    require_same_device(**{first_name: first, "mask": mask})
+    return contiguous(first, *(t.detach() for t in list(per_token.values())[1:]), mask)
+
+
 def contiguous(*tensors):
     """The tensors as dense row-major tensors (a copy only where the strides are not; None stays
     None). The kernels index with flat offsets, so every tensor they read goes through here:

@@ -13,10 +13,7 @@ WHITEN_EPS = 1e-8
 # group_advantages (grpo): (s - mean) / (std + GROUP_STD_EPS).
 GROUP_STD_EPS = 1e-6
 
-# Columns of the per-row statistics [B, k] that the loss kernels write: masked sums over t.
-POLICY_ROW_STATS = ("loss", "tokens", "clipped", "neg_log_ratio", "lower_clipped")
-VALUE_ROW_STATS = ("loss", "tokens", "clipped")
-ROW_LOSS, ROW_TOKENS, ROW_CLIPPED, ROW_NEG_LOG_RATIO, ROW_LOWER_CLIPPED = range(5)
+# The columns of the loss kernels' per-row statistics are in ppo_fast/ops/rows.py.
 
 # KL estimators: the names users pass, and the code the kernels branch on.
 KL_ESTIMATOR_CODES = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}

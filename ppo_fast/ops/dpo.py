@@ -5,9 +5,11 @@ compared on the same model and the same kernels."""
 from __future__ import annotations
 
 from ppo_fast.ops import reference
+from ppo_fast.ops.backend import dispatch
 from ppo_fast.ops.checks import require_float, require_nonnegative, require_positive, require_same_device, require_shape
 
-BACKENDS = {"dpo_loss": ("torch",)}
+DPO_LOSS = {"torch": reference.dpo_loss}  # the reference only: runs under any backend
+IMPLEMENTATIONS = {"dpo_loss": DPO_LOSS}
 
 
 def dpo_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp, beta=0.1, *,
@@ -26,5 +28,5 @@ def dpo_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_reje
     label_smoothing = require_nonnegative("label_smoothing", label_smoothing)
     if label_smoothing >= 0.5:
         raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing}")
-    return reference.dpo_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp, beta,
-                              label_smoothing=label_smoothing)
+    return dispatch("dpo_loss", DPO_LOSS, policy_chosen_logp.device, policy_chosen_logp, policy_rejected_logp,
+                    ref_chosen_logp, ref_rejected_logp, beta, label_smoothing=label_smoothing)

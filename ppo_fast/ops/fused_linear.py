@@ -16,12 +16,13 @@ written as few times as possible.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import resolve_backend
+from ppo_fast.ops.backend import dispatch
 from ppo_fast.ops.checks import (
     require_float,
     require_integer,
@@ -159,7 +160,19 @@ fused_linear_forward.register_autograd(_fused_linear_backward, setup_context=_fu
 
 
 # ----------------------------------------------------------------------------- public
-BACKENDS = {"fused_linear_logprobs": tuple(LAUNCHERS)}
+def _fused_kernels(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
+                   chunk_size=None, backend):
+    """The custom op on hidden flattened to [N, H] and labels to [N] (int64, contiguous)."""
+    flat_labels = labels.reshape(-1).long().contiguous()  # chunks index it by flat row
+    logp, entropy, _ = fused_linear_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels,
+                                            1.0 / temperature, ignore_index, return_entropy, chunk_size or 0, backend)
+    return (logp.view(labels.shape), entropy.view(labels.shape)) if return_entropy else logp.view(labels.shape)
+
+
+# {backend: implementation with the public signature}; dispatch calls these.
+FUSED_LINEAR_LOGPROBS = {**{b: functools.partial(_fused_kernels, backend=b) for b in LAUNCHERS},
+                         "torch": reference.fused_linear_logprobs}
+IMPLEMENTATIONS = {"fused_linear_logprobs": FUSED_LINEAR_LOGPROBS}
 
 
 def check_linear_inputs(hidden, weight, bias, labels, ignore_index) -> int:
@@ -204,17 +217,9 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     Returns float32 logp shaped like labels, or (logp, entropy). Gradients flow to hidden,
     weight and bias through both outputs; weight and bias gradients are accumulated in fp32.
     """
-    V = check_linear_inputs(hidden, weight, bias, labels, ignore_index)
+    check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     temperature = require_temperature(temperature)
     require_chunk_size(chunk_size)
-
-    backend = resolve_backend(hidden.device, "fused_linear_logprobs", LAUNCHERS)
-    if backend == "torch":
-        return reference.fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                               ignore_index=ignore_index, return_entropy=return_entropy)
-    H = hidden.shape[-1]
-    flat_hidden = hidden.reshape(-1, H)
-    flat_labels = labels.reshape(-1).long().contiguous()  # chunks index it by flat row
-    logp, entropy, _ = fused_linear_forward(flat_hidden, weight, bias, flat_labels, 1.0 / temperature, ignore_index,
-                                            return_entropy, chunk_size or 0, backend)
-    return (logp.view(labels.shape), entropy.view(labels.shape)) if return_entropy else logp.view(labels.shape)
+    return dispatch("fused_linear_logprobs", FUSED_LINEAR_LOGPROBS, hidden.device, hidden, weight, labels, bias=bias,
+                    temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+                    chunk_size=chunk_size)

@@ -4,7 +4,7 @@ gradient formed during the forward.
 A token's loss depends on the model only through its log-prob y and entropy H; every other
 input (old and reference log-probs, advantages, mask, the global counts) is known before the
 forward, so dL/dlogits is known inside it. With w_b the aggregation weight of row b
-(ppo_fast.ops.masked: agg(L) = sum_b w_b sum_t m_bt L_bt),
+(the row protocol, ppo_fast/ops/rows.py: agg(L) = sum_b w_b sum_t m_bt L_bt),
 
     L        = sum_bt w_b m_bt (pg_bt - c_H H_bt + c_KL kl_bt)
     dL/dy_bt = w_b (m_bt dpg/dy + c_KL m_bt dkl/dy),   dL/dH_bt = -c_H w_b m_bt
@@ -18,6 +18,7 @@ followed by ppo_policy_loss recomputes the logits: four), O(chunk x V) extra mem
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,7 +27,7 @@ import torch
 from ppo_fast.ops import kl as kl_ops
 from ppo_fast.ops import policy_loss as policy_ops
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import resolve_backend
+from ppo_fast.ops.backend import dispatch
 from ppo_fast.ops.checks import (
     contiguous,
     require_choice,
@@ -34,12 +35,10 @@ from ppo_fast.ops.checks import (
     require_finite,
     require_mask,
     require_nonnegative,
-    require_optional_count,
     require_per_token,
     require_same_device,
     require_temperature,
 )
-from ppo_fast.ops.constants import POLICY_ROW_STATS, ROW_LOSS
 from ppo_fast.ops.fused_linear import (
     accumulate_fp32,
     check_linear_inputs,
@@ -48,8 +47,8 @@ from ppo_fast.ops.fused_linear import (
     require_chunk_size,
 )
 from ppo_fast.ops.logprobs import LAUNCHERS
-from ppo_fast.ops.masked import AGG_MODES, agg_row_weights, row_token_means
 from ppo_fast.ops.reference import valid_only
+from ppo_fast.ops.rows import POLICY_ROW_STATS, ROW_LOSS, agg_row_weights, require_agg, row_token_means
 
 # Per-row sums the forward keeps: the policy loss kernel's columns, then entropy and KL.
 ROW_ENTROPY, ROW_KL = len(POLICY_ROW_STATS), len(POLICY_ROW_STATS) + 1
@@ -72,9 +71,9 @@ class Hyper:
 # backend -> (policy-loss forward, KL backend): the O(tokens) parts of a chunk. The cuda backend
 # runs them on Triton, the cpp backend's KL on torch (neither has its own kernel for them).
 TOKEN_PARTS = {
-    "triton": (policy_ops.IMPLEMENTATIONS["triton"], "triton"),
-    "cuda": (policy_ops.IMPLEMENTATIONS["triton"], "triton"),
-    "cpp": (policy_ops.IMPLEMENTATIONS["cpp"], "torch"),
+    "triton": (policy_ops.KERNELS["triton"], "triton"),
+    "cuda": (policy_ops.KERNELS["triton"], "triton"),
+    "cpp": (policy_ops.KERNELS["cpp"], "torch"),
 }
 # Backends whose log-probs backward may write the gradient into the logits buffer.
 IN_PLACE_BACKWARD = ("triton", "cpp")
@@ -195,8 +194,31 @@ fused_ppo_loss_forward.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- public
-IMPLEMENTATIONS = {**{b: TOKEN_PARTS[b] for b in ("triton", "cuda", "cpp")}, "torch": reference.fused_linear_ppo_loss}
-BACKENDS = {"fused_linear_ppo_loss": tuple(IMPLEMENTATIONS)}
+def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
+                  ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", entropy_coef=0.0,
+                  clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None,
+                  chunk_size=None, backend):
+    mask = mask.to(torch.float32)
+    old, adv, ref = (None if t is None else t.detach().float() for t in (old_log_prob, advantages, ref_log_prob))
+    hidden, labels, old, adv, mask, ref = contiguous(hidden, labels.long(), old, adv, mask, ref)
+    row_weights = agg_row_weights(mask.sum(-1), agg, num_tokens, num_seqs)
+    grad_on = torch.is_grad_enabled()
+    want = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, policy_loss, stats, *_ = fused_ppo_loss_forward(
+        hidden, weight, bias, labels, old, adv, mask, ref, row_weights, 1.0 / temperature, ignore_index, clip_low,
+        clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, chunk_size or 0, *want, backend)
+    clipfrac, approx_kl, clipfrac_lower, entropy, kl = stats.detach().unbind()
+    stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,
+             "policy_loss": policy_loss.detach(), "entropy": entropy}
+    if ref_log_prob is not None:
+        stats["kl"] = kl
+    return loss, stats
+
+
+# {backend: implementation with the public signature}; dispatch calls these.
+FUSED_LINEAR_PPO_LOSS = {**{b: functools.partial(_loss_kernels, backend=b) for b in TOKEN_PARTS},
+                         "torch": reference.fused_linear_ppo_loss}
+IMPLEMENTATIONS = {"fused_linear_ppo_loss": FUSED_LINEAR_PPO_LOSS}
 
 
 def _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_prob):
@@ -237,40 +259,20 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     detached float32 scalars clipfrac, approx_kl, clipfrac_lower, policy_loss, entropy and
     (with ref_log_prob) kl. Under no_grad, or when nothing requires grad, no gradient work runs.
     """
-    V = check_linear_inputs(hidden, weight, bias, labels, ignore_index)
+    check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_prob)
     temperature = require_temperature(temperature)
     require_chunk_size(chunk_size)
-    require_choice("agg", agg, AGG_MODES)
+    require_agg(agg, num_tokens, num_seqs)
     require_choice("kl_estimator", kl_estimator, kl_ops.ESTIMATORS)
-    require_optional_count("num_tokens", num_tokens)
-    require_optional_count("num_seqs", num_seqs)
     kl_coef, entropy_coef = require_finite("kl_coef", kl_coef), require_finite("entropy_coef", entropy_coef)
     if kl_coef != 0 and ref_log_prob is None:
         raise ValueError(f"ref_log_prob: required when kl_coef != 0 (got kl_coef={kl_coef})")
     clip_low, clip_high = require_nonnegative("clip_low", clip_low), require_nonnegative("clip_high", clip_high)
     dual_clip = require_dual_clip(dual_clip)
 
-    backend = resolve_backend(hidden.device, "fused_linear_ppo_loss", IMPLEMENTATIONS)
-    if backend == "torch":
-        return reference.fused_linear_ppo_loss(
-            hidden, weight, labels, old_log_prob, advantages, mask, bias=bias, temperature=temperature,
-            ignore_index=ignore_index, ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-            num_tokens=num_tokens, num_seqs=num_seqs)
-    mask = mask.to(torch.float32)
-    old, adv, ref = (None if t is None else t.detach().float() for t in (old_log_prob, advantages, ref_log_prob))
-    hidden, labels, old, adv, mask, ref = contiguous(hidden, labels.long(), old, adv, mask, ref)
-    row_weights = agg_row_weights(mask.sum(-1), agg, num_tokens, num_seqs)
-    grad_on = torch.is_grad_enabled()
-    want = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    loss, policy_loss, stats, *_ = fused_ppo_loss_forward(
-        hidden, weight, bias, labels, old, adv, mask, ref, row_weights, 1.0 / temperature, ignore_index, clip_low,
-        clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
-        chunk_size or 0, *want, backend)
-    clipfrac, approx_kl, clipfrac_lower, entropy, kl = stats.detach().unbind()
-    stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,
-             "policy_loss": policy_loss.detach(), "entropy": entropy}
-    if ref_log_prob is not None:
-        stats["kl"] = kl
-    return loss, stats
+    return dispatch("fused_linear_ppo_loss", FUSED_LINEAR_PPO_LOSS, hidden.device, hidden, weight, labels, old_log_prob,
+                    advantages, mask, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                    ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                    clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,
+                    num_seqs=num_seqs, chunk_size=chunk_size)

@@ -12,11 +12,13 @@ Rewards and values at masked positions are read as 0 (the reference's rule).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import native_module, resolve_backend
-from ppo_fast.ops.checks import contiguous, require_mask, require_nonnegative, require_per_token, require_same_device
+from ppo_fast.ops.backend import dispatch, native_module
+from ppo_fast.ops.checks import per_token_inputs, require_nonnegative
 from ppo_fast.ops.triton_helpers import block_t, tl, triton
 
 
@@ -82,10 +84,13 @@ def _gae_native(module):
 
 
 # ----------------------------------------------------------------------------- custom op
+KERNELS = {"triton": _gae_triton, "cuda": _gae_native("_C_cuda"), "cpp": _gae_native("_C")}
+
+
 @torch.library.custom_op("ppo_fast::gae", mutates_args=())
 def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return IMPLEMENTATIONS[backend](rewards, values, mask, gamma, lam)
+    return KERNELS[backend](rewards, values, mask, gamma, lam)
 
 
 @gae_op.register_fake
@@ -95,21 +100,19 @@ def _(rewards, values, mask, gamma, lam, backend):
 
 
 # ----------------------------------------------------------------------------- public
-IMPLEMENTATIONS = {"triton": _gae_triton, "cuda": _gae_native("_C_cuda"), "cpp": _gae_native("_C"),
-                   "torch": reference.gae}
-BACKENDS = {"gae": tuple(IMPLEMENTATIONS)}
+def _gae_on(rewards, values, mask, *, gamma, lam, backend):
+    return gae_op(rewards, values, mask, gamma, lam, backend)
+
+
+# {backend: implementation with the public signature}; dispatch calls these.
+GAE = {**{b: functools.partial(_gae_on, backend=b) for b in KERNELS}, "torch": reference.gae}
+IMPLEMENTATIONS = {"gae": GAE}
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     """(advantages, returns), float32 [B, T], no gradient. Masked positions inside a response
     are skipped, carrying the next value and the running advantage across them."""
-    shape = require_per_token({"rewards": rewards, "values": values})
-    require_mask("mask", mask, shape)
-    require_same_device(rewards=rewards, mask=mask)
+    rewards, values, mask = per_token_inputs({"rewards": rewards, "values": values}, mask)
     gamma = require_nonnegative("gamma", gamma)
     lam = require_nonnegative("lam", lam)
-    backend = resolve_backend(rewards.device, "gae", IMPLEMENTATIONS)
-    rewards, values, mask = contiguous(rewards.detach(), values.detach(), mask)
-    if backend == "torch":
-        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
-    return gae_op(rewards, values, mask, gamma, lam, backend)
+    return dispatch("gae", GAE, rewards.device, rewards.detach(), values, mask, gamma=gamma, lam=lam)

@@ -3,10 +3,12 @@ per prompt, so plain torch on every backend (the reference is the implementation
 from __future__ import annotations
 
 from ppo_fast.ops import reference
+from ppo_fast.ops.backend import dispatch
 from ppo_fast.ops.checks import require_choice, require_float
 
 GROUP_MODES = reference.GROUP_MODES
-BACKENDS = {"group_advantages": ("torch",)}
+GROUP_ADVANTAGES = {"torch": reference.group_advantages}  # the reference only: runs under any backend
+IMPLEMENTATIONS = {"group_advantages": GROUP_ADVANTAGES}
 
 
 def group_advantages(scores, group_size, *, mode="grpo"):
@@ -20,4 +22,4 @@ def group_advantages(scores, group_size, *, mode="grpo"):
         raise ValueError(f"group_size: expected an int >= 1, got {group_size!r}")
     if scores.shape[0] % group_size:
         raise ValueError(f"group_size: {group_size} does not divide the batch of {scores.shape[0]} scores")
-    return reference.group_advantages(scores, group_size, mode=mode)
+    return dispatch("group_advantages", GROUP_ADVANTAGES, scores.device, scores, group_size, mode=mode)

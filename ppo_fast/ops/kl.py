@@ -15,21 +15,20 @@ from __future__ import annotations
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import resolve_backend
+from ppo_fast.ops.backend import dispatch
 from ppo_fast.ops.checks import (
     contiguous,
+    per_token_inputs,
     require_choice,
     require_finite,
     require_float,
-    require_mask,
-    require_per_token,
     require_same_device,
     require_shape,
 )
 from ppo_fast.ops.constants import K3_CLAMP, KL_ABS, KL_ESTIMATOR_CODES, KL_K1, KL_K2, LOG_RATIO_CLAMP
 from ppo_fast.ops.triton_helpers import block_t, clamp, tl, triton
 
-ESTIMATORS = reference.KL_ESTIMATORS + tuple(e + "+" for e in reference.KL_ESTIMATORS)
+ESTIMATORS = reference.KL_ESTIMATOR_CHOICES
 BLOCK = 1024
 _K1, _ABS, _K2 = tl.constexpr(KL_K1), tl.constexpr(KL_ABS), tl.constexpr(KL_K2)
 _CLAMP, _K3_CLAMP = tl.constexpr(LOG_RATIO_CLAMP), tl.constexpr(K3_CLAMP)
@@ -225,14 +224,19 @@ def _(scores, log_prob, ref_log_prob, mask, kl_coef, estimator):
     return log_prob.new_empty(log_prob.shape, dtype=torch.float32)
 
 
-def _kl_triton(log_prob, ref_log_prob, estimator):
+# ----------------------------------------------------------------------------- public
+def _kl_triton(log_prob, ref_log_prob, *, estimator="k1"):
     return kl_forward(log_prob, ref_log_prob, *_codes(estimator))
 
 
-# ----------------------------------------------------------------------------- public
+def _rewards_triton(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1"):
+    return compute_rewards_triton(scores, log_prob, ref_log_prob, mask, kl_coef, estimator)
+
+
+# {backend: implementation with the public signature}; dispatch calls these.
 KL_PENALTY = {"triton": _kl_triton, "torch": reference.kl_penalty}
-COMPUTE_REWARDS = {"triton": compute_rewards_triton, "torch": reference.compute_rewards}
-BACKENDS = {"kl_penalty": tuple(KL_PENALTY), "compute_rewards": tuple(COMPUTE_REWARDS)}
+COMPUTE_REWARDS = {"triton": _rewards_triton, "torch": reference.compute_rewards}
+IMPLEMENTATIONS = {"kl_penalty": KL_PENALTY, "compute_rewards": COMPUTE_REWARDS}
 
 
 def _check_pair(log_prob, ref_log_prob, estimator):
@@ -246,24 +250,17 @@ def _check_pair(log_prob, ref_log_prob, estimator):
 def kl_penalty(log_prob, ref_log_prob, *, estimator="k1"):
     """Per-token KL estimate (float32, shaped like log_prob), differentiable to both inputs."""
     _check_pair(log_prob, ref_log_prob, estimator)
-    backend = resolve_backend(log_prob.device, "kl_penalty", KL_PENALTY)
-    if backend == "torch":
-        return reference.kl_penalty(log_prob, ref_log_prob, estimator=estimator)
-    return KL_PENALTY[backend](*contiguous(log_prob, ref_log_prob), estimator)
+    return dispatch("kl_penalty", KL_PENALTY, log_prob.device, *contiguous(log_prob, ref_log_prob), estimator=estimator)
 
 
 def compute_rewards(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1"):
     """Token rewards [B, T] float32: -kl_coef * KL on valid tokens, plus each sequence's score
     on its last valid token (no score for a fully masked row). No gradient."""
     require_choice("estimator", estimator, ESTIMATORS)
-    shape = require_per_token({"log_prob": log_prob, "ref_log_prob": ref_log_prob})
-    require_mask("mask", mask, shape)
+    log_prob, ref_log_prob, mask = per_token_inputs({"log_prob": log_prob, "ref_log_prob": ref_log_prob}, mask)
     require_float("scores", scores)
-    require_shape("scores", scores, shape[:1], "[B], one score per sequence")
-    require_same_device(scores=scores, log_prob=log_prob, mask=mask)
+    require_shape("scores", scores, log_prob.shape[:1], "[B], one score per sequence")
+    require_same_device(scores=scores, log_prob=log_prob)
     kl_coef = require_finite("kl_coef", kl_coef)
-    backend = resolve_backend(log_prob.device, "compute_rewards", COMPUTE_REWARDS)
-    scores, log_prob, ref_log_prob, mask = contiguous(scores, log_prob.detach(), ref_log_prob.detach(), mask)
-    if backend == "torch":
-        return reference.compute_rewards(scores, log_prob, ref_log_prob, mask, kl_coef=kl_coef, estimator=estimator)
-    return COMPUTE_REWARDS[backend](scores, log_prob, ref_log_prob, mask, kl_coef, estimator)
+    return dispatch("compute_rewards", COMPUTE_REWARDS, log_prob.device, scores.contiguous(), log_prob.detach(),
+                    ref_log_prob, mask, kl_coef=kl_coef, estimator=estimator)

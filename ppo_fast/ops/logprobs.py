@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import native_module, resolve_backend
+from ppo_fast.ops.backend import dispatch, native_module
 from ppo_fast.ops.checks import (
     require_float,
     require_integer,
@@ -219,14 +219,13 @@ def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entro
     return grad.view(shape)
 
 
-# (forward, backward) launchers per backend, shared with fused_linear.py; "torch" is the reference.
+# (forward, backward) launchers per kernel backend: the custom ops below call them by name, and so
+# do the chunks of fused_linear.py and fused_linear_ppo_loss.py.
 LAUNCHERS = {
     "triton": (_launch_forward, _launch_backward),
     "cuda": (functools.partial(_native_forward, "_C_cuda"), functools.partial(_native_backward, "_C_cuda")),
     "cpp": (functools.partial(_native_forward, "_C"), functools.partial(_native_backward, "_C")),
-    "torch": None,
 }
-BACKENDS = {"logprobs_from_logits": tuple(LAUNCHERS), "entropy_from_logits": tuple(LAUNCHERS)}
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -285,6 +284,23 @@ logprobs_forward.register_autograd(_backward, setup_context=_setup_backward)
 
 
 # ----------------------------------------------------------------------------- public
+def _logprobs_kernels(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend):
+    logp, entropy, _ = logprobs_forward(logits, labels, 1.0 / temperature, ignore_index, return_entropy, backend)
+    return (logp, entropy) if return_entropy else logp
+
+
+def _entropy_kernels(logits, *, temperature=1.0, backend):
+    return logprobs_forward(logits, None, 1.0 / temperature, -100, True, backend)[1]
+
+
+# {backend: implementation with the public signature}; dispatch calls these.
+LOGPROBS_FROM_LOGITS = {**{b: functools.partial(_logprobs_kernels, backend=b) for b in LAUNCHERS},
+                        "torch": reference.logprobs_from_logits}
+ENTROPY_FROM_LOGITS = {**{b: functools.partial(_entropy_kernels, backend=b) for b in LAUNCHERS},
+                       "torch": reference.entropy_from_logits}
+IMPLEMENTATIONS = {"logprobs_from_logits": LOGPROBS_FROM_LOGITS, "entropy_from_logits": ENTROPY_FROM_LOGITS}
+
+
 def _validate_logits(logits, temperature) -> float:
     require_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
@@ -311,21 +327,12 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
     require_same_device(logits=logits, labels=labels)
     require_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     require_labels_in_range(labels, logits.shape[-1], ignore_index)
-
-    backend = resolve_backend(logits.device, "logprobs_from_logits", LAUNCHERS)
-    if backend == "torch":
-        return reference.logprobs_from_logits(
-            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
-        )
-    labels = labels.contiguous()  # read by flat row index, whatever the caller's strides
-    logp, entropy, _ = logprobs_forward(logits, labels, 1.0 / temperature, ignore_index, return_entropy, backend)
-    return (logp, entropy) if return_entropy else logp
+    # labels are read by flat row index, whatever the caller's strides; logits' rows by their strides
+    return dispatch("logprobs_from_logits", LOGPROBS_FROM_LOGITS, logits.device, logits, labels.contiguous(),
+                    temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
 
 
 def entropy_from_logits(logits, *, temperature=1.0):
     """Entropy of softmax(logits / temperature) over the last dim: float32 [...], differentiable."""
     temperature = _validate_logits(logits, temperature)
-    backend = resolve_backend(logits.device, "entropy_from_logits", LAUNCHERS)
-    if backend == "torch":
-        return reference.entropy_from_logits(logits, temperature=temperature)
-    return logprobs_forward(logits, None, 1.0 / temperature, -100, True, backend)[1]
+    return dispatch("entropy_from_logits", ENTROPY_FROM_LOGITS, logits.device, logits, temperature=temperature)

@@ -1,13 +1,8 @@
 """Masked reductions over [B, T] per-token tensors: agg_loss, masked_mean, masked_whiten.
 
-Every aggregation mode is a weighted sum of per-row masked sums,
-
-    agg(L) = sum_b w_b * sum_t m_bt L_bt,   so   d agg / d L_bt = w_b * m_bt,
-
-with w_b = 1 / n_tokens (token-mean), [n_b > 0] / n_seqs (seq-mean-token-sum) or
-[n_b > 0] / (n_b * n_seqs) (seq-mean-token-mean), n_b = sum_t m_bt. The row-sum kernel here
-(and each loss's own row kernel) is the forward; the backward is d agg / d L_bt = w_b m_bt,
-formed by autograd from the row sums (`register_loss_rows_autograd`).
+agg_loss is the row-statistics protocol of ppo_fast/ops/rows.py applied to a given loss: the
+row-sum kernel here gives sum_t m L per row, agg(L) = sum_b w_b sum_t m_bt L_bt, and the
+backward d agg / d L_bt = w_b m_bt comes from autograd over the row sums.
 
 masked_whiten uses the shifted two-pass variance: with c the fp32 mean of pass one,
 S1 = sum m (x - c), S2 = sum m (x - c)^2, mean = c + S1/n and var = (S2 - S1^2/n) / (n - 1);
@@ -18,19 +13,11 @@ from __future__ import annotations
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import resolve_backend
-from ppo_fast.ops.checks import (
-    contiguous,
-    require_choice,
-    require_mask,
-    require_optional_count,
-    require_per_token,
-    require_same_device,
-)
-from ppo_fast.ops.constants import ROW_LOSS, ROW_TOKENS, WHITEN_EPS
+from ppo_fast.ops.backend import dispatch
+from ppo_fast.ops.checks import per_token_inputs
+from ppo_fast.ops.constants import WHITEN_EPS
+from ppo_fast.ops.rows import ROW_TOKENS, require_agg, weighted_row_total
 from ppo_fast.ops.triton_helpers import block_t, tl, triton
-
-AGG_MODES = reference.AGG_MODES
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -79,30 +66,6 @@ def _row_sums_triton(x, mask, center=None):
     if B:
         _masked_row_sums_kernel[(B,)](x, mask, center, out, T, CENTERED=center is not None, BLOCK_T=block_t(T))
     return out
-
-
-def agg_row_weights(row_counts, agg, num_tokens=None, num_seqs=None):
-    """w such that agg(L) = sum_b w_b sum_t m_bt L_bt (see the module docstring); float32 [B]."""
-    has_tokens = (row_counts > 0).to(torch.float32)
-    if agg == "token-mean":
-        den = row_counts.sum().clamp(min=1) if num_tokens is None else float(num_tokens)
-        return has_tokens / den
-    n_seqs = has_tokens.sum().clamp(min=1) if num_seqs is None else float(num_seqs)
-    if agg == "seq-mean-token-sum":
-        return has_tokens / n_seqs
-    return has_tokens / (row_counts.clamp(min=1) * n_seqs)
-
-
-def weighted_row_total(row_stats, agg, num_tokens, num_seqs):
-    """agg of the loss column from per-row statistics with the loss and token columns."""
-    weights = agg_row_weights(row_stats[:, ROW_TOKENS].detach(), agg, num_tokens, num_seqs)
-    return (weights * row_stats[:, ROW_LOSS]).sum()
-
-
-def row_token_means(row_stats):
-    """Masked token means of the statistic columns after the token column (0 for an empty mask):
-    the statistics the losses report, over the local valid tokens."""
-    return row_stats[:, ROW_TOKENS + 1:].sum(0) / row_stats[:, ROW_TOKENS].sum().clamp(min=1)
 
 
 def _whiten_triton(x, mask, shift_mean):
@@ -156,64 +119,40 @@ def _(x, mask, shift_mean):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-def register_loss_rows_autograd(op) -> None:
-    """Autograd of a loss kernel op returning (row_stats, dloss) with dloss = m dL/dx: the loss
-    column is sum_t m L, so d row_stats[b, LOSS] / d x[b, t] = dloss[b, t] and
-    grad_x = grad_row_stats[:, LOSS] * dloss (the other columns are statistics, not differentiated)."""
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-        ctx.dtype, ctx.n_inputs = inputs[0].dtype, len(inputs)
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_rows, _grad_dloss):
-        (dloss,) = ctx.saved_tensors
-        grad = None if grad_rows is None else (grad_rows[:, ROW_LOSS, None] * dloss).to(ctx.dtype)
-        return (grad,) + (None,) * (ctx.n_inputs - 1)
-
-    op.register_autograd(backward, setup_context=setup)
-
-
 # ----------------------------------------------------------------------------- public
-def _agg_triton(loss, mask, agg, num_tokens, num_seqs):
+def _agg_triton(loss, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
     return weighted_row_total(masked_row_sums(loss, mask), agg, num_tokens, num_seqs)
 
 
+def _masked_mean_triton(x, mask):
+    return _agg_triton(x, mask, "token-mean")
+
+
+def _whiten_op(x, mask, *, shift_mean=True):
+    return masked_whiten_op(x, mask, shift_mean)
+
+
+# {backend: implementation with the public signature}; dispatch calls these.
 AGG_LOSS = {"triton": _agg_triton, "torch": reference.agg_loss}
-MASKED_MEAN = {"triton": lambda x, mask: _agg_triton(x, mask, "token-mean", None, None),
-               "torch": reference.masked_mean}
-MASKED_WHITEN = {"triton": masked_whiten_op, "torch": reference.masked_whiten}
-BACKENDS = {"agg_loss": tuple(AGG_LOSS), "masked_mean": tuple(MASKED_MEAN), "masked_whiten": tuple(MASKED_WHITEN)}
-
-
-def _prepare(name, x, mask):
-    require_per_token({name: x})
-    require_mask("mask", mask, x.shape)
-    require_same_device(**{name: x, "mask": mask})
-    return contiguous(x, mask)
+MASKED_MEAN = {"triton": _masked_mean_triton, "torch": reference.masked_mean}
+MASKED_WHITEN = {"triton": _whiten_op, "torch": reference.masked_whiten}
+IMPLEMENTATIONS = {"agg_loss": AGG_LOSS, "masked_mean": MASKED_MEAN, "masked_whiten": MASKED_WHITEN}
 
 
 def agg_loss(loss, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
     """Reduce a [B, T] per-token loss to a scalar by `agg` (see ppo_fast.ops.reference.agg_loss)."""
-    require_choice("agg", agg, AGG_MODES)
-    require_optional_count("num_tokens", num_tokens)
-    require_optional_count("num_seqs", num_seqs)
-    loss, mask = _prepare("loss", loss, mask)
-    backend = resolve_backend(loss.device, "agg_loss", AGG_LOSS)
-    if backend == "torch":
-        return reference.agg_loss(loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
-    return AGG_LOSS[backend](loss, mask, agg, num_tokens, num_seqs)
+    require_agg(agg, num_tokens, num_seqs)
+    loss, mask = per_token_inputs({"loss": loss}, mask)
+    return dispatch("agg_loss", AGG_LOSS, loss.device, loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
 
 
 def masked_mean(x, mask):
     """sum(mask * x) / sum(mask) over a [B, T] tensor, float32; 0 for an empty mask."""
-    x, mask = _prepare("x", x, mask)
-    return MASKED_MEAN[resolve_backend(x.device, "masked_mean", MASKED_MEAN)](x, mask)
+    x, mask = per_token_inputs({"x": x}, mask)
+    return dispatch("masked_mean", MASKED_MEAN, x.device, x, mask)
 
 
 def masked_whiten(x, mask, *, shift_mean=True):
     """(x - mu) * rsqrt(var + 1e-8), masked mean and unbiased masked variance; no gradient."""
-    x, mask = _prepare("x", x, mask)
-    backend = resolve_backend(x.device, "masked_whiten", MASKED_WHITEN)
-    if backend == "torch":
-        return reference.masked_whiten(x, mask, shift_mean=shift_mean)
-    return MASKED_WHITEN[backend](x.detach(), mask, shift_mean)
+    x, mask = per_token_inputs({"x": x}, mask)
+    return dispatch("masked_whiten", MASKED_WHITEN, x.device, x.detach(), mask, shift_mean=shift_mean)

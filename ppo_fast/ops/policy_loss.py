@@ -7,38 +7,33 @@ Per token, with D = clamp(log_prob - old, -20, 20), r = exp(D):
     dL / d log_prob = r * dL/dr * [-20 <= log_prob - old <= 20],
     dL/dr = -A where L1 >= L2 (and not dual-clipped), else 0.
 
-The forward kernel writes per-row masked sums of L and of the statistics (columns in
-ppo_fast.ops.constants.POLICY_ROW_STATS), and m * dL/dlog_prob for the backward, which only
-scales it by the aggregation weight of its row (ppo_fast.ops.masked.register_loss_rows_autograd).
+The forward kernel writes per-row masked sums of L and of the statistics (the columns
+POLICY_ROW_STATS of the row protocol, ppo_fast/ops/rows.py), and m * dL/dlog_prob for the
+backward, which only scales it by the aggregation weight of its row.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import native_module, resolve_backend
-from ppo_fast.ops.checks import (
-    contiguous,
-    require_choice,
-    require_dual_clip,
-    require_mask,
-    require_nonnegative,
-    require_optional_count,
-    require_per_token,
-    require_same_device,
-)
-from ppo_fast.ops.constants import (
-    LOG_RATIO_CLAMP,
+from ppo_fast.ops.backend import dispatch, native_module
+from ppo_fast.ops.checks import per_token_inputs, require_dual_clip, require_nonnegative
+from ppo_fast.ops.constants import LOG_RATIO_CLAMP
+from ppo_fast.ops.rows import (
     POLICY_ROW_STATS,
     ROW_CLIPPED,
     ROW_LOSS,
     ROW_LOWER_CLIPPED,
     ROW_NEG_LOG_RATIO,
     ROW_TOKENS,
+    register_loss_rows_autograd,
+    require_agg,
+    row_token_means,
+    weighted_row_total,
 )
-from ppo_fast.ops.masked import AGG_MODES, register_loss_rows_autograd, row_token_means, weighted_row_total
 from ppo_fast.ops.triton_helpers import block_t, clamp, load_token_tiles, nan_max, tl, triton
 
 _CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
@@ -111,13 +106,16 @@ def _forward_cpp(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, 
 
 
 # ----------------------------------------------------------------------------- custom op
+KERNELS = {"triton": _forward_triton, "cpp": _forward_cpp}
+
+
 @torch.library.custom_op("ppo_fast::policy_loss_rows", mutates_args=())
 def policy_loss_rows(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                      mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: Optional[float],
                      needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_stats [B, len(POLICY_ROW_STATS)], m dL/dlog_prob [B, T] or empty), float32."""
-    row_stats, dloss = IMPLEMENTATIONS[backend](log_prob, old_log_prob, advantages, mask, clip_low, clip_high,
-                                                dual_clip, needs_grad)
+    row_stats, dloss = KERNELS[backend](log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip,
+                                        needs_grad)
     return row_stats, log_prob.new_empty(0, dtype=torch.float32) if dloss is None else dloss
 
 
@@ -131,8 +129,20 @@ register_loss_rows_autograd(policy_loss_rows)
 
 
 # ----------------------------------------------------------------------------- public
-IMPLEMENTATIONS = {"triton": _forward_triton, "cpp": _forward_cpp, "torch": reference.ppo_policy_loss}
-BACKENDS = {"ppo_policy_loss": tuple(IMPLEMENTATIONS)}
+def _loss_from_rows(log_prob, old_log_prob, advantages, mask, *, clip_low, clip_high, dual_clip, agg, num_tokens,
+                    num_seqs, backend):
+    needs_grad = torch.is_grad_enabled() and log_prob.requires_grad
+    row_stats, _ = policy_loss_rows(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip,
+                                    needs_grad, backend)
+    clipfrac, approx_kl, lower = row_token_means(row_stats.detach()).unbind()
+    loss = weighted_row_total(row_stats, agg, num_tokens, num_seqs)
+    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}
+
+
+# {backend: implementation with the public signature}; dispatch calls these.
+PPO_POLICY_LOSS = {**{b: functools.partial(_loss_from_rows, backend=b) for b in KERNELS},
+                   "torch": reference.ppo_policy_loss}
+IMPLEMENTATIONS = {"ppo_policy_loss": PPO_POLICY_LOSS}
 
 
 def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
@@ -143,25 +153,10 @@ def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, c
     detached float32 scalars `clipfrac`, `approx_kl`, `clipfrac_lower` (masked token means).
     `agg`, `num_tokens`, `num_seqs` as in `agg_loss`. A fully masked batch gives 0s.
     """
-    shape = require_per_token({"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages})
-    require_mask("mask", mask, shape)
-    require_same_device(log_prob=log_prob, mask=mask)
+    inputs = per_token_inputs({"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages}, mask)
     clip_low = require_nonnegative("clip_low", clip_low)
     clip_high = require_nonnegative("clip_high", clip_high)
     dual_clip = require_dual_clip(dual_clip)
-    require_choice("agg", agg, AGG_MODES)
-    require_optional_count("num_tokens", num_tokens)
-    require_optional_count("num_seqs", num_seqs)
-
-    backend = resolve_backend(log_prob.device, "ppo_policy_loss", IMPLEMENTATIONS)
-    log_prob, old_log_prob, advantages, mask = contiguous(log_prob, old_log_prob.detach(), advantages.detach(), mask)
-    if backend == "torch":
-        return reference.ppo_policy_loss(log_prob, old_log_prob, advantages, mask, clip_low=clip_low,
-                                         clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,
-                                         num_seqs=num_seqs)
-    needs_grad = torch.is_grad_enabled() and log_prob.requires_grad
-    row_stats, _ = policy_loss_rows(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip,
-                                    needs_grad, backend)
-    loss = weighted_row_total(row_stats, agg, num_tokens, num_seqs)
-    clipfrac, approx_kl, lower = row_token_means(row_stats.detach()).unbind()
-    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}
+    require_agg(agg, num_tokens, num_seqs)
+    return dispatch("ppo_policy_loss", PPO_POLICY_LOSS, log_prob.device, *inputs, clip_low=clip_low,
+                    clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)

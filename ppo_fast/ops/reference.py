@@ -147,6 +147,8 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
 
 # ----------------------------------------------------------------------------- KL
 KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+# Each also with a '+' suffix: the value of the named estimator with the gradient of k2.
+KL_ESTIMATOR_CHOICES = KL_ESTIMATORS + tuple(e + "+" for e in KL_ESTIMATORS)
 
 
 def _kl_value(log_prob, ref_log_prob, estimator):

@@ -8,21 +8,23 @@ range, so an unclipped token is never counted as clipped) and R the return:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import native_module, resolve_backend
-from ppo_fast.ops.checks import (
-    contiguous,
-    require_choice,
-    require_mask,
-    require_nonnegative,
-    require_optional_count,
-    require_per_token,
-    require_same_device,
+from ppo_fast.ops.backend import dispatch, native_module
+from ppo_fast.ops.checks import per_token_inputs, require_nonnegative
+from ppo_fast.ops.rows import (
+    ROW_CLIPPED,
+    ROW_LOSS,
+    ROW_TOKENS,
+    VALUE_ROW_STATS,
+    register_loss_rows_autograd,
+    require_agg,
+    row_token_means,
+    weighted_row_total,
 )
-from ppo_fast.ops.constants import ROW_CLIPPED, ROW_LOSS, ROW_TOKENS, VALUE_ROW_STATS
-from ppo_fast.ops.masked import AGG_MODES, register_loss_rows_autograd, row_token_means, weighted_row_total
 from ppo_fast.ops.triton_helpers import block_t, clamp, load_token_tiles, nan_max, tl, triton
 
 _N_STATS = tl.constexpr(len(VALUE_ROW_STATS))
@@ -76,11 +78,14 @@ def _forward_cpp(values, old_values, returns, mask, clip, needs_grad):
 
 
 # ----------------------------------------------------------------------------- custom op
+KERNELS = {"triton": _forward_triton, "cpp": _forward_cpp}
+
+
 @torch.library.custom_op("ppo_fast::value_loss_rows", mutates_args=())
 def value_loss_rows(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                     clip: float, needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_stats [B, len(VALUE_ROW_STATS)], m dL/dvalues [B, T] or empty), float32."""
-    row_stats, dloss = IMPLEMENTATIONS[backend](values, old_values, returns, mask, clip, needs_grad)
+    row_stats, dloss = KERNELS[backend](values, old_values, returns, mask, clip, needs_grad)
     return row_stats, values.new_empty(0, dtype=torch.float32) if dloss is None else dloss
 
 
@@ -94,25 +99,22 @@ register_loss_rows_autograd(value_loss_rows)
 
 
 # ----------------------------------------------------------------------------- public
-IMPLEMENTATIONS = {"triton": _forward_triton, "cpp": _forward_cpp, "torch": reference.value_loss}
-BACKENDS = {"value_loss": tuple(IMPLEMENTATIONS)}
-
-
-def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", num_tokens=None, num_seqs=None):
-    """Clipped value loss over [B, T] tokens; returns (loss, clipfrac), gradient to `values` only."""
-    shape = require_per_token({"values": values, "old_values": old_values, "returns": returns})
-    require_mask("mask", mask, shape)
-    require_same_device(values=values, mask=mask)
-    clip = require_nonnegative("clip", clip)
-    require_choice("agg", agg, AGG_MODES)
-    require_optional_count("num_tokens", num_tokens)
-    require_optional_count("num_seqs", num_seqs)
-    backend = resolve_backend(values.device, "value_loss", IMPLEMENTATIONS)
-    values, old_values, returns, mask = contiguous(values, old_values.detach(), returns.detach(), mask)
-    if backend == "torch":
-        return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg, num_tokens=num_tokens,
-                                    num_seqs=num_seqs)
+def _loss_from_rows(values, old_values, returns, mask, *, clip, agg, num_tokens, num_seqs, backend):
     needs_grad = torch.is_grad_enabled() and values.requires_grad
     row_stats, _ = value_loss_rows(values, old_values, returns, mask, clip, needs_grad, backend)
     (clipfrac,) = row_token_means(row_stats.detach()).unbind()
     return 0.5 * weighted_row_total(row_stats, agg, num_tokens, num_seqs), clipfrac
+
+
+# {backend: implementation with the public signature}; dispatch calls these.
+VALUE_LOSS = {**{b: functools.partial(_loss_from_rows, backend=b) for b in KERNELS}, "torch": reference.value_loss}
+IMPLEMENTATIONS = {"value_loss": VALUE_LOSS}
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", num_tokens=None, num_seqs=None):
+    """Clipped value loss over [B, T] tokens; returns (loss, clipfrac), gradient to `values` only."""
+    inputs = per_token_inputs({"values": values, "old_values": old_values, "returns": returns}, mask)
+    clip = require_nonnegative("clip", clip)
+    require_agg(agg, num_tokens, num_seqs)
+    return dispatch("value_loss", VALUE_LOSS, values.device, *inputs, clip=clip, agg=agg, num_tokens=num_tokens,
+                    num_seqs=num_seqs)

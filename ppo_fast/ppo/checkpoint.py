@@ -22,10 +22,17 @@ import warnings
 import torch
 
 from ppo_fast.ppo.config import ConfigError
-from ppo_fast.ppo.run_folder import fsync_path
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def checkpoint_path(out: str, step: int) -> str:

@@ -14,7 +14,8 @@ import typing
 from dataclasses import dataclass
 from typing import Optional
 
-from ppo_fast.ops.reference import AGG_MODES, KL_ESTIMATORS
+from ppo_fast.ops.checks import require_dual_clip
+from ppo_fast.ops.reference import AGG_MODES, KL_ESTIMATOR_CHOICES
 
 CRITIC_MODES = ("auto", "policy", "reward", "shared")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -35,10 +36,15 @@ class ConfigFile:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_dict(cls, values: dict) -> "ConfigFile":
+    def check_keys(cls, values: dict) -> None:
+        """Every key names a field (a ConfigError listing the known keys otherwise)."""
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(f.name for f in dataclasses.fields(cls))}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ConfigFile":
+        cls.check_keys(values)
         hints = typing.get_type_hints(cls)
         return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
 
@@ -96,6 +102,18 @@ class ConfigFile:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    MODEL_KEY = "policy"  # the field naming the model a config trains
+
+    def resolved_dtype(self):
+        """auto: bfloat16 on CUDA for real models; float32 on CPU and for the embedded task's
+        0.1M-parameter model (bf16 rounding slows its learning and saves nothing there)."""
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        real_model = getattr(self, self.MODEL_KEY) is not None
+        return torch.bfloat16 if self.resolved_device().startswith("cuda") and real_model else torch.float32
+
 
 @dataclass
 class PPOConfig(ConfigFile):
@@ -134,7 +152,7 @@ class PPOConfig(ConfigFile):
     # update
     ppo_epochs: int = 4
     mini_batch_size: int = 32  # sequences per optimiser step
-    micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation)
+    micro_batch_size: Optional[int] = None  # sequences per forward/backward; None: a rank's share of a minibatch
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: Optional[float] = None
@@ -179,13 +197,13 @@ class PPOConfig(ConfigFile):
                              ("distributed", DISTRIBUTED_MODES), ("advantage_estimator", ADVANTAGE_ESTIMATORS)):
             _require(getattr(self, key) in choices, f"{key}: expected one of {choices}, got {getattr(self, key)!r}")
         for key in ("kl_estimator", "kl_loss_estimator"):
-            estimator = getattr(self, key)
-            _require(estimator.rstrip("+") in KL_ESTIMATORS,
-                     f"{key}: expected one of {KL_ESTIMATORS} (optionally with '+'), got {estimator!r}")
+            _require(getattr(self, key) in KL_ESTIMATOR_CHOICES,
+                     f"{key}: expected one of {KL_ESTIMATOR_CHOICES}, got {getattr(self, key)!r}")
         for key in ("steps", "rollout_batch_size", "max_prompt_length", "max_new_tokens", "ppo_epochs",
-                    "mini_batch_size", "micro_batch_size", "kl_horizon", "temperature", "lr", "critic_lr",
-                    "samples_per_prompt"):
+                    "mini_batch_size", "kl_horizon", "temperature", "lr", "critic_lr", "samples_per_prompt"):
             _require(getattr(self, key) > 0, f"{key}: expected a value > 0, got {getattr(self, key)}")
+        _require(self.micro_batch_size is None or self.micro_batch_size > 0,
+                 f"micro_batch_size: expected None or a value > 0, got {self.micro_batch_size}")
         for key in ("top_k", "kl_coef", "clip_low", "clip_high", "value_clip", "entropy_coef", "kl_loss_coef",
                     "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "lora_rank", "save_every",
                     "keep_checkpoints", "max_consecutive_skips"):
@@ -199,7 +217,10 @@ class PPOConfig(ConfigFile):
         _require(self.lora_rank == 0 or self.lora_alpha > 0, f"lora_alpha: expected > 0, got {self.lora_alpha}")
         _require(0 < self.top_p <= 1, f"top_p: expected a value in (0, 1], got {self.top_p}")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma, lam: expected values in [0, 1], got {self.gamma}, {self.lam}")
-        _require(self.dual_clip is None or self.dual_clip > 1, f"dual_clip: expected None or > 1, got {self.dual_clip}")
+        try:
+            require_dual_clip(self.dual_clip)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
         _require(self.kl_target is None or self.kl_target > 0, f"kl_target: expected None or > 0, got {self.kl_target}")
         _require(self.rollout_batch_size % self.mini_batch_size == 0,
                  f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
@@ -209,22 +230,16 @@ class PPOConfig(ConfigFile):
         _require(self.advantage_estimator == "gae" or self.samples_per_prompt >= 2,
                  f"advantage_estimator={self.advantage_estimator!r} compares responses to one prompt: "
                  f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
-        _require(self.mini_batch_size % self.micro_batch_size == 0,
+        _require(self.micro_batch_size is None or self.mini_batch_size % self.micro_batch_size == 0,
                  f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         self._validate_device()
         if check_sources:
             self._validate_sources()
         return self
 
-    # ------------------------------------------------------------------ resolving "auto"
-    def resolved_dtype(self):
-        """auto: bfloat16 on CUDA for real models; float32 on CPU and for the embedded task's
-        0.1M-parameter model (bf16 rounding slows its learning and saves nothing there)."""
-        import torch
-
-        if self.dtype != "auto":
-            return getattr(torch, self.dtype)
-        return torch.bfloat16 if self.resolved_device().startswith("cuda") and self.policy is not None else torch.float32
+    def resolved_micro_batch_size(self, world_size: int = 1) -> int:
+        """micro_batch_size, or by default a rank's share of a minibatch (no accumulation)."""
+        return self.micro_batch_size or self.mini_batch_size // world_size
 
     def _validate_sources(self) -> None:
         if self.policy is None:

@@ -23,12 +23,13 @@ from ppo_fast.ops.constants import WHITEN_EPS
 from ppo_fast.ops.reference import valid_only
 from ppo_fast.ppo.config import ConfigError
 
-MODES = ("auto", "none", "fsdp")
-
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """This process's place: rank 0 of 1 when not distributed."""
+    """This process's place among the ranks, and the operations that couple them. Not launched by
+    torchrun (`enabled` False: rank 0 of 1), every method is the identity: its reductions return
+    their input, its whitening is the op's own, its share of a batch is the whole batch. So the
+    loop reads the same for one rank or many."""
 
     rank: int = 0
     size: int = 1
@@ -38,6 +39,83 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def share(self, n: int) -> slice:
+        """This rank's rows of a global batch of n (n divisible by the world size)."""
+        per_rank = n // self.size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks (in place)."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_true(self, flag: bool, device) -> bool:
+        """Whether `flag` holds on every rank."""
+        if not self.enabled:
+            return flag
+        tensor = torch.tensor(float(flag), device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return bool(tensor)
+
+    def reduce_stats(self, stats: dict, device, *, mean: bool) -> dict:
+        """Each statistic summed (or averaged) over the ranks, in one float64 all-reduce."""
+        if not self.enabled:
+            return stats
+        keys = sorted(stats)
+        values = self.sum(torch.stack([torch.as_tensor(stats[k], device=device).double() for k in keys]))
+        if mean:
+            values = values / self.size
+        return dict(zip(keys, values.float().unbind()))
+
+    @torch.no_grad()
+    def masked_whiten(self, x: torch.Tensor, mask: torch.Tensor, ops) -> torch.Tensor:
+        """ops.masked_whiten with the statistics of every rank's valid tokens. Across ranks: the
+        reference's two-pass sums in float64, each pass one all-reduce."""
+        if not self.enabled:
+            return ops.masked_whiten(x, mask)
+        x64, m = x.double(), mask.double()
+        first = self.sum(torch.stack([(valid_only(x64, mask) * m).sum(), m.sum()]))
+        mean = first[0] / first[1].clamp(min=1)
+        squares = self.sum((valid_only(x64 - mean, mask) ** 2 * m).sum())
+        var = squares / (first[1] - 1).clamp(min=1)
+        return ((x64 - mean) * torch.rsqrt(var + WHITEN_EPS)).to(torch.float32)
+
+    def average_replicated_grads(self, params) -> None:
+        """Average over the ranks the gradients of the parameters FSDP does not shard (plain
+        tensors), as FSDP does for the shards."""
+        if not self.enabled:
+            return
+        from torch.distributed.tensor import DTensor
+
+        for p in params:
+            if p.grad is not None and not isinstance(p.grad, DTensor):
+                self.sum(p.grad).div_(self.size)
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """fully_shard each transformer block (gradients reduced in fp32, averaged over ranks). The
+        parameters outside the blocks (embeddings, final norm, LM head, value head) stay whole on
+        every rank: the loop reads the LM head's weight directly (the fused log-prob ops), and
+        average_replicated_grads averages their gradients."""
+        if not self.enabled:
+            return model
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        for block in transformer_blocks(model):
+            fully_shard(block, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+        return model
+
+    def check_same_config(self, config) -> None:
+        """Every rank runs the same config: gathered and compared before anything can fail on one
+        rank only, so a mismatch is reported on every rank (never a hang in a later collective)."""
+        if self.enabled:
+            check_same_config(self, config.to_dict())
+
+    def check_sizes(self, config) -> None:
+        """Batch sizes that split evenly, no option FSDP cannot follow here (every rank raises)."""
+        if self.enabled:
+            check_sizes(self, config)
 
 
 def launched_by_torchrun() -> bool:
@@ -72,7 +150,7 @@ def check_sizes(world: World, config) -> None:
                           f"is not a multiple of samples_per_prompt={config.samples_per_prompt}: a prompt's "
                           f"responses must be on one rank")
     per_rank = config.mini_batch_size // world.size
-    if per_rank % config.micro_batch_size:
+    if config.micro_batch_size is not None and per_rank % config.micro_batch_size:
         raise ConfigError(f"mini_batch_size / world_size = {per_rank} rows per rank is not a multiple of "
                           f"micro_batch_size={config.micro_batch_size}")
     for key, bad in (("critic", config.critic == "shared"), ("lora_rank", bool(config.lora_rank)),
@@ -83,8 +161,7 @@ def check_sizes(world: World, config) -> None:
 
 
 def check_same_config(world: World, values: dict) -> None:
-    """Every rank runs the same config: gathered and compared, so a mismatch is reported on
-    every rank (never a hang in a later collective)."""
+    """Every rank runs the same config: gathered and compared on every rank."""
     gathered = [None] * world.size
     dist.all_gather_object(gathered, values)
     differing = sorted(k for k in values if any(other.get(k) != values[k] for other in gathered))
@@ -97,61 +174,6 @@ def transformer_blocks(model: torch.nn.Module) -> list:
     """The repeated blocks of a transformer (the largest ModuleList), FSDP's unit of sharding."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
-
-
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    """fully_shard each transformer block (gradients reduced in fp32, averaged over ranks). The
-    parameters outside the blocks (embeddings, final norm, LM head, value head) stay whole on
-    every rank: the loop reads the LM head's weight directly (the fused log-prob ops), and
-    average_replicated_grads averages their gradients."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    for block in transformer_blocks(model):
-        fully_shard(block, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
-    return model
-
-
-def average_replicated_grads(params) -> None:
-    """Average over the ranks the gradients of the parameters FSDP does not shard (plain tensors),
-    as FSDP does for the shards."""
-    from torch.distributed.tensor import DTensor
-
-    for p in params:
-        if p.grad is not None and not isinstance(p.grad, DTensor):
-            all_reduce(p.grad).div_(dist.get_world_size())
-
-
-def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def all_true(world: World, flag: bool, device) -> bool:
-    """Whether `flag` holds on every rank."""
-    if not world.enabled:
-        return flag
-    return bool(all_reduce(torch.tensor(float(flag), device=device), dist.ReduceOp.MIN))
-
-
-@torch.no_grad()
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """ppo_fast.ops.reference.masked_whiten with the statistics of every rank's valid tokens:
-    two-pass sums in float64, each pass one all-reduce."""
-    x64, m = x.double(), mask.double()
-    first = all_reduce(torch.stack([(valid_only(x64, mask) * m).sum(), m.sum()]))
-    mean = first[0] / first[1].clamp(min=1)
-    squares = all_reduce((valid_only(x64 - mean, mask) ** 2 * m).sum())
-    var = squares / (first[1] - 1).clamp(min=1)
-    return ((x64 - mean) * torch.rsqrt(var + WHITEN_EPS)).to(torch.float32)
-
-
-def reduce_stats(stats: dict, device, *, mean: bool) -> dict:
-    """Each statistic summed (or averaged) over the ranks, in one float64 all-reduce."""
-    keys = sorted(stats)
-    values = all_reduce(torch.stack([torch.as_tensor(stats[k], device=device).double() for k in keys]))
-    if mean:
-        values = values / dist.get_world_size()
-    return dict(zip(keys, values.float().unbind()))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -21,13 +21,7 @@ from typing import Optional
 import torch
 
 from ppo_fast.ppo import models, tasks
-from ppo_fast.ppo.checkpoint import (
-    checkpoint_path,
-    list_checkpoints,
-    load_newest,
-    refuse_earlier_run,
-    save_checkpoint,
-)
+from ppo_fast.ppo.checkpoint import checkpoint_path, list_checkpoints, load_newest, save_checkpoint
 from ppo_fast.ppo.config import DTYPES, ConfigError, ConfigFile, _require
 from ppo_fast.ppo.rollout import left_pad
 from ppo_fast.ppo.run_folder import RunFolder
@@ -57,6 +51,8 @@ class RMConfig(ConfigFile):
     tensorboard: bool = True
     progress: bool = True
 
+    MODEL_KEY = "model"
+
     def validate(self) -> "RMConfig":
         for key in ("steps", "batch_size", "lr", "max_length", "eval_every", "embedded_pairs"):
             _require(getattr(self, key) > 0, f"{key}: expected a value > 0, got {getattr(self, key)}")
@@ -71,10 +67,6 @@ class RMConfig(ConfigFile):
             _require(path is None or os.path.exists(path), f"{key}: {path!r} does not exist")
         return self
 
-    def resolved_dtype(self) -> torch.dtype:
-        if self.dtype != "auto":
-            return getattr(torch, self.dtype)
-        return torch.bfloat16 if self.resolved_device().startswith("cuda") and self.model else torch.float32
 
 
 # ----------------------------------------------------------------------------- data
@@ -193,28 +185,26 @@ class RewardModelTrainer:
             right += int((chosen > rejected).sum())
         return right / len(self.eval_pairs)
 
-    def train(self, resume: bool = False, folder: RunFolder | None = None) -> list[dict]:
+    def train(self, resume: bool = False, run: RunFolder | None = None) -> list[dict]:
+        """Train to config.steps (resume: from the newest checkpoint in OUT), logging each step to
+        OUT/metrics.jsonl and TensorBoard; the model ends up in OUT/model. `run`: as in PPOTrainer.train."""
+        import contextlib
+
         from tqdm.auto import tqdm
 
         cfg = self.config
-        if folder is None:
-            folder = RunFolder(cfg.out)
-            folder.lock()
-        try:
-            if not resume:
-                refuse_earlier_run(cfg.out)
-            elif list_checkpoints(cfg.out):
+        with contextlib.ExitStack() as stack:
+            if run is None:
+                run = stack.enter_context(RunFolder(cfg.out).open(cfg, resume))
+            if resume and list_checkpoints(cfg.out):
                 self.load_state_dict(load_newest(cfg.out)[1])
-            cfg.save(folder.config_path)
-            kept = folder.keep_metrics_through(self.step_count)
-            if cfg.tensorboard:
-                folder.start_tensorboard(kept)
+            run.begin(self.step_count)
             history = []
             bar = tqdm(range(self.step_count, cfg.steps), desc="rm", disable=not cfg.progress, dynamic_ncols=True)
             for _ in bar:
                 metrics = self.step()
                 history.append(metrics)
-                folder.append_metrics(metrics)
+                run.log(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
                 if cfg.save_every and self.step_count % cfg.save_every == 0 and self.step_count < cfg.steps:
                     self.save()
@@ -222,8 +212,6 @@ class RewardModelTrainer:
                 self.save()
             self.save_model(os.path.join(cfg.out, "model"))
             return history
-        finally:
-            folder.close()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -1,4 +1,5 @@
-"""PPO for language models on one device: rollout -> experience -> update, step after step.
+"""PPO for language models: rollout -> experience -> update, step after step, on one device or
+many (torchrun + FSDP2: the same loop, whose `world` couples the ranks and is the identity on one).
 
     trainer = PPOTrainer(PPOConfig(...))          # or pass your own policy / tokenizer / reward
     trainer.train()                               # metrics.jsonl + config.yaml in config.out
@@ -29,14 +30,7 @@ import torch
 from ppo_fast import ops as fused_ops
 from ppo_fast.ops import reference
 from ppo_fast.ppo import distributed, models, tasks
-from ppo_fast.ppo.checkpoint import (
-    checkpoint_path,
-    list_checkpoints,
-    load_newest,
-    prune_checkpoints,
-    refuse_earlier_run,
-    save_checkpoint,
-)
+from ppo_fast.ppo.checkpoint import checkpoint_path, list_checkpoints, load_newest, prune_checkpoints, save_checkpoint
 from ppo_fast.ppo.config import ConfigError, PPOConfig, load_function
 from ppo_fast.ppo.data import PromptCycle, encode, read_prompts
 from ppo_fast.ppo.experience import Experience, Rollout, experience_stats, rows_in_chunks
@@ -58,11 +52,10 @@ class PPOTrainer:
                  prompts: list[str] | None = None):
         given = (policy, tokenizer, reward_fn, reward_model, prompts)
         self.world = distributed.setup(config.distributed, torch.device(config.resolved_device()).type)
-        if self.world.enabled:  # compared before anything can fail on one rank only
-            distributed.check_same_config(self.world, config.to_dict())
+        self.world.check_same_config(config)  # before anything can fail on one rank only
         self.config = cfg = config.validate(check_sources=all(x is None for x in given))
-        if self.world.enabled:
-            distributed.check_sizes(self.world, cfg)
+        self.world.check_sizes(cfg)
+        self.micro_batch_size = cfg.resolved_micro_batch_size(self.world.size)
         self.device = torch.device(cfg.resolved_device())
         if self.device.type == "cuda" and self.world.enabled:
             self.device = torch.device("cuda", self.world.local_rank)
@@ -86,29 +79,27 @@ class PPOTrainer:
         self.consecutive_skips = 0
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: bool = False, folder: RunFolder | None = None) -> list[dict]:
+    def train(self, resume: bool = False, run: RunFolder | None = None) -> list[dict]:
         """Run to config.steps, appending each step's metrics to OUT/metrics.jsonl (and
         TensorBoard), checkpointing every `save_every` steps and at the end. `resume` first
-        restores the newest complete checkpoint in OUT. The folder is locked while it runs
-        (pass `folder` already locked, as the CLI does, to hold it from before model loading)."""
+        restores the newest complete checkpoint in OUT. The run folder is locked while it runs
+        (pass `run`, opened, as the CLI does, to hold it from before the models load)."""
         from tqdm.auto import tqdm
 
         cfg = self.config
-        if folder is None and self.world.is_main:  # rank 0 alone writes the run folder
-            folder = RunFolder(cfg.out)
-            folder.lock()
-        try:
-            kept = self._start_or_resume(folder, resume)
-            if cfg.tensorboard and folder is not None:
-                folder.start_tensorboard(kept)
+        with contextlib.ExitStack() as stack:
+            if run is None:
+                run = stack.enter_context(RunFolder(cfg.out, main=self.world.is_main).open(cfg, resume))
+            if resume:
+                self.resume_from_latest()
+            run.begin(self.step_count)
             history = []
             bar = tqdm(range(self.step_count, cfg.steps), desc="ppo", dynamic_ncols=True,
                        disable=not (cfg.progress and self.world.is_main))
             for _ in bar:
                 metrics = self.step()
                 history.append(metrics)
-                if folder is not None:
-                    folder.append_metrics(metrics)
+                run.log(metrics)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}",
                                 ent=f"{metrics['entropy']:.2f}", clip=f"{metrics['clipfrac']:.3f}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -117,9 +108,6 @@ class PPOTrainer:
             if not os.path.isdir(checkpoint_path(cfg.out, self.step_count)):
                 self.save()
             return history
-        finally:
-            if folder is not None:
-                folder.close()
 
     def step(self) -> dict:
         """One PPO step; returns its metrics (plain floats)."""
@@ -130,8 +118,7 @@ class PPOTrainer:
         stats = {k: float(v) for k, v in {**stats, **update_stats}.items()}  # one device sync for all
         self.kl_controller.update(stats["kl"], self.config.rollout_batch_size)
         self.step_count += 1
-        tokens = rollout.attention_mask.sum()
-        tokens = int(distributed.all_reduce(tokens) if self.world.enabled else tokens)  # every rank's tokens
+        tokens = int(self.world.sum(rollout.attention_mask.sum()))  # every rank's tokens
         step_time = sum(v for k, v in phases.items() if k.startswith("time_"))
         peaks = [v for k, v in phases.items() if k.startswith("peak_memory_")]
         return {
@@ -146,16 +133,16 @@ class PPOTrainer:
         cfg = self.config
         n = cfg.samples_per_prompt  # the same global batch on every rank; each prompt n times in a row
         prompts = [p for p in self.prompt_source(cfg.rollout_batch_size // n) for _ in range(n)]
-        share = cfg.rollout_batch_size // self.world.size
-        prompts = prompts[self.world.rank * share:(self.world.rank + 1) * share]
+        mine = self.world.share(cfg.rollout_batch_size)
+        prompts = prompts[mine]
         rows = [encode(self.tokenizer, p)[-cfg.max_prompt_length:] for p in prompts]
         prompt_ids, prompt_mask = left_pad(rows, self.pad_token_id, self.device)
         try:
             response, mask = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
                                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    generator=self.sample_generator, rows=(self.world.rank * share, cfg.rollout_batch_size),
-                                    all_ranks=lambda flag: distributed.all_true(self.world, flag, self.device))
+                                    generator=self.sample_generator, rows=(mine.start, cfg.rollout_batch_size),
+                                    all_ranks=lambda flag: self.world.all_true(flag, self.device))
         except FloatingPointError as err:
             raise TrainingDiverged(f"step {self.step_count + 1}: {err}; the policy has diverged (lower lr?). "
                                    f"The newest checkpoint in {cfg.out!r} is from before it") from None
@@ -167,7 +154,7 @@ class PPOTrainer:
         """Experience for the update, and its statistics (tensors)."""
         cfg, ops = self.config, self.ops
         seqs, attn, labels, mask = rollout.sequences, rollout.attention_mask, rollout.labels, rollout.mask
-        micro = cfg.micro_batch_size
+        micro = self.micro_batch_size
         old_logp, entropy, values = rows_in_chunks(lambda s, a, lab: self.policy_outputs(s, a, lab, True),
                                                    micro, seqs, attn, labels)
         with self.frozen_models_on_device():
@@ -183,11 +170,9 @@ class PPOTrainer:
             advantages, returns = ops.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
         stats = experience_stats(scores, old_logp, ref_logp, entropy, values, advantages, returns, mask,
                                  rollout.prompt_mask, ops)
-        if self.world.enabled:  # the mean over ranks of each rank's statistics
-            stats = distributed.reduce_stats(stats, self.device, mean=True)
+        stats = self.world.reduce_stats(stats, self.device, mean=True)  # the mean over ranks of each rank's
         if cfg.whiten_advantages and cfg.advantage_estimator in ("gae", "reinforce_baseline"):  # every rank's tokens
-            whiten = distributed.masked_whiten if self.world.enabled else ops.masked_whiten
-            advantages = whiten(advantages, mask)
+            advantages = self.world.masked_whiten(advantages, mask, ops)
         return Experience(seqs, attn, labels, old_logp, ref_logp, values, advantages, returns), stats
 
     def group_advantages(self, scores):
@@ -240,7 +225,7 @@ class PPOTrainer:
         ended = (response == self.tokenizer.eos_token_id).any(-1)
         if self.reward_model is not None:
             scores = rows_in_chunks(lambda s, a: models.reward_model_scores(self.reward_model, s, a, self.packed),
-                                    cfg.micro_batch_size, rollout.sequences, rollout.attention_mask)
+                                    self.micro_batch_size, rollout.sequences, rollout.attention_mask)
         else:
             lengths = (mask.sum(-1) - ended.long()).tolist()  # response tokens before EOS
             texts = self.tokenizer.batch_decode([row[:n] for row, n in zip(response.tolist(), lengths)],
@@ -277,23 +262,20 @@ class PPOTrainer:
     def minibatch_step(self, mini: Experience) -> dict:
         """Accumulate the micro-batches' gradients, then one optimiser step; the minibatch's stats."""
         token_counts = mini.mask.sum(-1)
-        counts = torch.stack([token_counts.sum(), (token_counts > 0).sum()]).double()
-        if self.world.enabled:  # the losses are shares of the global minibatch's mean
-            distributed.all_reduce(counts)
+        counts = self.world.sum(torch.stack([token_counts.sum(), (token_counts > 0).sum()]).double())  # global
         num_tokens, num_seqs = (max(int(c), 1) for c in counts.tolist())
         stats, loss_sum = defaultdict(float), 0.0
-        for start in range(0, len(mini.labels), self.config.micro_batch_size):
-            micro = mini.select(slice(start, start + self.config.micro_batch_size))
+        for start in range(0, len(mini.labels), self.micro_batch_size):
+            micro = mini.select(slice(start, start + self.micro_batch_size))
             loss, micro_stats = self.micro_batch_loss(micro, num_tokens, num_seqs)
             (loss * self.world.size).backward()  # ranks' gradients are averaged: the world size makes it their sum
             loss_sum = loss_sum + loss.detach()
             share = micro.mask.sum() / num_tokens
             for key, value in micro_stats.items():  # losses are shares already; token-mean stats are not
                 stats[key] = stats[key] + (value if key.endswith("loss") else value * share)
-        if self.world.enabled:  # the step's loss and statistics over all ranks; replicated parameters' gradients
-            stats = distributed.reduce_stats({**stats, "loss": loss_sum}, self.device, mean=False)
-            loss_sum = stats.pop("loss")
-            distributed.average_replicated_grads([p for group in self.optimizer.params for p in group])
+        stats = self.world.reduce_stats({**stats, "loss": loss_sum}, self.device, mean=False)  # over all ranks
+        loss_sum = stats.pop("loss")
+        self.world.average_replicated_grads([p for group in self.optimizer.params for p in group])
         skipped_before = self.optimizer.skipped
         stats["grad_norm"], stats["critic_grad_norm"] = self.optimizer.step(loss_sum)
         self._count_skips(self.optimizer.skipped > skipped_before)
@@ -399,16 +381,6 @@ class PPOTrainer:
         return self.optimizer.skipped
 
     # ------------------------------------------------------------------ set-up details
-    def _start_or_resume(self, folder: RunFolder, resume: bool) -> list[dict]:
-        """Restore the newest checkpoint (resume) or start afresh; returns the metrics kept."""
-        if not resume:
-            refuse_earlier_run(self.config.out)
-        step = self.step_count if resume and self.resume_from_latest() else 0
-        if folder is None:  # another rank than 0: rank 0 writes the folder
-            return []
-        self.config.save(folder.config_path)  # after a resume has loaded: a failed one leaves the old config
-        return folder.keep_metrics_through(step)
-
     def _load_models(self, policy, tokenizer, reward_fn, reward_model, prompts) -> None:
         cfg = self.config
         if policy is None and cfg.policy is None:  # the embedded default
@@ -450,10 +422,9 @@ class PPOTrainer:
         self.critic = None if cfg.critic_free else models.ValueModel.from_model(
             critic_source, share=cfg.critic == "shared").to(self.device)
         self._apply_memory_savers()
-        if self.world.enabled:
-            for model in (self.policy, self.critic, self.reference, self.reward_model):
-                if model is not None:
-                    distributed.shard(model)
+        for model in (self.policy, self.critic, self.reference, self.reward_model):
+            if model is not None:
+                self.world.shard(model)
 
     def _apply_memory_savers(self) -> None:
         """The reference (a frozen copy, or with LoRA the policy with adapters disabled),

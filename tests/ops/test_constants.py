@@ -1,8 +1,9 @@
-"""csrc/ppo_constants.h repeats ppo_fast/ops/constants.py for the C++ and CUDA kernels; they agree."""
+"""csrc/ppo_constants.h repeats ppo_fast/ops/constants.py and the row-statistics columns of
+ppo_fast/ops/rows.py for the C++ and CUDA kernels; they agree."""
 import os
 import re
 
-from ppo_fast.ops import constants
+from ppo_fast.ops import constants, rows
 
 HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "ppo_constants.h")
 
@@ -16,16 +17,15 @@ def test_header_matches_python():
     header = header_values()
     expected = {
         "kLogRatioClamp": constants.LOG_RATIO_CLAMP, "kK3Clamp": constants.K3_CLAMP,
-        "kRowLoss": constants.ROW_LOSS, "kRowTokens": constants.ROW_TOKENS, "kRowClipped": constants.ROW_CLIPPED,
-        "kRowNegLogRatio": constants.ROW_NEG_LOG_RATIO, "kRowLowerClipped": constants.ROW_LOWER_CLIPPED,
-        "kPolicyRowStats": len(constants.POLICY_ROW_STATS), "kValueRowStats": len(constants.VALUE_ROW_STATS),
+        "kRowLoss": rows.ROW_LOSS, "kRowTokens": rows.ROW_TOKENS, "kRowClipped": rows.ROW_CLIPPED,
+        "kRowNegLogRatio": rows.ROW_NEG_LOG_RATIO, "kRowLowerClipped": rows.ROW_LOWER_CLIPPED,
+        "kPolicyRowStats": len(rows.POLICY_ROW_STATS), "kValueRowStats": len(rows.VALUE_ROW_STATS),
     }
     assert header == expected
 
 
 def test_row_stat_columns_are_named_once():
-    names = constants.POLICY_ROW_STATS
+    names = rows.POLICY_ROW_STATS
     assert [names.index(n) for n in ("loss", "tokens", "clipped", "neg_log_ratio", "lower_clipped")] == [
-        constants.ROW_LOSS, constants.ROW_TOKENS, constants.ROW_CLIPPED, constants.ROW_NEG_LOG_RATIO,
-        constants.ROW_LOWER_CLIPPED]
-    assert constants.VALUE_ROW_STATS == names[:3]
+        rows.ROW_LOSS, rows.ROW_TOKENS, rows.ROW_CLIPPED, rows.ROW_NEG_LOG_RATIO, rows.ROW_LOWER_CLIPPED]
+    assert rows.VALUE_ROW_STATS == names[:3]

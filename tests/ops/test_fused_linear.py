@@ -9,8 +9,7 @@ import pytest
 import torch
 from support import DEVICE, assert_close_f64
 
-from ppo_fast.ops import reference
-from ppo_fast.ops import fused_linear_logprobs
+from ppo_fast.ops import fused_linear_logprobs, reference
 
 OP = "fused_linear_logprobs"  # the `backend` fixture runs over this op's backends
 

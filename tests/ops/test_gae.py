@@ -1,8 +1,7 @@
 """gae against the float64 loop, closed forms, long sequences, masked gaps."""
 import pytest
 import torch
-from support import DEVICE, assert_close_f64
-from support import ragged_mask, randn
+from support import DEVICE, assert_close_f64, ragged_mask, randn
 
 from ppo_fast.ops import gae, reference
 

@@ -1,11 +1,9 @@
 """kl_penalty and compute_rewards against float64."""
 import pytest
 import torch
-from support import DEVICE, assert_close_f64
-from support import ragged_mask, randn
+from support import DEVICE, assert_close_f64, ragged_mask, randn
 
-from ppo_fast.ops import reference
-from ppo_fast.ops import compute_rewards, kl_penalty
+from ppo_fast.ops import compute_rewards, kl_penalty, reference
 from ppo_fast.ops.kl import ESTIMATORS
 
 OP = "kl_penalty"  # the `backend` fixture runs over this op's backends

@@ -3,13 +3,12 @@ import math
 
 import pytest
 import torch
-from support import DEVICE, assert_close_f64
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import DEVICE, assert_close_f64
 
 import ppo_fast
-from ppo_fast.ops import reference
-from ppo_fast.ops import entropy_from_logits, logprobs_from_logits
+from ppo_fast.ops import entropy_from_logits, logprobs_from_logits, reference
 
 OP = "logprobs_from_logits"  # the `backend` fixture runs over this op's backends
 

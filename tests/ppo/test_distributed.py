@@ -136,3 +136,14 @@ def test_mismatched_configs_fail_on_every_rank_without_a_hang(tmp_path):
     assert result.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank}: the ranks were given different configs: {{'lr': [1e-05, 2e-05]}}" in result.stdout
+
+
+def test_the_default_config_runs_unchanged_on_two_ranks(tmp_path):
+    """No micro_batch_size given: each rank's micro-batch is its share of the minibatch (32 / 2)."""
+    out = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PPO_FAST_BACKEND="auto")
+    result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "ppo_fast.cli", "train",
+                             "--out", out, "--steps", "1", "progress=false", "tensorboard=false"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["step"] for m in metrics(out)] == [1]

@@ -88,7 +88,9 @@ def test_metrics_lines_are_strict_json_and_a_torn_last_line_is_dropped(tmp_path)
     lines = open(folder.metrics_path).read().split("\n")
     assert json.loads(lines[0], parse_constant=no_constants)["entropy"] is None
     assert [m["step"] for m in folder.read_metrics()] == [1, 2]
-    assert [m["step"] for m in folder.keep_metrics_through(5)] == [1, 2]
+    folder.keep_metrics_through(5)  # the torn line goes, the steps stay
+    assert [m["step"] for m in folder.read_metrics()] == [1, 2]
+    assert open(folder.metrics_path).read().endswith('"reward_mean": 0.5}\n')
 
 
 def test_rewriting_metrics_is_atomic(tmp_path, monkeypatch):
@@ -163,3 +165,73 @@ def test_demo_runs_in_a_fresh_folder_each_time(monkeypatch):
     time.sleep(1.1)
     assert cli.main(["demo"]) == 0
     assert len(set(outs)) == 2 and all(o.startswith(os.path.join("runs", "demo-")) for o in outs)
+
+
+def test_a_resume_rewrites_only_its_own_tensorboard_segment(tmp_path, monkeypatch):
+    """Segments before the checkpoint's keep their files; the checkpoint's segment is rewritten from
+    metrics.jsonl, later steps (logged after the checkpoint) are gone: one point per step."""
+    from ppo_fast.ppo import run_folder
+
+    monkeypatch.setattr(run_folder, "SEGMENT_STEPS", 4)
+    out = str(tmp_path / "run")
+    with RunFolder(out).open(quiet(tmp_path), resume=False) as run:
+        run.begin(0)
+        for step in range(1, 15):
+            run.log({"step": step, "reward_mean": step / 10})
+    files = sorted(os.listdir(out))
+    assert len([f for f in files if f.startswith("events.out")]) == 4  # steps 1-4, 5-8, 9-12, 13-14
+    before = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in files if f.startswith("events.out")}
+    with RunFolder(out).open(quiet(tmp_path), resume=True) as run:
+        run.begin(10)  # resumed from a checkpoint at step 10: steps 11-14 are dropped
+        run.log({"step": 11, "reward_mean": 9.0})
+    after = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out) if f.startswith("events.out")}
+    kept = {f for f in before if after.get(f) == before[f]}
+    assert sorted(int(f[-7:]) for f in kept) == [0, 1]  # the segments of steps 1-8, untouched
+    assert tensorboard_steps(out) == list(range(1, 12))
+    assert [m["step"] for m in RunFolder(out).read_metrics()] == list(range(1, 12))
+    assert [m["reward_mean"] for m in RunFolder(out).read_metrics()][-2:] == [1.0, 9.0]
+
+
+def test_resume_cost_does_not_grow_with_the_history(tmp_path, monkeypatch):
+    """After a 100,000-step history, a resume reads and rewrites at most two segments of it."""
+    from ppo_fast.ppo import run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    steps = 100_000
+    row = ', "reward_mean": 0.5, "kl": 0.01, "entropy": 1.5, "clipfrac": 0.1, "policy_loss": -0.01}\n'
+    (out / "metrics.jsonl").write_text("".join('{"step": %d%s' % (s, row) for s in range(1, steps + 1)))
+    for segment in range(run_folder.segment_of(steps)):  # the earlier segments' event files, as a run leaves them
+        (out / f"events.out.tfevents.0.host.1.{segment}.seg{segment:07d}").write_bytes(b"")
+    parsed, scalars = [], []
+    real_parse = run_folder._parse_line
+    monkeypatch.setattr(run_folder, "_parse_line", lambda line: parsed.append(1) or real_parse(line))
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", lambda self, *args, **kw: scalars.append(args))
+    with RunFolder(str(out)).open(quiet(tmp_path), resume=True) as run:
+        run.begin(steps)
+    assert len(parsed) <= 2 * run_folder.SEGMENT_STEPS + 2
+    assert len(scalars) == run_folder.SEGMENT_STEPS * 5  # the last segment, rewritten; nothing else
+    assert len(os.listdir(out)) >= run_folder.segment_of(steps)
+
+
+def test_resume_with_an_unknown_override_names_it_even_without_a_config(tmp_path, capsys):
+    out = str(tmp_path / "never-ran")
+    assert cli.main(["train", "--out", out, "--resume", "lr_typo=1e-5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key(s) ['lr_typo']" in err and "config.yaml" not in err
+
+
+def test_a_fresh_run_saves_its_config_and_checks_for_old_checkpoints_once(tmp_path, monkeypatch):
+    from ppo_fast.ppo import checkpoint, config, run_folder
+
+    saves, refusals = [], []
+    real_save, real_refuse = config.ConfigFile.save, run_folder.refuse_earlier_run
+    monkeypatch.setattr(config.ConfigFile, "save", lambda self, path: saves.append(path) or real_save(self, path))
+    monkeypatch.setattr(run_folder, "refuse_earlier_run", lambda out: refusals.append(out) or real_refuse(out))
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--out", out, "--steps", "1", "progress=false", "rollout_batch_size=8",
+                     "mini_batch_size=8", "micro_batch_size=4"]) == 0
+    assert len(saves) == 1 and len(refusals) == 1
+    assert checkpoint.list_checkpoints(out)

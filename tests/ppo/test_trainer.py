@@ -334,3 +334,24 @@ def test_bad_reward_fn_and_config_file(tmp_path, hf_dirs):
 def test_cuda_without_a_gpu_is_refused():
     with pytest.raises(ConfigError, match="device: 'cuda' asked for, but this machine has no CUDA device"):
         PPOConfig(device="cuda").validate()
+
+
+def test_one_rank_world_is_the_identity():
+    """Not launched by torchrun, every coupling of the ranks returns its input: the loop has no
+    branch for one rank or many."""
+    from ppo_fast import ops
+    from ppo_fast.ppo.distributed import World
+
+    world = World()
+    x, mask = torch.randn(3, 5), torch.rand(3, 5) > 0.3
+    stats = {"kl": torch.tensor(0.5)}
+    assert world.share(8) == slice(0, 8) and world.sum(x) is x and world.reduce_stats(stats, "cpu", mean=True) is stats
+    assert world.all_true(False, "cpu") is False
+    assert torch.equal(world.masked_whiten(x, mask, ops), ops.masked_whiten(x, mask))
+    model = torch.nn.Linear(2, 2)
+    assert world.shard(model) is model
+
+
+def test_micro_batch_defaults_to_a_ranks_share_of_the_minibatch(tmp_path):
+    config = tiny_config(tmp_path, micro_batch_size=None, mini_batch_size=8)
+    assert config.resolved_micro_batch_size() == 8 and config.resolved_micro_batch_size(world_size=2) == 4
