@@ -16,4 +16,13 @@ constexpr int kRowLowerClipped = 4;
 constexpr int kPolicyRowStats = 5;
 constexpr int kValueRowStats = 3;
 
+// Policy objectives (SURROGATE_CODES, RATIO_LEVEL_CODES).
+constexpr int kSurrogateClip = 0;
+constexpr int kSurrogateCispo = 1;
+constexpr int kSurrogateGpg = 2;
+constexpr int kSurrogateSapo = 3;
+constexpr int kRatioToken = 0;
+constexpr int kRatioSequence = 1;
+constexpr int kRatioSequenceToken = 2;
+
 }  // namespace ppo_fast

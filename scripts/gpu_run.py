@@ -10,7 +10,8 @@ next one, and a stage the time left cannot fit is skipped with a line in the sum
     build   the native extensions with 16 jobs for sm_90; fails loudly without ppo_fast._C_cuda
     test    the op tests on CUDA (TEST_FILES: Triton compiled, the cuda backend), 8 processes where
             pytest-xdist is installed, no stop at the first failure
-    bench   `ppo-fast bench ops --preset headline` (the goals' sizes), saved after every case
+    bench   `ppo-fast bench ops --preset headline` (the goals' sizes; then each policy objective beside
+            vanilla PPO), saved after every case
     train   the embedded default run (200 steps)
     graphs  the CUDA-graph capture test and torch.compile(fullgraph=True) of the fused loss
 
@@ -43,6 +44,9 @@ PACKING_RESERVE_S = 10  # kept back from the budget for the summary and the arch
 TEST_FILES = [f"tests/ops/test_{name}.py" for name in (
     "logprobs", "fused_linear", "fused_linear_ppo_loss", "policy_loss", "value_loss", "kl", "gae", "masked",
     "input_rules", "checks", "dpo", "group_advantages")]
+# The headline bench's op families in order of value: the record is saved after every case, so a
+# stage cut short keeps the first ones.
+BENCH_ORDER = ("logprobs", "fused_linear_ppo_loss", "gae", "policy_loss", "objectives")
 GRAPH_TESTS = ["tests/ops/test_compile.py::test_cuda_graph_capture_and_replay_equal_eager",
                "tests/ops/test_compile.py::test_fullgraph_compile_equals_eager"]
 
@@ -75,6 +79,7 @@ def stages(work: str, dry_run: bool) -> list:
                                  [py, "-m", "ppo_fast.cli", "info"]]),
         Stage("test", 130, 30, [[py, "-m", "pytest", *TEST_FILES, *pytest_flags]]),
         Stage("bench", 90, 20, [[py, "-m", "ppo_fast.cli", "bench", "ops", "--preset", "headline",
+                                 *(arg for op in BENCH_ORDER for arg in ("--op", op)),
                                  "--out", os.path.join(work, "results"), *(["--device", "cpu"] if dry_run else [])]]),
         Stage("train", 60, 20, [train]),
         Stage("graphs", 30, 10, [[py, "-m", "pytest", *GRAPH_TESTS, *pytest_flags]]),

@@ -46,23 +46,31 @@ def variants():
                dict(CENTERED=centered, BLOCK_T=1024))
     yield ("whiten", masked._whiten_kernel, dict(x_ptr=P32, stats_ptr=P32, out_ptr=P32, numel="i32"),
            dict(SHIFT_MEAN=False, BLOCK=1024))
+    policy = dict(log_prob_ptr=P32, old_ptr=P32, adv_ptr=P32, mask_ptr=PBOOL, is_ptr=P32, dloss_ptr=P32,
+                  row_stats_ptr=P32, T="i32", is_stride_row="i32", is_stride_t="i32", clip_low="fp32",
+                  clip_high="fp32", dual_clip="fp32", tau_pos="fp32", tau_neg="fp32")
     for dual, grad in ((True, True), (False, False)):
-        yield (f"policy loss dual={dual} grad={grad}", policy_loss._policy_loss_fwd_kernel,
-               dict(log_prob_ptr=P32, old_ptr=P32, adv_ptr=P32, mask_ptr=PBOOL, dloss_ptr=P32 if grad else None,
-                    row_stats_ptr=P32, T="i32", clip_low="fp32", clip_high="fp32", dual_clip="fp32"),
-               dict(HAS_DUAL_CLIP=dual, NEEDS_GRAD=grad, BLOCK_T=1024))
+        yield (f"policy loss clip dual={dual} grad={grad}", policy_loss._policy_loss_fwd_kernel,
+               {**policy, "is_ptr": None, "dloss_ptr": P32 if grad else None},
+               dict(SURROGATE=0, RATIO_LEVEL=0, HAS_IS=False, HAS_DUAL_CLIP=dual, NEEDS_GRAD=grad, BLOCK_T=1024))
+    for surrogate, name in enumerate(("clip", "cispo", "gpg", "sapo")):
+        for level in ((0,) if name == "gpg" else (0, 1, 2)):
+            yield (f"policy loss {name} level={level} with is_weights", policy_loss._policy_loss_fwd_kernel, policy,
+                   dict(SURROGATE=surrogate, RATIO_LEVEL=level, HAS_IS=True, HAS_DUAL_CLIP=False, NEEDS_GRAD=True,
+                        BLOCK_T=1024))
     yield ("value loss", value_loss._value_loss_fwd_kernel,
            dict(values_ptr=P32, old_ptr=P32, returns_ptr=P32, mask_ptr=P32, dloss_ptr=P32, row_stats_ptr=P32, T="i32",
                 clip="fp32"), dict(NEEDS_GRAD=True, BLOCK_T=1024))
     for code in range(4):
         yield (f"kl fwd estimator={code}", kl._kl_fwd_kernel,
-               dict(log_prob_ptr=P32, ref_ptr=P32, out_ptr=P32, numel="i32"), dict(ESTIMATOR=code, BLOCK=1024))
+               dict(log_prob_ptr=P32, ref_ptr=P32, out_ptr=P32, numel="i32"),
+               dict(ESTIMATOR=code, STRAIGHT=code == 3, BLOCK=1024))
         yield (f"kl bwd estimator={code}", kl._kl_bwd_kernel,
                dict(log_prob_ptr=P32, ref_ptr=P32, upstream_ptr=P32, grad_log_prob_ptr=P32, grad_ref_ptr=None,
                     numel="i32"), dict(ESTIMATOR=code, WANT_LOG_PROB=True, WANT_REF=False, BLOCK=1024))
     yield ("rewards", kl._rewards_kernel,
            dict(scores_ptr=P32, log_prob_ptr=P32, ref_ptr=P32, mask_ptr=PBOOL, out_ptr=P32, T="i32", kl_coef="fp32"),
-           dict(ESTIMATOR=3, BLOCK_T=1024))
+           dict(ESTIMATOR=3, STRAIGHT=False, BLOCK_T=1024))
     yield ("gae", gae._gae_kernel,
            dict(rewards_ptr=P32, values_ptr=P32, mask_ptr=PBOOL, adv_ptr=P32, returns_ptr=P32, T="i32",
                 gamma="fp32", gamma_lam="fp32"), dict(BLOCK_T=1024))

@@ -34,11 +34,14 @@ at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::T
 std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,
                                                const at::Tensor& mask, double gamma, double lam);
 
-// Returns (row_stats [B, 5], dloss [B, T] or empty).
+// Returns (row_stats [B, 5], dloss [B, T] or empty). surrogate / ratio_level: the codes of
+// ppo_constants.h; is_weights: none, or float32 [B, T] or [B, 1].
 std::tuple<at::Tensor, at::Tensor> policy_loss_forward(const at::Tensor& log_prob, const at::Tensor& old_log_prob,
                                                        const at::Tensor& advantages, const at::Tensor& mask,
-                                                       double clip_low, double clip_high,
-                                                       c10::optional<double> dual_clip, bool needs_grad);
+                                                       const std::optional<at::Tensor>& is_weights,
+                                                       int64_t surrogate, int64_t ratio_level, double clip_low,
+                                                       double clip_high, std::optional<double> dual_clip,
+                                                       double tau_pos, double tau_neg, bool needs_grad);
 
 // Returns (row_stats [B, 3], dloss [B, T] or empty).
 std::tuple<at::Tensor, at::Tensor> value_loss_forward(const at::Tensor& values, const at::Tensor& old_values,

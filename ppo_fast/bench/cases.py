@@ -260,6 +260,31 @@ def fused_ppo_loss_peers(device: torch.device) -> dict:
     return {"liger-grpo": liger}
 
 
+def _fused_loss_inputs(device, dtype, B, T, h, v):
+    g = torch.Generator(device=device).manual_seed(0)
+    weight = torch.randn(v, h, device=device, generator=g) / h**0.5
+    old = torch.randn(B, T, device=device, generator=g) * 0.3 - math.log(v)  # near the uniform policy
+    return {"hidden": torch.randn(B, T, h, device=device, dtype=dtype, generator=g).requires_grad_(),
+            "weight": weight.to(dtype).requires_grad_(), "labels": torch.randint(0, v, (B, T), device=device),
+            "old": old, "ref": old + 0.1 * torch.randn(B, T, device=device, generator=g),
+            "adv": torch.randn(B, 1, device=device, generator=g).expand(B, T).contiguous(),
+            "mask": torch.rand(B, T, device=device, generator=g) < 0.9,
+            "is": torch.rand(B, T, device=device, generator=g) + 0.5}
+
+
+def _fused_loss_runner(fn, objective=None):
+    objective = objective or {}
+    extra = {k: v for k, v in objective.items() if k != "is_weights"}
+
+    def run(x):
+        weights = {"is_weights": x["is"]} if "is_weights" in objective else {}
+        loss, _ = fn(x["hidden"], x["weight"], x["labels"], x["old"], x["adv"], x["mask"], ref_log_prob=x["ref"],
+                     **{**PPO_LOSS_ARGS, **weights, **extra})
+        torch.autograd.grad(loss, (x["hidden"], x["weight"]))
+
+    return run
+
+
 def fused_linear_ppo_loss(device: torch.device, preset: str) -> list:
     """fused_linear_ppo_loss fwd+bwd (clipped surrogate + k3 KL, token-mean) against plain torch
     (matmul -> log_softmax -> gather -> loss), ppo_fast's two-op path and Liger's fused GRPO loss;
@@ -268,29 +293,13 @@ def fused_linear_ppo_loss(device: torch.device, preset: str) -> list:
     compile_reference = device.type == "cuda" or headline_dry_run(device, preset)
     cases = []
     for B, T, h, v in shapes("fused_linear_ppo_loss", device, preset):
-        def make_inputs(B=B, T=T, h=h, v=v):
-            g = torch.Generator(device=device).manual_seed(0)
-            weight = torch.randn(v, h, device=device, generator=g) / h**0.5
-            old = torch.randn(B, T, device=device, generator=g) * 0.3 - math.log(v)  # near the uniform policy
-            return {"hidden": torch.randn(B, T, h, device=device, dtype=dtype, generator=g).requires_grad_(),
-                    "weight": weight.to(dtype).requires_grad_(), "labels": torch.randint(0, v, (B, T), device=device),
-                    "old": old, "ref": old + 0.1 * torch.randn(B, T, device=device, generator=g),
-                    "adv": torch.randn(B, 1, device=device, generator=g).expand(B, T).contiguous(),
-                    "mask": torch.rand(B, T, device=device, generator=g) < 0.9}
-
-        def runner(fn):
-            def run(x):
-                loss, _ = fn(x["hidden"], x["weight"], x["labels"], x["old"], x["adv"], x["mask"],
-                             ref_log_prob=x["ref"], **PPO_LOSS_ARGS)
-                torch.autograd.grad(loss, (x["hidden"], x["weight"]))
-
-            return run
-
         n = B * T
         impls = {**implementations(device, "fused_linear_ppo_loss", compile_reference=compile_reference, preset=preset),
                  "ppo_fast-two-op": two_op_path, **fused_ppo_loss_peers(device)}
         cases.append(Case("fused_linear_ppo_loss", "fused_linear_ppo_loss", "fwd+bwd", dtype,
-                          {"B": B, "T": T, "H": h, "V": v}, make_inputs, {k: runner(f) for k, f in impls.items()},
+                          {"B": B, "T": T, "H": h, "V": v},
+                          lambda B=B, T=T, h=h, v=v: _fused_loss_inputs(device, dtype, B, T, h, v),
+                          {k: _fused_loss_runner(f) for k, f in impls.items()},
                           2 * (n * h + v * h) * dtype.itemsize, flops=6 * n * h * v,
                           cpu_memory=not headline_dry_run(device, preset)))
     return cases
@@ -303,7 +312,7 @@ def _token_inputs(device, B, T, grad=False, seed=0):
     return {
         "x": (old + 0.3 * torch.randn(B, T, device=device, generator=g)).requires_grad_(grad),
         "old": old, "other": torch.randn(B, T, device=device, generator=g), "mask": mask,
-        "scores": torch.randn(B, device=device, generator=g),
+        "scores": torch.randn(B, device=device, generator=g), "is": torch.rand(B, T, device=device, generator=g) + 0.5,
     }
 
 
@@ -342,6 +351,49 @@ def token_cases(op: str, device: torch.device, preset: str) -> list:
     return cases
 
 
-CASES = {"logprobs": logprobs, "fused_linear": fused_linear, "fused_linear_ppo_loss": fused_linear_ppo_loss}
+# The policy objectives users switch on beside vanilla PPO (ppo_fast.ops.policy_loss): name -> their
+# keyword arguments ("is_weights" asks for per-token importance weights).
+OBJECTIVES = {
+    "ppo": {}, "ppo+is": {"is_weights": "token"}, "gspo": {"ratio_level": "sequence"},
+    "gspo-token": {"ratio_level": "sequence-token"}, "cispo": {"surrogate": "cispo", "clip_low": 1.0, "clip_high": 4.0},
+    "gpg": {"surrogate": "gpg"}, "sapo": {"surrogate": "sapo"},
+}
+
+
+def _policy_objective_call(objective):
+    extra = {k: v for k, v in objective.items() if k != "is_weights"}
+    return lambda f, x: f(x["x"], x["old"], x["other"], x["mask"], **extra,
+                          **({"is_weights": x["is"]} if "is_weights" in objective else {}))[0]
+
+
+def objectives(device: torch.device, preset: str) -> list:
+    """ppo_policy_loss and fused_linear_ppo_loss fwd+bwd with each objective of OBJECTIVES, at the
+    shapes of the policy-loss and fused-loss cases, so each mode's cost beside vanilla PPO is a row
+    (the objective is named in the shape). torch.compile of the reference for the per-token op
+    (not in the headline preset); the fused op against plain torch."""
+    cases = []
+    fused_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name, objective in OBJECTIVES.items():
+        weights = 4 if "is_weights" in objective else 0  # bytes per token of the weights
+        for B, T in shapes("ppo_policy_loss", device, preset):
+            impls = implementations(device, "ppo_policy_loss", compile_reference=preset != "headline", preset=preset)
+            call = _policy_objective_call(objective)
+            cases.append(Case("objectives", "ppo_policy_loss", "fwd+bwd", torch.float32,
+                              {"B": B, "T": T, "objective": name},
+                              lambda B=B, T=T: _token_inputs(device, B, T, grad=True),
+                              {k: _with_grad(call, f) for k, f in impls.items()}, (17 + weights) * B * T))
+        for B, T, h, v in shapes("fused_linear_ppo_loss", device, preset):
+            n = B * T
+            impls = implementations(device, "fused_linear_ppo_loss", compile_reference=False, preset=preset)
+            cases.append(Case("objectives", "fused_linear_ppo_loss", "fwd+bwd", fused_dtype,
+                              {"B": B, "T": T, "H": h, "V": v, "objective": name},
+                              lambda B=B, T=T, h=h, v=v: _fused_loss_inputs(device, fused_dtype, B, T, h, v),
+                              {k: _fused_loss_runner(f, objective) for k, f in impls.items()},
+                              2 * (n * h + v * h) * fused_dtype.itemsize, flops=6 * n * h * v))
+    return cases
+
+
+CASES = {"logprobs": logprobs, "fused_linear": fused_linear, "fused_linear_ppo_loss": fused_linear_ppo_loss,
+         "objectives": objectives}
 CASES.update({op: (lambda device, preset, op=op: token_cases(op, device, preset))
               for op in dict.fromkeys(family for family, *_ in TOKEN_FUNCTIONS.values())})

@@ -5,6 +5,8 @@ openrlhf.trainer.ppo_utils.experience_maker), computed by ppo_fast.ops.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ppo_fast import ops
@@ -30,32 +32,94 @@ def _token_or_sequence_mean(token_level_loss, dp_size, batch_num_tokens, global_
     return {"agg": "seq-mean-token-mean", "num_seqs": None if global_batch_size is None else global_batch_size / dp_size}
 
 
+# The pre-0.11 spelling of the train/rollout correction (enable_vllm_is_correction,
+# vllm_is_truncated_threshold, vllm_is_correction_type) as 0.11's (level, mode).
+_LEGACY_CORRECTION = {"tis": ("token", "clip"), "icepop": ("token", "mask"), "seq-mask-tis": ("seq", "mask")}
+
+
 class PolicyLoss(torch.nn.Module):
-    """openrlhf.models.loss.PolicyLoss for policy_loss_type="ppo" without IS correction.
-    forward -> (loss, clip_ratio, ppo_kl, vllm_kl=None, is_filter_ratio=None); ppo_kl is the masked
-    mean of the raw (unclamped) old - new log-ratio, as OpenRLHF reports it."""
+    """openrlhf.models.loss.PolicyLoss: policy_loss_type "ppo" (clip, dual clip) or "gspo" (the
+    sequence ratio, differentiated through its mean; per-sequence mean aggregation), with the
+    train/rollout importance-sampling correction in either spelling: 0.11's is_correction_level
+    (token | seq) / is_correction_mode (clip | mask) / is_correction_threshold, or the earlier
+    enable_vllm_is_correction / vllm_is_truncated_threshold / vllm_is_correction_type (tis | icepop |
+    seq-mask-tis). forward -> (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio); ppo_kl is the
+    masked mean of the raw (unclamped) old - new log-ratio, as OpenRLHF reports it. A keyword
+    OpenRLHF does not have, or a gating other than the ratio, is refused (UnsupportedOption)."""
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float = None,
                  token_level_loss: bool = True, policy_loss_type: str = "ppo", is_correction_level: str = "off",
-                 **is_correction):
+                 is_correction_mode: str = "mask", is_correction_gating: str = "ratio",
+                 is_correction_threshold=(0.5, 5.0), enable_vllm_is_correction: bool = False,
+                 vllm_is_truncated_threshold=None, vllm_is_correction_type: str = "tis", **unknown):
         super().__init__()
-        if policy_loss_type != "ppo":
-            raise unsupported("openrlhf", f"policy_loss_type={policy_loss_type!r}", "only 'ppo'")
-        if is_correction_level != "off":
-            raise unsupported("openrlhf", f"is_correction_level={is_correction_level!r}",
-                              "no train/rollout importance-sampling correction")
+        if unknown:
+            raise unsupported("openrlhf", f"PolicyLoss keyword(s) {sorted(unknown)}",
+                              "not an argument of OpenRLHF's PolicyLoss (0.11 or earlier)")
+        if policy_loss_type not in ("ppo", "gspo"):
+            raise unsupported("openrlhf", f"policy_loss_type={policy_loss_type!r}", "only 'ppo' and 'gspo'")
+        if enable_vllm_is_correction:
+            if is_correction_level != "off":
+                raise ValueError("PolicyLoss: the IS correction is given twice (is_correction_level and "
+                                 "enable_vllm_is_correction); use one spelling")
+            if vllm_is_correction_type not in _LEGACY_CORRECTION:
+                raise ValueError(f"vllm_is_correction_type must be one of {sorted(_LEGACY_CORRECTION)}, got "
+                                 f"{vllm_is_correction_type!r}")
+            if vllm_is_truncated_threshold is None:
+                raise ValueError("vllm_is_truncated_threshold: expected (low, high) with enable_vllm_is_correction")
+            is_correction_level, is_correction_mode = _LEGACY_CORRECTION[vllm_is_correction_type]
+            is_correction_threshold = vllm_is_truncated_threshold
+        if is_correction_level not in ("off", "token", "seq"):
+            raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level}")
+        if is_correction_mode not in ("mask", "clip"):
+            raise ValueError(f"is_correction_mode must be mask/clip, got {is_correction_mode}")
+        if is_correction_level != "off" and is_correction_gating != "ratio":
+            raise unsupported("openrlhf", f"is_correction_gating={is_correction_gating!r}",
+                              "ppo_fast gates on the importance ratio only")
+        if is_correction_mode == "clip" and is_correction_level == "seq":
+            raise ValueError("is_correction_mode=clip requires is_correction_level=token and is_correction_gating=ratio")
         self.clip_eps_low, self.clip_eps_high, self.dual_clip = clip_eps_low, clip_eps_high, dual_clip
-        self.token_level_loss = token_level_loss
+        self.policy_loss_type = policy_loss_type
+        self.token_level_loss = token_level_loss and policy_loss_type != "gspo"  # GSPO: per-sequence mean
+        self.correction = None if is_correction_level == "off" else (is_correction_level, is_correction_mode,
+                                                                     *map(float, is_correction_threshold))
+
+    def _importance_weights(self, old_log_probs, rollout_log_probs, mask):
+        """(is_weights, vllm_kl, is_filter_ratio) of the correction, as OpenRLHF computes them."""
+        level, mode, low, high = self.correction
+        if level == "token":
+            weights, _, stats = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token",
+                                                       mode="truncate" if mode == "clip" else "mask", low=low,
+                                                       high=high)
+            return weights, stats["rollout_k1"], stats["is_outside_frac"]
+        # seq + mask: gate each sequence on its geometric-mean ratio, weigh each kept token by its own ratio
+        token_ratio, _, stats = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token",
+                                                       high=math.inf)
+        gate, _, _ = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="geometric", mode="mask",
+                                            low=low, high=high)
+        kept = gate != 0  # a sequence outside the band, or without tokens (OpenRLHF's 0/0), is dropped
+        return token_ratio * kept, stats["rollout_k1"], 1.0 - kept.float().mean()
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                 batch_num_tokens=None, global_batch_size=None):
         mask = _mask_or_ones(action_mask, log_probs)
+        if self.correction is not None and rollout_log_probs is None:
+            raise ValueError("rollout_log_probs: required with the IS correction on")
+        aggregation = _token_or_sequence_mean(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
+        is_weights = vllm_kl = is_filter_ratio = None
+        base = old_log_probs
+        if self.policy_loss_type == "gspo":
+            if self.correction is not None:  # OpenRLHF's GSPO takes its ratio against the rollout policy instead
+                base = rollout_log_probs
+        elif self.correction is not None:
+            is_weights, vllm_kl, is_filter_ratio = self._importance_weights(old_log_probs.detach(),
+                                                                            rollout_log_probs.detach(), mask)
         loss, stats = ops.ppo_policy_loss(
-            log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
-            dual_clip=self.dual_clip,
-            **_token_or_sequence_mean(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size))
+            log_probs, base, advantages, mask, clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
+            dual_clip=self.dual_clip, is_weights=is_weights,
+            ratio_level="sequence" if self.policy_loss_type == "gspo" else "token", **aggregation)
         ppo_kl = ops.masked_mean((old_log_probs - log_probs).detach(), mask)
-        return loss, stats["clipfrac"], ppo_kl, None, None
+        return loss, stats["clipfrac"], ppo_kl, vllm_kl, is_filter_ratio
 
 
 class ValueLoss(torch.nn.Module):

@@ -61,28 +61,72 @@ def _config_get(config, key, default=None):
     return getter(key, default) if callable(getter) else getattr(config, key, default)
 
 
-def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
-                        rollout_is_weights=None):
-    """verl's `vanilla` policy loss (dual clip always on, clip_ratio_c default 3): (pg_loss, metrics)
-    with metrics actor/pg_clipfrac, actor/ppo_kl, actor/pg_clipfrac_lower as Python floats."""
+def _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                 metrics=("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), **objective):
+    """One of verl's policy losses on ppo_policy_loss: (pg_loss, metrics as Python floats, one sync)."""
     if config is None:
         raise ValueError("config: verl's policy loss needs the actor config (clip_ratio, clip_ratio_low/high/c)")
-    if rollout_is_weights is not None:
-        raise unsupported("verl", "rollout_is_weights (per-token importance weights)",
-                          "ppo_fast's policy loss has no per-token weight")
     clip = _config_get(config, "clip_ratio", 0.2)
-    low = _config_get(config, "clip_ratio_low")
-    high = _config_get(config, "clip_ratio_high")
-    dual = _config_get(config, "clip_ratio_c", 3.0)
+    low, high = _config_get(config, "clip_ratio_low"), _config_get(config, "clip_ratio_high")
     info = dict(_config_get(config, "global_batch_info", None) or {})
     loss, stats = ops.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask,
                                       clip_low=clip if low is None else low, clip_high=clip if high is None else high,
-                                      dual_clip=dual, **_agg_kwargs(response_mask, loss_agg_mode, **info))
-    values = torch.stack([stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]]).tolist()  # one sync
-    return loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
+                                      is_weights=rollout_is_weights, **objective,
+                                      **_agg_kwargs(response_mask, loss_agg_mode, **info))
+    if not metrics:
+        return loss, {}
+    values = torch.stack([stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]]).tolist()
+    return loss, dict(zip(metrics, values))
+
+
+def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                        rollout_is_weights=None):
+    """verl's `vanilla` policy loss (dual clip always on, clip_ratio_c default 3): (pg_loss, metrics)
+    with metrics actor/pg_clipfrac, actor/ppo_kl, actor/pg_clipfrac_lower as Python floats;
+    rollout_is_weights (verl's rollout correction, [B, T]) multiply each token's loss."""
+    return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                        dual_clip=_config_get(config, "clip_ratio_c", 3.0))
 
 
 compute_policy_loss_vanilla = compute_policy_loss
+
+
+def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
+                             config=None, rollout_is_weights=None):
+    """verl's `gspo`: the GSPO-token ratio sg[s] pi_t / sg[pi_t] (ratio_level="sequence-token"), clipped,
+    no dual clip; pg_clipfrac_lower is 0."""
+    return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                        ratio_level="sequence-token")
+
+
+def compute_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                              config=None, rollout_is_weights=None):
+    """verl's `cispo`: -sg[clamp(r, 1 - clip_ratio_low, 1 + clip_ratio_high)] A log_prob; pg_clipfrac
+    counts r != its clamp."""
+    return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                        surrogate="cispo")
+
+
+def compute_policy_loss_gpg(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                            config=None, rollout_is_weights=None):
+    """verl's `gpg`: -A log_prob; no metrics (verl returns none)."""
+    return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                        metrics=(), surrogate="gpg")
+
+
+def compute_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
+                             config=None, rollout_is_weights=None):
+    """verl's `sapo`: the soft gate with config.tau_pos / tau_neg, aggregated seq-mean-token-mean
+    whatever loss_agg_mode says (as verl does); pg_clipfrac and pg_clipfrac_lower are 0."""
+    return _policy_loss(old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
+                        rollout_is_weights, surrogate="sapo", tau_pos=float(_config_get(config, "tau_pos", 1.0)),
+                        tau_neg=float(_config_get(config, "tau_neg", 1.05)))
+
+
+# loss_mode -> verl policy loss, as register() adds them to verl's registry
+POLICY_LOSSES = {"ppo_fast": compute_policy_loss, "ppo_fast_gspo": compute_policy_loss_gspo,
+                 "ppo_fast_cispo": compute_policy_loss_cispo, "ppo_fast_gpg": compute_policy_loss_gpg,
+                 "ppo_fast_sapo": compute_policy_loss_sapo}
 
 
 def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean", dp_size=1,
@@ -160,12 +204,15 @@ class FusedLinearForPPO(torch.nn.Module):
 
 
 def register() -> None:
-    """Make ppo_fast's implementations nameable in verl configs: the policy loss "ppo_fast" and the
-    advantage estimators "ppo_fast_grpo", "ppo_fast_rloo" (verl must be importable; its GAE has a
-    path of its own, with the values, so use compute_gae_advantage_return directly)."""
+    """Make ppo_fast's implementations nameable in verl configs: the policy losses of POLICY_LOSSES
+    (actor.policy_loss.loss_mode: ppo_fast, ppo_fast_gspo, ppo_fast_cispo, ppo_fast_gpg,
+    ppo_fast_sapo; each takes verl's rollout_is_weights) and the advantage estimators
+    "ppo_fast_grpo", "ppo_fast_rloo" (verl must be importable; its GAE has a path of its own, with
+    the values, so use compute_gae_advantage_return directly)."""
     from verl.trainer.ppo import core_algos
 
-    core_algos.POLICY_LOSS_REGISTRY.setdefault("ppo_fast", compute_policy_loss)
+    for name, fn in POLICY_LOSSES.items():
+        core_algos.POLICY_LOSS_REGISTRY.setdefault(name, fn)
     core_algos.ADV_ESTIMATOR_REGISTRY.setdefault("ppo_fast_grpo", _registered_grpo)
     core_algos.ADV_ESTIMATOR_REGISTRY.setdefault("ppo_fast_rloo", _registered_rloo)
 

@@ -18,3 +18,8 @@ GROUP_STD_EPS = 1e-6
 # KL estimators: the names users pass, and the code the kernels branch on.
 KL_ESTIMATOR_CODES = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
 KL_K1, KL_ABS, KL_K2, KL_K3 = range(4)
+
+# Policy objectives (ppo_fast.ops.reference.SURROGATES, RATIO_LEVELS): the codes the kernels
+# specialise on (a compile-time switch, never a branch per token).
+SURROGATE_CODES = {"clip": 0, "cispo": 1, "gpg": 2, "sapo": 3}
+RATIO_LEVEL_CODES = {"token": 0, "sequence": 1, "sequence-token": 2}

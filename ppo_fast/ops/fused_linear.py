@@ -49,7 +49,7 @@ def chunk_budget_rows(vocab: int, device: torch.device) -> int:
 def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, budget_rows: int) -> int:
     """Forward rows per chunk: a chunk of logits about the size of the hidden states (V / H
     chunks), at least MIN_CHUNK_ROWS rows so each GEMM stays efficient, at most budget_rows."""
-    rows = max(-(-n_rows // max(1, -(-vocab // hidden_size))), MIN_CHUNK_ROWS)
+    rows = max(-(-n_rows // max(1, -(-vocab // max(hidden_size, 1)))), MIN_CHUNK_ROWS)
     return min(rows, budget_rows)
 
 
@@ -164,8 +164,9 @@ def _fused_kernels(hidden, weight, labels, *, bias=None, temperature=1.0, ignore
                    chunk_size=None, backend):
     """The custom op on hidden flattened to [N, H] and labels to [N] (int64, contiguous)."""
     flat_labels = labels.reshape(-1).long().contiguous()  # chunks index it by flat row
-    logp, entropy, _ = fused_linear_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels,
-                                            1.0 / temperature, ignore_index, return_entropy, chunk_size or 0, backend)
+    flat_hidden = hidden.reshape(flat_labels.numel(), hidden.shape[-1])  # explicit N: H may be 0
+    logp, entropy, _ = fused_linear_forward(flat_hidden, weight, bias, flat_labels, 1.0 / temperature, ignore_index,
+                                            return_entropy, chunk_size or 0, backend)
     return (logp.view(labels.shape), entropy.view(labels.shape)) if return_entropy else logp.view(labels.shape)
 
 
@@ -177,10 +178,16 @@ IMPLEMENTATIONS = {"fused_linear_logprobs": FUSED_LINEAR_LOGPROBS}
 
 def check_linear_inputs(hidden, weight, bias, labels, ignore_index) -> int:
     """hidden [..., H], weight [V, H] and bias [V] of one float dtype, integer labels shaped
-    hidden.shape[:-1] in [0, V) or ignore_index, all on one device. Returns V."""
+    hidden.shape[:-1] in [0, V) or ignore_index, all on one device. Returns V. H = 0 is defined
+    (the logits are the bias, or 0: a uniform distribution); V = 0 is refused (no distribution)."""
     require_float("hidden", hidden)
     require_float("weight", weight)
-    if weight.dim() != 2 or hidden.dim() < 1 or weight.shape[1] != hidden.shape[-1]:
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden: expected shape [..., H] (at least one dimension), got {tuple(hidden.shape)}")
+    if weight.dim() == 2 and weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape [V, H] with V >= 1 (log-probs need at least one token), got "
+                         f"{tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight: expected shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:

@@ -6,11 +6,16 @@ input (old and reference log-probs, advantages, mask, the global counts) is know
 forward, so dL/dlogits is known inside it. With w_b the aggregation weight of row b
 (the row protocol, ppo_fast/ops/rows.py: agg(L) = sum_b w_b sum_t m_bt L_bt),
 
-    L        = sum_bt w_b m_bt (pg_bt - c_H H_bt + c_KL kl_bt)
-    dL/dy_bt = w_b (m_bt dpg/dy + c_KL m_bt dkl/dy),   dL/dH_bt = -c_H w_b m_bt
+    L        = sum_bt w_b m_bt (is_bt pg_bt - c_H H_bt + c_KL kl_bt)
+    dL/dy_bt = w_b (m_bt is_bt dpg/dy + c_KL m_bt dkl/dy),   dL/dH_bt = -c_H w_b m_bt
+
+with pg the policy objective of ppo_fast.ops.policy_loss (any surrogate, token or sequence ratio)
+and is the importance weights (1 without them; they weigh the policy term only, as in verl, TRL
+and Liger).
 
 Per chunk of whole rows: logits = h W^T + b (GEMM 1); one pass of the log-probs kernel for y,
-H and the lse; the policy-loss kernel for the row sums of pg and m dpg/dy; then the log-probs
+H and the lse; the policy-loss kernel for the row sums of pg and m is dpg/dy (a sequence ratio's
+extra passes run over the chunk's rows there: no second GEMM); then the log-probs
 backward turns dL/dy and dL/dH into dL/dlogits, written into the logits buffer itself, and
 grad_h = g W (GEMM 2), grad_W += g^T h (GEMM 3, fp32, in place). The autograd backward only
 scales the saved gradients by the upstream scalar: three GEMMs in all (fused_linear_logprobs
@@ -18,6 +23,7 @@ followed by ppo_policy_loss recomputes the logits: four), O(chunk x V) extra mem
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -31,10 +37,8 @@ from ppo_fast.ops.backend import dispatch
 from ppo_fast.ops.checks import (
     contiguous,
     require_choice,
-    require_dual_clip,
     require_finite,
     require_mask,
-    require_nonnegative,
     require_per_token,
     require_same_device,
     require_temperature,
@@ -58,9 +62,7 @@ ROW_ENTROPY, ROW_KL = len(POLICY_ROW_STATS), len(POLICY_ROW_STATS) + 1
 class Hyper:
     inv_temperature: float
     ignore_index: int
-    clip_low: float
-    clip_high: float
-    dual_clip: float | None
+    objective: policy_ops.Objective
     kl_coef: float
     kl_estimator: str
     entropy_coef: float
@@ -80,11 +82,13 @@ IN_PLACE_BACKWARD = ("triton", "cpp")
 
 
 # ----------------------------------------------------------------------------- forward with gradients
-def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weights, hp: Hyper, backend, want):
+def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, hp: Hyper, backend,
+                   want):
     """(loss, policy_loss, stats [5], grads (hidden, weight, bias) or None where not wanted).
 
     hidden [B, T, H]; labels [B, T] int64; old, adv, mask (float 0/1), ref (or None) [B, T]
-    float32 contiguous; row_weights [B] float32; want = (hidden, weight, bias) booleans.
+    float32 contiguous; is_weights None or [B, T] / [B, 1] float32; row_weights [B] float32;
+    want = (hidden, weight, bias) booleans.
     """
     launch_forward, launch_backward = LAUNCHERS[backend]
     policy_forward, kl_backend = TOKEN_PARTS[backend]
@@ -105,12 +109,12 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weight
         logp, entropy, lse = launch_forward(logits, chunk_labels, hp.inv_temperature, hp.ignore_index, True)
         logp, entropy = logp.view(k, T), entropy.view(k, T)
         m = mask[rows]
-        policy_rows, dloss = policy_forward(logp, old[rows], adv[rows], m, hp.clip_low, hp.clip_high, hp.dual_clip,
-                                            needs_grad)
+        policy_rows, dloss = policy_forward(logp, old[rows], adv[rows], m,
+                                            None if is_weights is None else is_weights[rows], hp.objective, needs_grad)
         row_stats[rows, :ROW_ENTROPY] = policy_rows
         row_stats[rows, ROW_ENTROPY] = valid_only(entropy, m).sum(-1)
         w = row_weights[rows, None]
-        grad_logp = w * dloss if needs_grad else None  # dloss = m dpg/dy
+        grad_logp = w * dloss if needs_grad else None  # dloss = m is dpg/dy
         if ref is not None:
             kl, dkl = kl_ops.kl_and_grad(valid_only(logp, m), valid_only(ref[rows], m), hp.kl_estimator, kl_backend)
             row_stats[rows, ROW_KL] = valid_only(kl, m).sum(-1)
@@ -138,25 +142,27 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weight
 @torch.library.custom_op("ppo_fast::fused_linear_ppo_loss_forward", mutates_args=())
 def fused_ppo_loss_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, ref: Optional[torch.Tensor], row_weights: torch.Tensor,
-    inv_temperature: float, ignore_index: int, clip_low: float, clip_high: float, dual_clip: Optional[float],
-    kl_coef: float, kl_estimator: str, entropy_coef: float, chunk_tokens: int, want_hidden: bool,
+    old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, ref: Optional[torch.Tensor],
+    is_weights: Optional[torch.Tensor], row_weights: torch.Tensor, inv_temperature: float, ignore_index: int,
+    surrogate: str, ratio_level: str, clip_low: float, clip_high: float, dual_clip: Optional[float], tau_pos: float,
+    tau_neg: float, kl_coef: float, kl_estimator: str, entropy_coef: float, chunk_tokens: int, want_hidden: bool,
     want_weight: bool, want_bias: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, policy_loss, stats [5], grad_hidden, grad_weight (fp32), grad_bias (fp32)), the
     gradients of the loss itself, empty where not wanted; chunk_tokens 0 = from the memory budget."""
-    hp = Hyper(inv_temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
+    objective = policy_ops.Objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
+    hp = Hyper(inv_temperature, ignore_index, objective, kl_coef, kl_estimator, entropy_coef,
                chunk_tokens or chunk_budget_rows(weight.shape[0], hidden.device))
     want = (want_hidden, want_weight, want_bias)
-    loss, policy_loss, stats, grads = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, row_weights,
-                                                     hp, backend, want)
+    loss, policy_loss, stats, grads = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights,
+                                                     row_weights, hp, backend, want)
     return loss, policy_loss, stats, *(hidden.new_empty(0) if g is None else g for g in grads)
 
 
 @fused_ppo_loss_forward.register_fake
-def _(hidden, weight, bias, labels, old, adv, mask, ref, row_weights, inv_temperature, ignore_index, clip_low,
-      clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, chunk_tokens, want_hidden, want_weight, want_bias,
-      backend):
+def _(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, inv_temperature, ignore_index,
+      surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
+      chunk_tokens, want_hidden, want_weight, want_bias, backend):
     def f32(*shape):
         return hidden.new_empty(shape, dtype=torch.float32)
 
@@ -197,16 +203,19 @@ fused_ppo_loss_forward.register_autograd(_backward, setup_context=_setup)
 def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
                   ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", entropy_coef=0.0,
                   clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None,
-                  chunk_size=None, backend):
+                  is_weights=None, ratio_level="token", surrogate="clip", tau_pos=1.0, tau_neg=1.05, chunk_size=None,
+                  backend):
     mask = mask.to(torch.float32)
-    old, adv, ref = (None if t is None else t.detach().float() for t in (old_log_prob, advantages, ref_log_prob))
-    hidden, labels, old, adv, mask, ref = contiguous(hidden, labels.long(), old, adv, mask, ref)
+    old, adv, ref, is_w = (None if t is None else t.detach().float()
+                           for t in (old_log_prob, advantages, ref_log_prob, is_weights))
+    hidden, labels, old, adv, mask, ref, is_w = contiguous(hidden, labels.long(), old, adv, mask, ref, is_w)
     row_weights = agg_row_weights(mask.sum(-1), agg, num_tokens, num_seqs)
     grad_on = torch.is_grad_enabled()
     want = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, policy_loss, stats, *_ = fused_ppo_loss_forward(
-        hidden, weight, bias, labels, old, adv, mask, ref, row_weights, 1.0 / temperature, ignore_index, clip_low,
-        clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, chunk_size or 0, *want, backend)
+        hidden, weight, bias, labels, old, adv, mask, ref, is_w, row_weights, 1.0 / temperature, ignore_index,
+        surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator,
+        entropy_coef, chunk_size or 0, *want, backend)
     clipfrac, approx_kl, clipfrac_lower, entropy, kl = stats.detach().unbind()
     stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,
              "policy_loss": policy_loss.detach(), "entropy": entropy}
@@ -237,10 +246,11 @@ def _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_p
 def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
                           ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
                           entropy_coef=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean",
-                          num_tokens=None, num_seqs=None, chunk_size=None):
+                          num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token", surrogate="clip",
+                          tau_pos=1.0, tau_neg=1.05, chunk_size=None):
     """PPO policy loss from the last hidden states and the LM head, never holding [N, V] logits:
 
-        ppo_policy_loss(logp) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
+        ppo_policy_loss(logp, ...) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
 
     with logp, entropy = fused_linear_logprobs(hidden, weight, labels), in one pass (see the
     module docstring). Same value, gradients and stats as that composition
@@ -249,10 +259,10 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     Args:
         hidden: [B, T, H] float32/bfloat16/float16; weight: [V, H] (lm_head.weight); bias: [V].
         labels: [B, T] integer ids; old_log_prob, advantages, mask (bool or 0/1), ref_log_prob:
-            [B, T]. clip_low/clip_high/dual_clip/agg/num_tokens/num_seqs as in ppo_policy_loss
-            (pass the global counts when accumulating micro-batches: the gradients then add up
-            to the big batch's). A KL term needs ref_log_prob; given without kl_coef its mean is
-            still reported.
+            [B, T]. clip_low/clip_high/dual_clip/agg/num_tokens/num_seqs and the objective
+            (is_weights, ratio_level, surrogate, tau_pos, tau_neg) as in ppo_policy_loss (pass the
+            global counts when accumulating micro-batches: the gradients then add up to the big
+            batch's). A KL term needs ref_log_prob; given without kl_coef its mean is still reported.
         chunk_size: tokens per chunk (whole rows, at least one); default from V and free memory.
 
     Returns (loss, stats): a float32 scalar differentiable to hidden, weight and bias, and
@@ -268,11 +278,11 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     kl_coef, entropy_coef = require_finite("kl_coef", kl_coef), require_finite("entropy_coef", entropy_coef)
     if kl_coef != 0 and ref_log_prob is None:
         raise ValueError(f"ref_log_prob: required when kl_coef != 0 (got kl_coef={kl_coef})")
-    clip_low, clip_high = require_nonnegative("clip_low", clip_low), require_nonnegative("clip_high", clip_high)
-    dual_clip = require_dual_clip(dual_clip)
+    objective = policy_ops.require_objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
+    policy_ops.check_is_weights(is_weights, old_log_prob, mask)
 
     return dispatch("fused_linear_ppo_loss", FUSED_LINEAR_PPO_LOSS, hidden.device, hidden, weight, labels, old_log_prob,
                     advantages, mask, bias=bias, temperature=temperature, ignore_index=ignore_index,
                     ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                    clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,
-                    num_seqs=num_seqs, chunk_size=chunk_size)
+                    agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights,
+                    chunk_size=chunk_size, **dataclasses.asdict(objective))

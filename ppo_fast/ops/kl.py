@@ -8,7 +8,8 @@ With d = log_prob - ref and k = clamp(ref - log_prob, -20, 20):
     k3: clamp(exp(k) - k - 1, -10, 10)     -(exp(k) - 1) inside both clamps, else 0
 
 and d/dref = -d/dlog_prob for every estimator. A '+' suffix keeps the value and takes the k2
-gradient (straight-through).
+gradient (straight-through): the reference's k2 + sg[value - k2], which is NaN wherever k2 is
+infinite (inf - inf), and the kernels give NaN there too.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ _CLAMP, _K3_CLAMP = tl.constexpr(LOG_RATIO_CLAMP), tl.constexpr(K3_CLAMP)
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _kl_value(log_prob, ref, ESTIMATOR: tl.constexpr):
+def _kl_value(log_prob, ref, ESTIMATOR: tl.constexpr, STRAIGHT: tl.constexpr):
     diff = log_prob - ref
     if ESTIMATOR == _K1:
         value = diff
@@ -47,6 +48,8 @@ def _kl_value(log_prob, ref, ESTIMATOR: tl.constexpr):
     else:
         kappa = clamp(ref - log_prob, -_CLAMP, _CLAMP)
         value = clamp(tl.exp(kappa) - kappa - 1.0, -_K3_CLAMP, _K3_CLAMP)
+    if STRAIGHT:  # k2 + (value - k2): NaN where k2 is not finite
+        value = tl.where(0.5 * diff * diff < float("inf"), value, float("nan"))
     return value
 
 
@@ -70,12 +73,13 @@ def _kl_grad(log_prob, ref, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def _kl_fwd_kernel(log_prob_ptr, ref_ptr, out_ptr, numel, ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr):
+def _kl_fwd_kernel(log_prob_ptr, ref_ptr, out_ptr, numel, ESTIMATOR: tl.constexpr, STRAIGHT: tl.constexpr,
+                   BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     log_prob = tl.load(log_prob_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, _kl_value(log_prob, ref, ESTIMATOR), mask=ok)
+    tl.store(out_ptr + offs, _kl_value(log_prob, ref, ESTIMATOR, STRAIGHT), mask=ok)
 
 
 @triton.jit
@@ -95,7 +99,7 @@ def _kl_bwd_kernel(log_prob_ptr, ref_ptr, upstream_ptr, grad_log_prob_ptr, grad_
 
 @triton.jit
 def _rewards_kernel(scores_ptr, log_prob_ptr, ref_ptr, mask_ptr, out_ptr, T, kl_coef,
-                    ESTIMATOR: tl.constexpr, BLOCK_T: tl.constexpr):
+                    ESTIMATOR: tl.constexpr, STRAIGHT: tl.constexpr, BLOCK_T: tl.constexpr):
     """Row b: out = -kl_coef * KL * m, plus scores[b] at the last t with m = 1."""
     row = tl.program_id(0).to(tl.int64)
     last = tl.full([BLOCK_T], -1, tl.int32)
@@ -112,16 +116,17 @@ def _rewards_kernel(scores_ptr, log_prob_ptr, ref_ptr, mask_ptr, out_ptr, T, kl_
         m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32)
         log_prob = tl.load(log_prob_ptr + offs, mask=m != 0, other=0.0).to(tl.float32)  # masked: read as 0
         ref = tl.load(ref_ptr + offs, mask=m != 0, other=0.0).to(tl.float32)
-        reward = -kl_coef * _kl_value(log_prob, ref, ESTIMATOR) * m + tl.where(cols == last_valid, score, 0.0)
+        reward = -kl_coef * _kl_value(log_prob, ref, ESTIMATOR, STRAIGHT) * m + tl.where(cols == last_valid, score, 0.0)
         tl.store(out_ptr + offs, reward, mask=ok)
 
 
 # ----------------------------------------------------------------------------- kernel launchers
-def _launch_kl(log_prob, ref_log_prob, code):
+def _launch_kl(log_prob, ref_log_prob, estimator):
     out = torch.empty(log_prob.shape, device=log_prob.device, dtype=torch.float32)
     if log_prob.numel():
         _kl_fwd_kernel[(triton.cdiv(log_prob.numel(), BLOCK),)](
-            log_prob, ref_log_prob, out, log_prob.numel(), ESTIMATOR=code, BLOCK=BLOCK)
+            log_prob, ref_log_prob, out, log_prob.numel(), ESTIMATOR=_codes(estimator)[0],
+            STRAIGHT=estimator.endswith("+"), BLOCK=BLOCK)
     return out
 
 
@@ -161,22 +166,22 @@ def _codes(estimator):
 def kl_and_grad(log_prob, ref_log_prob, estimator, backend):
     """Per-token (KL, d KL / d log_prob) without autograd, for ops that form their gradient in
     the forward (fused_linear_ppo_loss): the Triton kernels, else the reference and _kl_grad_torch."""
-    value_code, grad_code = _codes(estimator)
+    _, grad_code = _codes(estimator)
     if backend == "triton":
         grad, _ = _launch_kl_backward(log_prob, ref_log_prob, torch.ones_like(log_prob), grad_code, True, False)
-        return _launch_kl(log_prob, ref_log_prob, value_code), grad
+        return _launch_kl(log_prob, ref_log_prob, estimator), grad
     return reference.kl_penalty(log_prob, ref_log_prob, estimator=estimator), _kl_grad_torch(log_prob, ref_log_prob,
                                                                                             grad_code)
 
 
 # ----------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("ppo_fast::kl_forward", mutates_args=())
-def kl_forward(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, value_code: int, grad_code: int) -> torch.Tensor:
-    return _launch_kl(log_prob, ref_log_prob, value_code)
+def kl_forward(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: str) -> torch.Tensor:
+    return _launch_kl(log_prob, ref_log_prob, estimator)
 
 
 @kl_forward.register_fake
-def _(log_prob, ref_log_prob, value_code, grad_code):
+def _(log_prob, ref_log_prob, estimator):
     return log_prob.new_empty(log_prob.shape, dtype=torch.float32)
 
 
@@ -195,14 +200,14 @@ def _(log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref):
 
 def _kl_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1])
-    ctx.grad_code = inputs[3]
+    ctx.grad_code = _codes(inputs[2])[1]
 
 
 def _kl_backward(ctx, upstream):
     log_prob, ref_log_prob = ctx.saved_tensors
     want_log_prob, want_ref = ctx.needs_input_grad[:2]
     grad_lp, grad_ref = kl_backward(log_prob, ref_log_prob, upstream, ctx.grad_code, want_log_prob, want_ref)
-    return grad_lp if want_log_prob else None, grad_ref if want_ref else None, None, None
+    return grad_lp if want_log_prob else None, grad_ref if want_ref else None, None
 
 
 kl_forward.register_autograd(_kl_backward, setup_context=_kl_setup)
@@ -215,7 +220,8 @@ def compute_rewards_triton(scores: torch.Tensor, log_prob: torch.Tensor, ref_log
     out = torch.empty(B, T, device=log_prob.device, dtype=torch.float32)
     if B * T:
         _rewards_kernel[(B,)](scores, log_prob, ref_log_prob, mask, out, T, kl_coef,
-                              ESTIMATOR=_codes(estimator)[0], BLOCK_T=block_t(T))
+                              ESTIMATOR=_codes(estimator)[0], STRAIGHT=estimator.endswith("+"),
+                              BLOCK_T=block_t(T))
     return out
 
 
@@ -226,7 +232,7 @@ def _(scores, log_prob, ref_log_prob, mask, kl_coef, estimator):
 
 # ----------------------------------------------------------------------------- public
 def _kl_triton(log_prob, ref_log_prob, *, estimator="k1"):
-    return kl_forward(log_prob, ref_log_prob, *_codes(estimator))
+    return kl_forward(log_prob, ref_log_prob, estimator)
 
 
 def _rewards_triton(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1"):

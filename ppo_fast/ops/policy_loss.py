@@ -1,18 +1,34 @@
-"""PPO clipped policy loss (asymmetric and dual clip), forward and backward in one pass each.
+"""The policy objective per token — the clipped PPO surrogate (asymmetric, dual clip), CISPO,
+GPG / REINFORCE and SAPO, on a token or a sequence ratio (GSPO), with rollout importance
+weights — forward and backward in one kernel launch.
 
-Per token, with D = clamp(log_prob - old, -20, 20), r = exp(D):
+Per token, with delta = clamp(log_prob - old, -20, 20), A the advantage, w the importance weight
+(1 without is_weights) and rho the ratio (ppo_fast.ops.reference.policy_ratio):
 
-    L1 = -A r,  L2 = -A clamp(r, 1 - c_low, 1 + c_high),  Lc = max(L1, L2)
-    L  = min(-A c, Lc) where A < 0 (dual clip c), else Lc
-    dL / d log_prob = r * dL/dr * [-20 <= log_prob - old <= 20],
-    dL/dr = -A where L1 >= L2 (and not dual-clipped), else 0.
+    token           rho_t = exp(delta_t)
+    sequence        rho_t = s = exp(clamp(mean_t' (log_prob - old), +-20)), d s / d log_prob_t = s / n
+    sequence-token  rho_t = s, d rho_t / d log_prob_t = s (GSPO-token)
 
-The forward kernel writes per-row masked sums of L and of the statistics (the columns
-POLICY_ROW_STATS of the row protocol, ppo_fast/ops/rows.py), and m * dL/dlog_prob for the
-backward, which only scales it by the aggregation weight of its row.
+the surrogates, c(x) = clamp(x, 1 - c_low, 1 + c_high), are
+
+    clip   L = max(-A rho, -A c(rho)), capped at -A c_dual where A < 0    dL/drho = -A where unclipped
+    cispo  L = -sg[c(rho)] A log_prob                                      dL/dlog_prob = -c(rho) A
+    gpg    L = -A log_prob                                                 dL/dlog_prob = -A
+    sapo   L = -A (4/tau) sigmoid(z), z = tau (rho - 1)                    dL/drho = -4 A sigmoid(z) sigmoid(-z)
+
+and a row's loss is sum_t m w L. Its gradient to log_prob_t is m w (dL/drho rho + dL/dlog_prob)
+for the token and sequence-token ratios, and for the sequence ratio m (s / n) sum_t' m w dL/drho
+(+ the token's own dL/dlog_prob): a second pass over the row (a third for that sum). No gradient
+flows where the clamp of the log-ratio bites. The surrogate and the ratio level are compile-time
+switches (constexpr in Triton, template parameters in C++).
+
+The kernel writes per-row masked sums of L and of the statistics (the columns POLICY_ROW_STATS of
+the row protocol, ppo_fast/ops/rows.py), and m dL/dlog_prob for the backward, which only scales it
+by the aggregation weight of its row.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -20,8 +36,18 @@ import torch
 
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import dispatch, native_module
-from ppo_fast.ops.checks import per_token_inputs, require_dual_clip, require_nonnegative
-from ppo_fast.ops.constants import LOG_RATIO_CLAMP
+from ppo_fast.ops.checks import (
+    per_token_inputs,
+    require_choice,
+    require_dual_clip,
+    require_float,
+    require_nonnegative,
+    require_positive,
+    require_same_device,
+    require_values,
+    value_checks_enabled,
+)
+from ppo_fast.ops.constants import LOG_RATIO_CLAMP, RATIO_LEVEL_CODES, SURROGATE_CODES
 from ppo_fast.ops.rows import (
     POLICY_ROW_STATS,
     ROW_CLIPPED,
@@ -40,44 +66,172 @@ _CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
 _N_STATS = tl.constexpr(len(POLICY_ROW_STATS))
 _LOSS, _TOKENS, _CLIPPED = tl.constexpr(ROW_LOSS), tl.constexpr(ROW_TOKENS), tl.constexpr(ROW_CLIPPED)
 _NEG_LOG_RATIO, _LOWER = tl.constexpr(ROW_NEG_LOG_RATIO), tl.constexpr(ROW_LOWER_CLIPPED)
+_CLIP, _CISPO, _GPG = (tl.constexpr(SURROGATE_CODES[k]) for k in ("clip", "cispo", "gpg"))
+_TOKEN, _SEQUENCE = tl.constexpr(RATIO_LEVEL_CODES["token"]), tl.constexpr(RATIO_LEVEL_CODES["sequence"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The per-token policy objective: a surrogate on a ratio, and its constants (validated)."""
+
+    surrogate: str = "clip"
+    ratio_level: str = "token"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+    @property
+    def codes(self) -> tuple:
+        return SURROGATE_CODES[self.surrogate], RATIO_LEVEL_CODES[self.ratio_level]
+
+
+def require_objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg) -> Objective:
+    """An Objective, or a clear error for an unknown surrogate or level, a bad constant, or a
+    combination that has no meaning (a kernel never falls back to another objective)."""
+    require_choice("surrogate", surrogate, reference.SURROGATES)
+    require_choice("ratio_level", ratio_level, reference.RATIO_LEVELS)
+    objective = Objective(surrogate, ratio_level, require_nonnegative("clip_low", clip_low),
+                          require_nonnegative("clip_high", clip_high), require_dual_clip(dual_clip),
+                          require_positive("tau_pos", tau_pos), require_positive("tau_neg", tau_neg))
+    if dual_clip is not None and surrogate != "clip":
+        raise ValueError(f"dual_clip: only the clip surrogate has a dual clip, got surrogate={surrogate!r} with "
+                         f"dual_clip={dual_clip}")
+    if surrogate == "gpg" and ratio_level != "token":
+        raise ValueError(f"ratio_level: the gpg surrogate has no ratio, so only 'token' applies, got {ratio_level!r}")
+    return objective
+
+
+def check_is_weights(is_weights, log_prob, mask) -> None:
+    """None, or constants >= 0 per token [B, T] or per sequence [B, 1] on log_prob's device (values
+    at valid positions checked where the value checks run, see ppo_fast.ops.checks; a masked
+    position is never read)."""
+    if is_weights is None:
+        return
+    require_float("is_weights", is_weights)
+    shape = log_prob.shape
+    if tuple(is_weights.shape) not in (tuple(shape), (shape[0], 1)):
+        raise ValueError(f"is_weights: expected shape {tuple(shape)} (per token) or {(shape[0], 1)} (per sequence), "
+                         f"got {tuple(is_weights.shape)}")
+    require_same_device(is_weights=is_weights, log_prob=log_prob)
+    if is_weights.numel() and value_checks_enabled(is_weights.device):
+        valid = mask != 0 if is_weights.shape == mask.shape else (mask != 0).any(-1, keepdim=True)
+        require_values((is_weights < 0) & valid, "is_weights: expected importance weights >= 0, found a negative one")
 
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
+def _surrogate(ratio, log_prob, adv, clip_low, clip_high, dual_clip, tau_pos, tau_neg,
+               SURROGATE: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):
+    """(L, dL/drho, dL/dlog_prob held directly, clipped, dual-clipped) per token (module docstring)."""
+    zero = tl.zeros_like(ratio)
+    if SURROGATE == _CLIP:
+        loss_unclipped = -adv * ratio
+        loss_clipped = -adv * clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        loss = nan_max(loss_unclipped, loss_clipped)
+        d_ratio = tl.where(loss_unclipped >= loss_clipped, -adv, 0.0)
+        clipped = (loss_clipped > loss_unclipped).to(tl.float32)
+        lower = zero
+        if HAS_DUAL_CLIP:
+            loss_dual = -adv * dual_clip
+            is_lower = (adv < 0) & (loss > loss_dual)
+            loss = tl.where(is_lower, loss_dual, loss)
+            d_ratio = tl.where(is_lower, 0.0, d_ratio)
+            lower = is_lower.to(tl.float32)
+        d_log_prob = zero
+    elif SURROGATE == _CISPO:
+        weight = clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        loss = -weight * adv * log_prob
+        d_ratio = zero
+        d_log_prob = -weight * adv
+        clipped = (ratio != weight).to(tl.float32)
+        lower = zero
+    elif SURROGATE == _GPG:
+        loss = -adv * log_prob
+        d_ratio = zero
+        d_log_prob = -adv
+        clipped = zero
+        lower = zero
+    else:  # sapo
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        loss = -adv * gate * (4.0 / tau)
+        d_ratio = -4.0 * adv * gate * (1.0 - gate)
+        d_log_prob = zero
+        clipped = zero
+        lower = zero
+    return loss, d_ratio, d_log_prob, clipped, lower
+
+
+@triton.jit
 def _policy_loss_fwd_kernel(
-    log_prob_ptr, old_ptr, adv_ptr, mask_ptr, dloss_ptr, row_stats_ptr, T,
-    clip_low, clip_high, dual_clip,
-    HAS_DUAL_CLIP: tl.constexpr, NEEDS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    log_prob_ptr, old_ptr, adv_ptr, mask_ptr, is_ptr, dloss_ptr, row_stats_ptr, T, is_stride_row, is_stride_t,
+    clip_low, clip_high, dual_clip, tau_pos, tau_neg,
+    SURROGATE: tl.constexpr, RATIO_LEVEL: tl.constexpr, HAS_IS: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+    NEEDS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    if RATIO_LEVEL != _TOKEN:  # pass 1: the row's mean log-ratio, s = exp(clamp(mean))
+        delta_acc = tl.zeros([BLOCK_T], tl.float32)
+        n_acc = tl.zeros([BLOCK_T], tl.float32)
+        for start in range(0, T, BLOCK_T):
+            log_prob, old, adv, m, offs, in_row = load_token_tiles(log_prob_ptr, old_ptr, adv_ptr, mask_ptr, row,
+                                                                   start, T, BLOCK_T)
+            delta_acc += tl.where(m != 0, log_prob - old, 0.0)
+            n_acc += m
+        n = tl.sum(n_acc, axis=0)
+        mean = tl.sum(delta_acc, axis=0) / tl.maximum(n, 1.0)
+        seq_ratio = tl.exp(clamp(mean, -_CLAMP, _CLAMP))
+        seq_inside = (mean >= -_CLAMP) & (mean <= _CLAMP)
+    else:
+        n, seq_ratio, seq_inside = 0.0, 1.0, True
+
     loss_sum = tl.zeros([BLOCK_T], tl.float32)
     count = tl.zeros([BLOCK_T], tl.float32)
     clipped_sum = tl.zeros([BLOCK_T], tl.float32)
     neg_delta_sum = tl.zeros([BLOCK_T], tl.float32)
     lower_sum = tl.zeros([BLOCK_T], tl.float32)
-    for start in range(0, T, BLOCK_T):
+    ratio_grad_sum = tl.zeros([BLOCK_T], tl.float32)  # sequence: sum_t m w dL/drho
+    for start in range(0, T, BLOCK_T):  # pass 2: the losses
         log_prob, old, adv, m, offs, in_row = load_token_tiles(log_prob_ptr, old_ptr, adv_ptr, mask_ptr, row, start,
                                                                T, BLOCK_T)
+        valid = m != 0
+        w = m
+        if HAS_IS:
+            cols = start + tl.arange(0, BLOCK_T)
+            w = m * tl.load(is_ptr + row * is_stride_row + cols * is_stride_t, mask=valid, other=0.0).to(tl.float32)
         raw_delta = log_prob - old
         delta = clamp(raw_delta, -_CLAMP, _CLAMP)
-        ratio = tl.exp(delta)
-        loss_unclipped = -adv * ratio
-        loss_clipped = -adv * clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-        loss = nan_max(loss_unclipped, loss_clipped)
-        dloss_dratio = tl.where(loss_unclipped >= loss_clipped, -adv, 0.0)
-        if HAS_DUAL_CLIP:
-            loss_dual = -adv * dual_clip
-            lower = (adv < 0) & (loss > loss_dual)
-            loss = tl.where(lower, loss_dual, loss)
-            dloss_dratio = tl.where(lower, 0.0, dloss_dratio)
-            lower_sum += m * lower.to(tl.float32)
+        if RATIO_LEVEL == _TOKEN:
+            ratio = tl.exp(delta)
+            inside = (raw_delta >= -_CLAMP) & (raw_delta <= _CLAMP)
+        else:
+            ratio = tl.zeros_like(delta) + seq_ratio
+            inside = (tl.zeros_like(delta) + tl.where(seq_inside, 1.0, 0.0)) > 0
+        loss, d_ratio, d_log_prob, clipped, lower = _surrogate(ratio, log_prob, adv, clip_low, clip_high, dual_clip,
+                                                               tau_pos, tau_neg, SURROGATE, HAS_DUAL_CLIP)
         if NEEDS_GRAD:
-            in_range = (raw_delta >= -_CLAMP) & (raw_delta <= _CLAMP)
-            tl.store(dloss_ptr + offs, tl.where(in_range, m * dloss_dratio * ratio, 0.0), mask=in_row)
-        loss_sum += m * loss
+            if RATIO_LEVEL == _SEQUENCE:
+                ratio_grad_sum += tl.where(valid, w * d_ratio, 0.0)
+                grad = w * d_log_prob
+            else:
+                grad = w * (tl.where(inside, d_ratio * ratio, 0.0) + d_log_prob)
+            tl.store(dloss_ptr + offs, tl.where(valid, grad, 0.0), mask=in_row)
+        loss_sum += tl.where(valid, w * loss, 0.0)
         count += m
-        clipped_sum += m * (loss_clipped > loss_unclipped).to(tl.float32)
+        clipped_sum += m * clipped
         neg_delta_sum -= m * delta
+        lower_sum += m * lower
+    if NEEDS_GRAD and RATIO_LEVEL == _SEQUENCE:  # pass 3: d s / d log_prob_t = s / n to every valid token
+        coef = tl.where(seq_inside, seq_ratio / tl.maximum(n, 1.0) * tl.sum(ratio_grad_sum, axis=0), 0.0)
+        for start in range(0, T, BLOCK_T):
+            cols = start + tl.arange(0, BLOCK_T)
+            in_row = cols < T
+            offs = row * T + cols
+            m = tl.load(mask_ptr + offs, mask=in_row, other=0).to(tl.float32)
+            grad = tl.load(dloss_ptr + offs, mask=in_row, other=0.0)
+            tl.store(dloss_ptr + offs, tl.where(m != 0, grad + m * coef, 0.0), mask=in_row)
     out = row_stats_ptr + row * _N_STATS
     tl.store(out + _LOSS, tl.sum(loss_sum, axis=0))
     tl.store(out + _TOKENS, tl.sum(count, axis=0))
@@ -87,22 +241,31 @@ def _policy_loss_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def _forward_triton(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad):
+def _forward_triton(log_prob, old_log_prob, advantages, mask, is_weights, objective: Objective, needs_grad):
     B, T = log_prob.shape
     row_stats = torch.empty(B, len(POLICY_ROW_STATS), device=log_prob.device, dtype=torch.float32)
     dloss = torch.empty(B, T, device=log_prob.device, dtype=torch.float32) if needs_grad else None
     if B:
+        surrogate, level = objective.codes
+        per_token = is_weights is not None and is_weights.shape[-1] == T  # else [B, 1]: one weight per row
         _policy_loss_fwd_kernel[(B,)](
-            log_prob, old_log_prob, advantages, mask, dloss, row_stats, T,
-            clip_low, clip_high, 1.0 if dual_clip is None else dual_clip,
-            HAS_DUAL_CLIP=dual_clip is not None, NEEDS_GRAD=needs_grad, BLOCK_T=block_t(T),
+            log_prob, old_log_prob, advantages, mask, is_weights, dloss, row_stats, T, T if per_token else 1,
+            1 if per_token else 0,
+            objective.clip_low, objective.clip_high, 1.0 if objective.dual_clip is None else objective.dual_clip,
+            objective.tau_pos, objective.tau_neg,
+            SURROGATE=surrogate, RATIO_LEVEL=level, HAS_IS=is_weights is not None,
+            HAS_DUAL_CLIP=objective.dual_clip is not None, NEEDS_GRAD=needs_grad, BLOCK_T=block_t(T),
         )
     return row_stats, dloss
 
 
-def _forward_cpp(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad):
+def _forward_cpp(log_prob, old_log_prob, advantages, mask, is_weights, objective: Objective, needs_grad):
     inputs = (t.float().contiguous() for t in (log_prob, old_log_prob, advantages, mask))
-    return native_module("_C").policy_loss_forward(*inputs, clip_low, clip_high, dual_clip, needs_grad)
+    weights = None if is_weights is None else is_weights.float().contiguous()
+    surrogate, level = objective.codes
+    return native_module("_C").policy_loss_forward(*inputs, weights, surrogate, level, objective.clip_low,
+                                                   objective.clip_high, objective.dual_clip, objective.tau_pos,
+                                                   objective.tau_neg, needs_grad)
 
 
 # ----------------------------------------------------------------------------- custom op
@@ -111,16 +274,18 @@ KERNELS = {"triton": _forward_triton, "cpp": _forward_cpp}
 
 @torch.library.custom_op("ppo_fast::policy_loss_rows", mutates_args=())
 def policy_loss_rows(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                     mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: Optional[float],
+                     mask: torch.Tensor, is_weights: Optional[torch.Tensor], surrogate: str, ratio_level: str,
+                     clip_low: float, clip_high: float, dual_clip: Optional[float], tau_pos: float, tau_neg: float,
                      needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_stats [B, len(POLICY_ROW_STATS)], m dL/dlog_prob [B, T] or empty), float32."""
-    row_stats, dloss = KERNELS[backend](log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip,
-                                        needs_grad)
+    objective = Objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
+    row_stats, dloss = KERNELS[backend](log_prob, old_log_prob, advantages, mask, is_weights, objective, needs_grad)
     return row_stats, log_prob.new_empty(0, dtype=torch.float32) if dloss is None else dloss
 
 
 @policy_loss_rows.register_fake
-def _(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, needs_grad, backend):
+def _(log_prob, old_log_prob, advantages, mask, is_weights, surrogate, ratio_level, clip_low, clip_high, dual_clip,
+      tau_pos, tau_neg, needs_grad, backend):
     row_stats = log_prob.new_empty(log_prob.shape[0], len(POLICY_ROW_STATS), dtype=torch.float32)
     return row_stats, log_prob.new_empty(log_prob.shape if needs_grad else (0,), dtype=torch.float32)
 
@@ -128,12 +293,18 @@ def _(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip, 
 register_loss_rows_autograd(policy_loss_rows)
 
 
+def rows_for(log_prob, old_log_prob, advantages, mask, is_weights, objective: Objective, needs_grad, backend):
+    """The custom op on an Objective: (row_stats, dloss); the fused PPO loss calls it per chunk."""
+    return policy_loss_rows(log_prob, old_log_prob, advantages, mask, is_weights, *dataclasses.astuple(objective),
+                            needs_grad, backend)
+
+
 # ----------------------------------------------------------------------------- public
-def _loss_from_rows(log_prob, old_log_prob, advantages, mask, *, clip_low, clip_high, dual_clip, agg, num_tokens,
-                    num_seqs, backend):
+def _loss_from_rows(log_prob, old_log_prob, advantages, mask, *, agg, num_tokens, num_seqs, is_weights, backend,
+                    **objective):
     needs_grad = torch.is_grad_enabled() and log_prob.requires_grad
-    row_stats, _ = policy_loss_rows(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, dual_clip,
-                                    needs_grad, backend)
+    row_stats, _ = rows_for(log_prob, old_log_prob, advantages, mask, is_weights, Objective(**objective), needs_grad,
+                            backend)
     clipfrac, approx_kl, lower = row_token_means(row_stats.detach()).unbind()
     loss = weighted_row_total(row_stats, agg, num_tokens, num_seqs)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}
@@ -146,17 +317,31 @@ IMPLEMENTATIONS = {"ppo_policy_loss": PPO_POLICY_LOSS}
 
 
 def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                    agg="token-mean", num_tokens=None, num_seqs=None):
-    """PPO clipped surrogate loss over [B, T] tokens (verl / OpenRLHF conventions).
+                    agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token",
+                    surrogate="clip", tau_pos=1.0, tau_neg=1.05):
+    """The policy objective over [B, T] tokens: PPO's clipped surrogate by default (verl / OpenRLHF
+    conventions), or CISPO / GPG / SAPO, on a token or sequence (GSPO) ratio (see the module
+    docstring and ppo_fast.ops.reference.ppo_policy_loss).
 
-    Returns (loss, stats): a float32 scalar differentiable to `log_prob` only, and a dict of
-    detached float32 scalars `clipfrac`, `approx_kl`, `clipfrac_lower` (masked token means).
-    `agg`, `num_tokens`, `num_seqs` as in `agg_loss`. A fully masked batch gives 0s.
+    Args:
+        is_weights: None, or importance weights >= 0 per token [B, T] or per sequence [B, 1]
+            (rollout_correction's): constants multiplying each token's loss and gradient, never
+            the token or sequence counts of the aggregation.
+        ratio_level: "token", "sequence" (GSPO: s = exp(mean log-ratio), differentiated through
+            the mean) or "sequence-token" (GSPO-token: the value s, each token's own gradient).
+        surrogate: "clip", "cispo" (clip_low/clip_high bound the weight: TRL's absolute cap C is
+            clip_low=1, clip_high=C-1), "gpg" or "sapo" (tau_pos / tau_neg, the gate's temperatures).
+        agg, num_tokens, num_seqs: as in agg_loss.
+
+    Returns (loss, stats): a float32 scalar differentiable to `log_prob` only, and detached
+    float32 scalars `clipfrac`, `approx_kl`, `clipfrac_lower` (masked token means; what clipfrac
+    counts depends on the surrogate). A fully masked batch gives 0s.
     """
     inputs = per_token_inputs({"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages}, mask)
-    clip_low = require_nonnegative("clip_low", clip_low)
-    clip_high = require_nonnegative("clip_high", clip_high)
-    dual_clip = require_dual_clip(dual_clip)
+    objective = require_objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
+    check_is_weights(is_weights, log_prob, mask)
     require_agg(agg, num_tokens, num_seqs)
-    return dispatch("ppo_policy_loss", PPO_POLICY_LOSS, log_prob.device, *inputs, clip_low=clip_low,
-                    clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    weights = None if is_weights is None else is_weights.detach().contiguous()
+    return dispatch("ppo_policy_loss", PPO_POLICY_LOSS, log_prob.device, *inputs, agg=agg, num_tokens=num_tokens,
+                    num_seqs=num_seqs, is_weights=weights, **dataclasses.asdict(objective))
+

@@ -99,30 +99,77 @@ def masked_whiten(x, mask, *, shift_mean=True):
 
 
 # ----------------------------------------------------------------------------- losses
-def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                    agg="token-mean", num_tokens=None, num_seqs=None):
-    """Clipped PPO surrogate (verl / OpenRLHF conventions); gradient to log_prob only.
+SURROGATES = ("clip", "cispo", "gpg", "sapo")
+RATIO_LEVELS = ("token", "sequence", "sequence-token")
 
-    Returns (loss, stats) with stats clipfrac, approx_kl and clipfrac_lower (dual clip).
+
+def policy_ratio(log_prob, old_log_prob, mask, ratio_level="token"):
+    """(ratio rho [B, T], clamped token log-ratio delta [B, T]) with rho's gradient to log_prob.
+
+    token: rho_t = exp(delta_t), delta_t = clamp(log_prob_t - old_t, -20, 20).
+    sequence (GSPO): rho_t = s = exp(clamp(mean over the row's valid tokens of log_prob - old, +-20)),
+        differentiated through the mean: d s / d log_prob_t = s / n.
+    sequence-token (GSPO-token): the value s, with the gradient of each token's own ratio:
+        d rho_t / d log_prob_t = s (sg[s] pi_t / sg[pi_t]; verl's gspo).
+    Outside the clamp the ratio has no gradient.
+    """
+    delta = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if ratio_level == "token":
+        return torch.exp(delta), delta
+    m = mask.to(log_prob.dtype)
+    mean = ((log_prob - old_log_prob) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    log_s = torch.clamp(mean, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)[:, None].expand_as(log_prob)
+    if ratio_level == "sequence-token":
+        inside = ((mean >= -LOG_RATIO_CLAMP) & (mean <= LOG_RATIO_CLAMP))[:, None].to(log_prob.dtype)
+        log_s = log_s.detach() + inside * (log_prob - log_prob.detach())
+    return torch.exp(log_s), delta
+
+
+def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                    agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token",
+                    surrogate="clip", tau_pos=1.0, tau_neg=1.05):
+    """The policy objective per token, aggregated by `agg`; gradient to log_prob only. With rho the
+    ratio of `ratio_level` (policy_ratio), A the advantage and c(x) = clamp(x, 1 - clip_low, 1 + clip_high):
+
+        clip   max(-A rho, -A c(rho)), and for A < 0 at most -A dual_clip (PPO, dual clip; GSPO)
+        cispo  -sg[c(rho)] A log_prob                 (CISPO: the clipped weight carries no gradient)
+        gpg    -A log_prob                            (GPG / REINFORCE: no ratio)
+        sapo   -A (4 / tau) sigmoid(tau (rho - 1)),   tau = tau_pos if A > 0 else tau_neg (SAPO)
+
+    `is_weights` ([B, T] or [B, 1], constants: rollout importance weights) multiply each token's loss,
+    never the counts of the aggregation. Returns (loss, stats): clipfrac (clip: the clipped term won;
+    cispo: rho outside [1 - clip_low, 1 + clip_high]; gpg, sapo: 0), approx_kl (mean -delta) and
+    clipfrac_lower (dual clip), masked token means over the local valid tokens.
     """
     log_prob = valid_only(_upcast(log_prob), mask)
     old_log_prob = valid_only(_upcast(old_log_prob).detach(), mask)
     advantages = valid_only(_upcast(advantages).detach(), mask)
-    delta = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(delta)
-    loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss_max = torch.maximum(loss_unclipped, loss_clipped)
-    per_token = loss_max
-    lower_clipped = torch.zeros_like(loss_max, dtype=torch.bool)
-    if dual_clip is not None:
-        loss_dual = -advantages * dual_clip
-        per_token = torch.where(advantages < 0, torch.minimum(loss_dual, loss_max), loss_max)
-        lower_clipped = (loss_max > loss_dual) & (advantages < 0)
+    ratio, delta = policy_ratio(log_prob, old_log_prob, mask, ratio_level)
+    clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    lower_clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    if surrogate == "clip":
+        loss_unclipped, loss_clipped = -advantages * ratio, -advantages * clipped_ratio
+        per_token = torch.maximum(loss_unclipped, loss_clipped)
+        clipped = loss_clipped > loss_unclipped
+        if dual_clip is not None:
+            loss_dual = -advantages * dual_clip
+            lower_clipped = (per_token > loss_dual) & (advantages < 0)
+            per_token = torch.where(advantages < 0, torch.minimum(loss_dual, per_token), per_token)
+    elif surrogate == "cispo":
+        per_token = -clipped_ratio.detach() * advantages * log_prob
+        clipped = ratio.detach() != clipped_ratio.detach()
+    elif surrogate == "gpg":
+        per_token = -advantages * log_prob
+    else:  # sapo
+        tau = torch.where(advantages > 0, advantages.new_tensor(tau_pos), advantages.new_tensor(tau_neg))
+        per_token = -advantages * torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
+    if is_weights is not None:
+        per_token = per_token * valid_only(_upcast(is_weights).detach().expand_as(per_token), mask)
     loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((loss_clipped > loss_unclipped).to(loss.dtype), mask),
+            "clipfrac": masked_mean(clipped.to(loss.dtype), mask),
             "approx_kl": masked_mean(-delta, mask),
             "clipfrac_lower": masked_mean(lower_clipped.to(loss.dtype), mask),
         }
@@ -238,6 +285,62 @@ def group_advantages(scores, group_size, *, mode="grpo"):
     return advantages.reshape(-1)
 
 
+# ----------------------------------------------------------------------------- rollout correction
+CORRECTION_LEVELS = ("token", "sequence", "geometric")
+CORRECTION_MODES = ("truncate", "mask")
+
+
+@torch.no_grad()
+def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", mode="truncate", low=None, high=2.0):
+    """Importance weights pi_old / pi_rollout that correct for the sampler's distribution, as
+    constants for the loss's `is_weights`, with the tokens they keep and their statistics.
+
+    The ratio of a unit: token: r_t = exp(old_t - rollout_t); sequence: the product of its valid
+    tokens' ratios exp(sum_t (old_t - rollout_t)) (verl's and TRL's sequence level); geometric:
+    their geometric mean exp(mean_t (old_t - rollout_t)) (OpenRLHF's seq gate). Log-ratios are
+    clamped to +-20 before exp. truncate (TIS): weight = clamp(ratio, low, high) (no lower bound when
+    low is None); mask (MIS / IcePop): weight = ratio where low <= ratio <= high, else 0.
+
+    Returns (is_weights [B, T] (token) or [B, 1] (sequence, geometric), keep_mask bool [B, T]: the
+    valid tokens whose unit was not masked, stats): mean and max weight over valid tokens, the
+    fraction of valid tokens whose unit's ratio fell outside [low, high] (truncated or masked),
+    k1 = mean(rollout - old) and k3 = mean(exp(old - rollout) - (old - rollout) - 1) (the KL from
+    the rollout policy to the old one, per token), ppl_ratio = exp(mean(rollout - old)) (the old
+    policy's perplexity over the rollout's, per token). Masked positions are read as 0 and get weight 0.
+    """
+    old_log_prob = valid_only(_upcast(old_log_prob), mask)
+    rollout_log_prob = valid_only(_upcast(rollout_log_prob), mask)
+    m = mask.to(old_log_prob.dtype)
+    diff = old_log_prob - rollout_log_prob  # log(pi_old / pi_rollout), 0 at masked positions
+    if level == "token":
+        log_ratio = diff
+    else:
+        log_ratio = diff.sum(-1, keepdim=True)
+        if level == "geometric":
+            log_ratio = log_ratio / m.sum(-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    lo = -float("inf") if low is None else low
+    outside = (ratio < lo) | (ratio > high)
+    if mode == "truncate":
+        weights = torch.clamp(ratio, min=low, max=high)
+    else:
+        weights = torch.where(outside, torch.zeros((), dtype=ratio.dtype, device=ratio.device), ratio)
+    valid = mask != 0
+    keep = valid & ~outside.expand_as(diff) if mode == "mask" else valid
+    per_token = weights.expand_as(diff)
+    n = m.sum().clamp(min=1)
+    stats = {
+        "is_weight_mean": (valid_only(per_token, mask) * m).sum() / n,
+        "is_weight_max": torch.where(valid, per_token, torch.zeros((), dtype=ratio.dtype, device=ratio.device)).amax()
+        if diff.numel() else diff.new_zeros(()),
+        "is_outside_frac": (valid_only(outside.expand_as(diff).to(m.dtype), mask) * m).sum() / n,
+        "rollout_k1": (-diff * m).sum() / n,
+        "rollout_k3": ((torch.exp(diff) - diff - 1.0) * m).sum() / n,
+        "rollout_ppl_ratio": torch.exp((-diff * m).sum() / n),
+    }
+    return weights * (m.sum(-1, keepdim=True) > 0) if level != "token" else weights * m, keep, stats
+
+
 # ----------------------------------------------------------------------------- fused linear
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
                           return_entropy=False, chunk_size=None):
@@ -251,10 +354,11 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
 def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
                           ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
                           entropy_coef=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean",
-                          num_tokens=None, num_seqs=None, chunk_size=None):
+                          num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token", surrogate="clip",
+                          tau_pos=1.0, tau_neg=1.05, chunk_size=None):
     """The PPO policy objective from hidden states, composed of the ops above:
 
-        loss = ppo_policy_loss(logp) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
+        loss = ppo_policy_loss(logp, ...) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
 
     with logp, entropy = fused_linear_logprobs(hidden, weight, labels). Returns (loss, stats):
     ppo_policy_loss's stats plus `policy_loss` (its loss alone), `entropy` and, with
@@ -264,7 +368,9 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
                                           ignore_index=ignore_index, return_entropy=True)
     agg_args = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
     policy_loss, stats = ppo_policy_loss(logp, old_log_prob, advantages, mask, clip_low=clip_low,
-                                         clip_high=clip_high, dual_clip=dual_clip, **agg_args)
+                                         clip_high=clip_high, dual_clip=dual_clip, is_weights=is_weights,
+                                         ratio_level=ratio_level, surrogate=surrogate, tau_pos=tau_pos,
+                                         tau_neg=tau_neg, **agg_args)
     loss = policy_loss - entropy_coef * agg_loss(entropy, mask, **agg_args)
     stats = {**stats, "policy_loss": policy_loss.detach(), "entropy": masked_mean(entropy.detach(), mask)}
     if ref_log_prob is not None:

@@ -49,11 +49,76 @@ def test_policy_loss_matches_openrlhf(name, dual_clip, token_level_loss, counts,
     assert out[3] is None and out[4] is None
 
 
+CORRECTIONS = [dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.8, 1.25)),
+               dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=(0.8, 1.25)),
+               dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=(0.9, 1.1))]
+LEGACY = {"tis": CORRECTIONS[0], "icepop": CORRECTIONS[1], "seq-mask-tis": CORRECTIONS[2]}
+
+
+def correction_inputs(dtype=torch.float32):
+    old = (randn(*SHAPE, seed=21, scale=0.5) - 2).to(dtype)
+    log_prob = (old.float() + randn(*SHAPE, seed=22, scale=0.3)).to(dtype)
+    rollout = (old.float() + randn(*SHAPE, seed=23, scale=0.2)).to(dtype)
+    return log_prob, old, rollout, randn(*SHAPE, seed=24).to(dtype), right_padded(*SHAPE, seed=25)
+
+
+def compare_with_openrlhf(ours, theirs, inputs, counts=None, name="auto"):
+    log_prob, old, rollout, adv, mask = inputs
+    counts = counts or {}
+    with on_backend(name):
+        out, grad = with_grad(lambda lp: ours(lp, old, adv, mask, rollout_log_probs=rollout, **counts), log_prob)
+    d = lambda t: t.double()  # noqa: E731 - OpenRLHF's math on the same values, in float64
+    want, want_grad = with_grad(lambda lp: theirs(lp, d(old), d(adv), mask.double(), rollout_log_probs=d(rollout),
+                                                  **counts), d(log_prob))
+    for label, a, b in zip(("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), out, want):
+        assert (a is None) == (b is None), label
+        if a is not None:
+            assert_close_f64(torch.as_tensor(a), torch.as_tensor(b), label)
+    assert_close_f64(grad, want_grad, "grad")
+
+
+@pytest.mark.parametrize("name", [b for b in backends_for("ppo_policy_loss") if b in backends_for("masked_mean")])
+@pytest.mark.parametrize("correction", range(len(CORRECTIONS)))
+@pytest.mark.parametrize("policy_loss_type", ["ppo", "gspo"])
+def test_policy_loss_with_is_correction_and_gspo_matches_openrlhf(name, correction, policy_loss_type):
+    """0.11's is_correction_* (token clip = TIS, token mask = ICEPOP, seq mask = the geometric-mean
+    gate) and GSPO (with the correction: its ratio against the rollout policy), against OpenRLHF's own."""
+    kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, policy_loss_type=policy_loss_type,
+                  **CORRECTIONS[correction])
+    compare_with_openrlhf(pf.PolicyLoss(**kwargs), loss_module.PolicyLoss(**kwargs), correction_inputs(),
+                          {"dp_size": 2, "batch_num_tokens": 100.0, "global_batch_size": 8.0}, name)
+
+
+@pytest.mark.parametrize("legacy_type", list(LEGACY))
+def test_the_earlier_spelling_of_the_correction_is_the_same_loss(legacy_type):
+    """enable_vllm_is_correction / vllm_is_truncated_threshold / vllm_is_correction_type (OpenRLHF
+    before 0.11) give what 0.11's spelling of the same correction gives in OpenRLHF's own code."""
+    new = LEGACY[legacy_type]
+    ours = pf.PolicyLoss(0.2, 0.28, enable_vllm_is_correction=True, vllm_is_correction_type=legacy_type,
+                         vllm_is_truncated_threshold=list(new["is_correction_threshold"]))
+    compare_with_openrlhf(ours, loss_module.PolicyLoss(0.2, 0.28, **new), correction_inputs())
+
+
+def test_gspo_without_correction_matches_openrlhf():
+    kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, policy_loss_type="gspo")
+    compare_with_openrlhf(pf.PolicyLoss(**kwargs), loss_module.PolicyLoss(**kwargs), correction_inputs())
+
+
 def test_policy_loss_refuses_what_it_lacks():
-    with pytest.raises(UnsupportedOption, match="gspo"):
-        pf.PolicyLoss(policy_loss_type="gspo")
-    with pytest.raises(UnsupportedOption, match="is_correction_level"):
-        pf.PolicyLoss(is_correction_level="token")
+    """Unknown keywords are refused, never swallowed into an uncorrected loss."""
+    with pytest.raises(UnsupportedOption, match=r"keyword\(s\) \['vllm_is_truncation'\]"):
+        pf.PolicyLoss(enable_vllm_is_correction=True, vllm_is_truncation=2.0)
+    with pytest.raises(UnsupportedOption, match="policy_loss_type='cispo'"):
+        pf.PolicyLoss(policy_loss_type="cispo")
+    with pytest.raises(UnsupportedOption, match="is_correction_gating='binary_kl'"):
+        pf.PolicyLoss(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=(0, 1))
+    with pytest.raises(ValueError, match="is_correction_mode=clip requires is_correction_level=token"):
+        pf.PolicyLoss(is_correction_level="seq", is_correction_mode="clip")
+    with pytest.raises(ValueError, match="given twice"):
+        pf.PolicyLoss(is_correction_level="token", enable_vllm_is_correction=True, vllm_is_truncated_threshold=[0, 2])
+    log_prob, old, _, adv, mask = correction_inputs()
+    with pytest.raises(ValueError, match="rollout_log_probs: required"):
+        pf.PolicyLoss(is_correction_level="token")(log_prob, old, adv, mask)
 
 
 @pytest.mark.op("value_loss")

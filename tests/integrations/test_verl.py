@@ -16,8 +16,9 @@ MODES = pf.AGG_MODES
 SHAPE = (6, 37)
 
 
-class ActorConfig(dict):
-    """What verl's vanilla loss reads of its ActorConfig: attributes, .get, global_batch_info."""
+class ActorConfig(dict, core.ActorConfig):
+    """What verl's policy losses read of its ActorConfig: attributes, .get, global_batch_info (an
+    instance of verl's ActorConfig class as loaded, which gspo / cispo / sapo assert)."""
 
     def __getattr__(self, key):
         return self[key]
@@ -56,11 +57,52 @@ def test_policy_loss_matches_verl(backend, mode, batch_info, dtype):
         assert metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), key
 
 
+VERL_LOSSES = {"ppo_fast": "vanilla", "ppo_fast_gspo": "gspo", "ppo_fast_cispo": "cispo", "ppo_fast_gpg": "gpg",
+               "ppo_fast_sapo": "sapo"}
+
+
+@pytest.mark.parametrize("name", list(VERL_LOSSES))
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("weights", [False, True])
+def test_every_registered_loss_mode_matches_verls_own(backend, name, mode, weights):
+    """Each loss_mode register() adds against verl's own function of that objective, with verl's
+    rollout correction weights (per token, zero on padding, as verl passes them) or without."""
+    old, log_prob, adv, mask = policy_inputs(seed=11)
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=1.0,
+                         tau_neg=1.05, global_batch_info={"dp_size": 2, "batch_num_tokens": 300,
+                                                          "global_batch_size": 12})
+    is_weights = (randn(*SHAPE, seed=12).abs() + 0.5) * mask if weights else None
+    theirs = getattr(core, f"compute_policy_loss_{VERL_LOSSES[name]}")
+    (loss, metrics), grad = grads(lambda lp: pf.POLICY_LOSSES[name](old, lp, adv, mask, mode, config,
+                                                                    rollout_is_weights=is_weights), log_prob)
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731 - verl's own math in float64
+    (want, want_metrics), want_grad = grads(
+        lambda lp: theirs(f64(old), lp, f64(adv), mask.double(), mode, config, rollout_is_weights=f64(is_weights)),
+        f64(log_prob))
+    assert_close_f64(loss, want, "loss")
+    assert_close_f64(grad, want_grad, "grad")
+    assert metrics.keys() == want_metrics.keys()
+    for key in metrics:
+        assert metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def test_register_adds_every_loss_mode():
+    registry = core.POLICY_LOSS_REGISTRY
+    before = dict(registry)
+    try:
+        pf.register()
+        assert {name: registry[name] for name in VERL_LOSSES} == pf.POLICY_LOSSES
+    finally:
+        registry.clear()
+        registry.update(before)
+
+
 def test_policy_loss_rejects_what_it_cannot_follow():
     old, log_prob, adv, mask = policy_inputs()
     config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, global_batch_info={})
-    with pytest.raises(UnsupportedOption, match="rollout_is_weights"):
-        pf.compute_policy_loss(old, log_prob, adv, mask, "token-mean", config, rollout_is_weights=torch.ones_like(old))
+    with pytest.raises(ValueError, match=r"is_weights: expected shape \(6, 37\) \(per token\)"):
+        pf.compute_policy_loss(old, log_prob, adv, mask, "token-mean", config,
+                               rollout_is_weights=torch.ones(6, 5, device=DEVICE))
     with pytest.raises(ValueError, match="loss_agg_mode: expected one of"):
         pf.compute_policy_loss(old, log_prob, adv, mask, "seq-sum", config)
 

@@ -47,8 +47,8 @@ def _fused_backward(backend):
 
 
 def _policy_rows(backend):
-    return (grad(per_token(9)), per_token(10), randn(B, T, seed=11), ragged_mask(B, T, seed=12), 0.2, 0.28, 3.0,
-            True, backend)
+    return (grad(per_token(9)), per_token(10), randn(B, T, seed=11), ragged_mask(B, T, seed=12),
+            randn(B, 1, seed=13).abs(), "clip", "sequence", 0.2, 0.28, 3.0, 1.0, 1.05, True, backend)
 
 
 def _value_rows(backend):
@@ -57,7 +57,7 @@ def _value_rows(backend):
 
 
 def _kl_forward(backend):
-    return (grad(per_token(17)), grad(per_token(18)), 3, 2)
+    return (grad(per_token(17)), grad(per_token(18)), "k3+")
 
 
 def _kl_backward(backend):
@@ -84,8 +84,8 @@ def _fused_ppo(backend):
     mask = ragged_mask(B, T, seed=31).float()
     row_weights = mask.sum(-1).gt(0).float() / mask.sum().clamp(min=1)
     return (grad(randn(B, T, H, seed=32)), grad(randn(V, H, seed=33, scale=0.3)), None, labels(), per_token(34) - 1,
-            randn(B, T, seed=35), mask, per_token(36) - 1, row_weights, 1.0, -100, 0.2, 0.2, None, 0.1, "k3", 0.01, 7,
-            True, True, False, backend)
+            randn(B, T, seed=35), mask, per_token(36) - 1, randn(B, T, seed=37).abs(), row_weights, 1.0, -100, "sapo",
+            "token", 0.2, 0.2, None, 1.0, 1.05, 0.1, "k3", 0.01, 7, True, True, False, backend)
 
 
 CUSTOM_OPS = {

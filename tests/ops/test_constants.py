@@ -20,6 +20,9 @@ def test_header_matches_python():
         "kRowLoss": rows.ROW_LOSS, "kRowTokens": rows.ROW_TOKENS, "kRowClipped": rows.ROW_CLIPPED,
         "kRowNegLogRatio": rows.ROW_NEG_LOG_RATIO, "kRowLowerClipped": rows.ROW_LOWER_CLIPPED,
         "kPolicyRowStats": len(rows.POLICY_ROW_STATS), "kValueRowStats": len(rows.VALUE_ROW_STATS),
+        **{f"kSurrogate{name.capitalize()}": code for name, code in constants.SURROGATE_CODES.items()},
+        **{"kRatio" + "".join(w.capitalize() for w in name.split("-")): code
+           for name, code in constants.RATIO_LEVEL_CODES.items()},
     }
     assert header == expected
 

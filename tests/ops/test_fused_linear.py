@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from support import DEVICE, assert_close_f64
+from support import DEVICE, assert_close_f64, randn
 
 from ppo_fast.ops import fused_linear_logprobs, reference
 
@@ -158,3 +158,24 @@ def test_backward_chunks_follow_the_memory_budget_not_v_over_h(monkeypatch):
     assert rows == fused_linear.CPU_BUDGET_BYTES // (V * fused_linear.BYTES_PER_LOGIT)
     fused_linear_logprobs(hidden, weight, torch.randint(0, V, (N,))).sum().backward()
     assert len(calls) == -(-N // rows) and calls[0] == (V, rows)
+
+
+def test_degenerate_shapes_give_a_clear_error_or_a_defined_result(backend):
+    """H = 0: the logits are the bias (or 0): log-probs and entropy of that distribution, gradients of
+    the right (empty) shapes. V = 0 and a 0-d hidden: errors naming the argument."""
+    from ppo_fast.ops import fused_linear_logprobs
+
+    labels = torch.tensor([1, 4, 0], device=DEVICE)
+    bias = randn(5, seed=3)
+    hidden = torch.zeros(3, 0, device=DEVICE, requires_grad=True)
+    weight = torch.zeros(5, 0, device=DEVICE, requires_grad=True)
+    logp, entropy = fused_linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
+    expected = torch.log_softmax(bias, -1)
+    torch.testing.assert_close(logp, expected[labels])
+    torch.testing.assert_close(entropy, -(expected.exp() * expected).sum().expand(3))
+    grads = torch.autograd.grad((logp + entropy).sum(), (hidden, weight))
+    assert [g.shape for g in grads] == [(3, 0), (5, 0)]
+    with pytest.raises(ValueError, match=r"weight: expected shape \[V, H\] with V >= 1"):
+        fused_linear_logprobs(randn(3, 4), torch.zeros(0, 4, device=DEVICE), torch.full((3,), -100, device=DEVICE))
+    with pytest.raises(ValueError, match=r"hidden: expected shape \[\.\.\., H\] \(at least one dimension\), got \(\)"):
+        fused_linear_logprobs(torch.tensor(1.0, device=DEVICE), randn(5, 1), torch.tensor(1, device=DEVICE))

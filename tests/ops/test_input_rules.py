@@ -5,6 +5,9 @@
 - NaN / inf at a masked position (mask = 0): never reaches a result or a gradient;
 - strided views and expanded (stride 0) tensors in any argument: the same results as the
   contiguous tensors (the kernels index by flat offsets, so a layout assumption would show).
+
+A case is an op, or an op with options in brackets ("ppo_policy_loss[sequence,sapo,is]"): the
+policy objectives' modes go through every rule too.
 """
 import pytest
 import torch
@@ -64,8 +67,57 @@ CASES = {
     "masked_whiten": (lambda: {"x": randn(B, T, seed=26), "mask": ragged_mask(B, T, seed=27)},
                       lambda f, x: f(x["x"], x["mask"]), [], ["x"]),
     "group_advantages": (lambda: {"scores": randn(6, seed=28)}, lambda f, x: f(x["scores"], 3), [], []),
+    # the policy objectives (ppo_fast.ops.policy_loss): surrogates, sequence ratios, importance weights
+    "ppo_policy_loss[sequence,sapo,is per sequence]": (
+        lambda: {"log_prob": per_token(35), "old": per_token(36), "adv": randn(B, T, seed=37),
+                 "mask": ragged_mask(B, T, seed=38), "is": randn(B, 1, seed=39).abs()},
+        lambda f, x: f(x["log_prob"], x["old"], x["adv"], x["mask"], is_weights=x["is"], ratio_level="sequence",
+                       surrogate="sapo", agg="token-mean"),
+        ["log_prob"], ["log_prob", "old", "adv"]),
+    "ppo_policy_loss[sequence-token,cispo,is]": (
+        lambda: {"log_prob": per_token(40), "old": per_token(41), "adv": randn(B, T, seed=42),
+                 "mask": ragged_mask(B, T, seed=43), "is": randn(B, T, seed=44).abs()},
+        lambda f, x: f(x["log_prob"], x["old"], x["adv"], x["mask"], is_weights=x["is"], ratio_level="sequence-token",
+                       surrogate="cispo", agg="seq-mean-token-sum"),
+        ["log_prob"], ["log_prob", "old", "adv", "is"]),
+    "ppo_policy_loss[sequence,clip]": (
+        lambda: {"log_prob": per_token(45), "old": per_token(46), "adv": randn(B, T, seed=47),
+                 "mask": ragged_mask(B, T, seed=48)},
+        lambda f, x: f(x["log_prob"], x["old"], x["adv"], x["mask"], ratio_level="sequence", dual_clip=3.0,
+                       agg="seq-mean-token-mean"),
+        ["log_prob"], ["log_prob", "old", "adv"]),
+    "ppo_policy_loss[gpg,is]": (
+        lambda: {"log_prob": per_token(49), "old": per_token(50), "adv": randn(B, T, seed=51),
+                 "mask": ragged_mask(B, T, seed=52), "is": randn(B, T, seed=53).abs()},
+        lambda f, x: f(x["log_prob"], x["old"], x["adv"], x["mask"], is_weights=x["is"], surrogate="gpg"),
+        ["log_prob"], ["log_prob", "old", "adv", "is"]),
+    "fused_linear_ppo_loss[sequence,clip,is]": (
+        lambda: {"hidden": randn(B, T, H, seed=54), "weight": randn(V, H, seed=55, scale=0.3),
+                 "labels": torch.randint(0, V, (B, T), device=DEVICE), "old": per_token(56) - 3.0,
+                 "adv": randn(B, T, seed=57), "ref": per_token(58) - 3.0, "mask": ragged_mask(B, T, seed=59),
+                 "is": randn(B, T, seed=60).abs()},
+        lambda f, x: f(x["hidden"], x["weight"], x["labels"], x["old"], x["adv"], x["mask"], ref_log_prob=x["ref"],
+                       kl_coef=0.1, entropy_coef=0.01, is_weights=x["is"], ratio_level="sequence",
+                       agg="seq-mean-token-mean"),
+        ["hidden", "weight"], ["old", "adv", "ref", "is"]),
+    "rollout_correction[token,mask]": (
+        lambda: {"old": per_token(61), "rollout": per_token(62), "mask": ragged_mask(B, T, seed=63)},
+        lambda f, x: f(x["old"], x["rollout"], x["mask"], level="token", mode="mask", low=0.5, high=2.0), [],
+        ["old", "rollout"]),
+    "rollout_correction[sequence,truncate]": (
+        lambda: {"old": per_token(64), "rollout": per_token(64) + randn(B, T, seed=65, scale=0.05),
+                 "mask": ragged_mask(B, T, seed=66)},
+        lambda f, x: f(x["old"], x["rollout"], x["mask"], level="sequence", mode="truncate", high=2.0), [],
+        ["old", "rollout"]),
 }
-PAIRS = [(op, b) for op in CASES for b in backends_for(op)]
+
+
+def op_of(case: str) -> str:
+    """The op a case runs: "ppo_policy_loss[sequence,sapo]" -> "ppo_policy_loss"."""
+    return case.split("[")[0]
+
+
+PAIRS = [(case, b) for case in CASES for b in backends_for(op_of(case))]
 
 
 def outputs_of(out):
@@ -91,10 +143,13 @@ def evaluate(fn, call, inputs, grad_names, double=False):
 
 def check_against_reference(op, inputs):
     _, call, grad_names, _ = CASES[op]
-    outs, grads = evaluate(getattr(ops, op), call, inputs, grad_names)
-    outs64, grads64 = evaluate(getattr(reference, op), call, inputs, grad_names, double=True)
+    outs, grads = evaluate(getattr(ops, op_of(op)), call, inputs, grad_names)
+    outs64, grads64 = evaluate(getattr(reference, op_of(op)), call, inputs, grad_names, double=True)
     for i, (a, e) in enumerate(zip(outs + grads, outs64 + grads64)):
-        assert_close_f64(a, e, f"{op} output/grad {i}", magnitude=10.0, equal_nan=True)
+        if a.dtype == torch.bool:  # a mask (rollout_correction's keep_mask): exactly the reference's
+            assert torch.equal(a, e), f"{op} output {i}"
+        else:
+            assert_close_f64(a, e, f"{op} output/grad {i}", magnitude=10.0, equal_nan=True)
     return outs, grads
 
 
@@ -158,8 +213,8 @@ def test_strided_and_expanded_inputs_give_the_contiguous_results(op, backend):
     views = {k: relayout(v) for k, v in inputs.items()}
     assert any(not v.is_contiguous() for v in views.values())
     with on_backend(backend):
-        outs, grads = evaluate(getattr(ops, op), call, inputs, grad_names)
-        outs_v, grads_v = evaluate(getattr(ops, op), call, views, grad_names)
+        outs, grads = evaluate(getattr(ops, op_of(op)), call, inputs, grad_names)
+        outs_v, grads_v = evaluate(getattr(ops, op_of(op)), call, views, grad_names)
     for i, (a, e) in enumerate(zip(outs_v + grads_v, outs + grads)):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, equal_nan=True, msg=lambda m: f"{op} {i}: {m}")
 
@@ -175,13 +230,13 @@ def test_column_of_a_label_matrix(backend):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("op, backend", [(op, b) for op, b in PAIRS if op in ("compute_rewards", "gae", "ppo_policy_loss",
-                                                                             "value_loss", "agg_loss", "masked_whiten")])
+@pytest.mark.parametrize("op, backend", [(op, b) for op, b in PAIRS if op_of(op) in (
+    "compute_rewards", "gae", "ppo_policy_loss", "value_loss", "agg_loss", "masked_whiten")])
 def test_zero_length_sequences_give_empty_or_zero_results(op, backend):
     """T = 0: empty per-token results and losses of 0 (nothing is valid), never an IndexError."""
     make, call, grad_names, _ = CASES[op]
-    inputs = {k: (v[:, :0] if v.dim() == 2 else v) for k, v in make().items()}
+    inputs = {k: (v[:, :0] if v.dim() == 2 and v.shape[1] != 1 else v) for k, v in make().items()}
     with on_backend(backend):
-        outs, grads = evaluate(getattr(ops, op), call, inputs, grad_names)
+        outs, grads = evaluate(getattr(ops, op_of(op)), call, inputs, grad_names)
     for t in outs + grads:
         assert t.numel() == 0 or (t.dim() == 0 and t.item() == 0)

@@ -82,3 +82,20 @@ def test_bad_inputs_give_clear_errors():
         compute_rewards(torch.zeros(3, device=DEVICE), log_prob, ref, torch.ones(2, 5, device=DEVICE), kl_coef=0.1)
     with pytest.raises(TypeError, match=r"kl_coef: expected a Python float"):
         compute_rewards(torch.zeros(2, device=DEVICE), log_prob, ref, torch.ones(2, 5, device=DEVICE), kl_coef=None)
+
+
+@pytest.mark.parametrize("estimator", [e for e in ESTIMATORS if e.endswith("+")])
+def test_straight_through_estimators_with_infinite_log_probs_follow_the_reference(backend, estimator):
+    """'+': the value k2 + sg[value - k2], NaN wherever k2 is infinite (a +inf log-prob against a -inf
+    reference), exactly where the reference's is; finite entries as usual."""
+    log_prob = torch.tensor([[float("inf"), 0.0, -1.0, -3.0]], device=DEVICE)
+    ref = torch.tensor([[float("-inf"), 0.0, -2.0, -float("inf")]], device=DEVICE)
+    got = kl_penalty(log_prob, ref, estimator=estimator)
+    want = reference.kl_penalty(log_prob.double(), ref.double(), estimator=estimator)
+    assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu())
+    finite = torch.isfinite(want)
+    assert_close_f64(got[finite], want[finite], estimator)
+    rewards = compute_rewards(torch.zeros(1, device=DEVICE), log_prob, ref, torch.ones(1, 4, dtype=torch.bool,
+                                                                                      device=DEVICE), kl_coef=0.1,
+                              estimator=estimator)
+    assert torch.isnan(rewards[0, 0]) and torch.isfinite(rewards[0, 1:3]).all()
