@@ -9,8 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 
 # The peers the adapter tests compare with (tests/integrations): their own code, installed without
 # their dependencies (never a second torch); omegaconf is the one light package the compared
-# modules need. A peer that cannot be installed makes its tests skip, saying so.
+# modules need, accelerate and datasets what TRL's trainers need to run (neither depends on torch,
+# so the installed one is kept). A peer that cannot be installed makes its tests skip, saying so.
 PEERS ?= verl==0.9.1 trl==1.16.0 openrlhf==0.11.2 liger-kernel==0.8.5
+PEER_DEPS ?= "omegaconf>=2.3" "accelerate>=1.4" "datasets>=3"
 
 .PHONY: install native peers cuda-check test demo bench clean
 
@@ -51,7 +53,7 @@ cuda-check:
 	done
 
 peers:
-	@$(PIP) install -q --no-deps $(PEERS) && $(PIP) install -q "omegaconf>=2.3" \
+	@$(PIP) install -q --no-deps $(PEERS) && $(PIP) install -q $(PEER_DEPS) \
 		|| echo "peers: not installed; tests/integrations will skip" >&2
 
 test: EXTRAS = dev

@@ -1,21 +1,37 @@
-// The log-probs backward for one row, shared by the C++ (CPU) and CUDA kernels.
-// With x = logits / T, log p_v = x_v - lse:
+// The log-probs math shared by the C++ (CPU) and CUDA kernels: the logit transform and the
+// backward of one entry. With x = logits / T (see LogitTransform), log p_v = x_v - lse:
 //   d/dx_v [g_logp logp + g_entropy H] = g_logp ([v == y] - p_v) - g_entropy p_v (log p_v + H),
 // and d/dlogits = (d/dx) / T. Each caller supplies p_v = exp(log p_v) with its own exp.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "row_layout.h"  // PPO_FAST_HOST_DEVICE
 
 namespace ppo_fast {
 
-// Gradient at one entry; indicator = [v == y], so at the label [v == y] - p is 1 - p in fp32.
-// p = 0 (a logit of -inf) contributes 0 to the entropy term, not 0 * inf = NaN.
+// x = z inv_t, or with a softcap c: x = c tanh(scale z / c) inv_t (final-logit softcapping; without
+// a softcap the scale is folded into inv_t by the caller). dx/dz = scale (1 - tanh^2) inv_t.
+struct LogitTransform {
+  float inv_t, scale, softcap;
+  bool has_softcap;
+
+  PPO_FAST_HOST_DEVICE float tanh_of(float z) const { return tanhf(scale * z / softcap); }
+  PPO_FAST_HOST_DEVICE float apply(float z) const { return has_softcap ? softcap * tanh_of(z) * inv_t : z * inv_t; }
+  PPO_FAST_HOST_DEVICE float slope(float z) const {
+    if (!has_softcap) return inv_t;
+    const float t = tanh_of(z);
+    return scale * (1.0f - t * t) * inv_t;
+  }
+};
+
+// Gradient at one entry, to x times dx/dz = `slope`; indicator = [v == y], so at the label
+// [v == y] - p is 1 - p in fp32. p = 0 (a logit of -inf) contributes 0 to the entropy term, not 0 * inf = NaN.
 PPO_FAST_HOST_DEVICE float logprobs_grad(float logp_v, float p, float indicator, float g_logp, float g_entropy,
-                                         float entropy, float inv_t) {
+                                         float entropy, float slope) {
   const float entropy_term = p > 0.0f ? p * (logp_v + entropy) : 0.0f;
-  return ((indicator - p) * g_logp - g_entropy * entropy_term) * inv_t;
+  return ((indicator - p) * g_logp - g_entropy * entropy_term) * slope;
 }
 
 }  // namespace ppo_fast

@@ -26,20 +26,24 @@ P32, P16, PBOOL = "*fp32", "*bf16", "*i1"
 
 def variants():
     """(name, kernel, {arg: type or None for a None pointer}, {constexpr: value})."""
-    lp_fwd = dict(logits_ptr=P16, labels_ptr="*i64", logp_ptr=P32, entropy_ptr=P32, lse_ptr=P32, V="i32",
-                  rows_per_batch="i32", stride_batch="i64", stride_row="i32", inv_temperature="fp32",
-                  ignore_index="i32")
-    yield "logprobs fwd", logprobs._logprobs_fwd_kernel, lp_fwd, dict(HAS_LABELS=True, WITH_ENTROPY=True, BLOCK_V=4096)
+    lp_fwd = dict(logits_ptr=P16, labels_ptr="*i64", logp_ptr=P32, entropy_ptr=P32, lse_ptr=P32, stats_ptr=None,
+                  V="i32", rows_per_batch="i32", stride_batch="i64", stride_row="i32", inv_temperature="fp32",
+                  scale="fp32", softcap="fp32", ignore_index="i32")
+    plain = dict(HAS_LABELS=True, WITH_ENTROPY=True, HAS_SOFTCAP=False, WITH_STATS=False, BLOCK_V=4096)
+    yield "logprobs fwd", logprobs._logprobs_fwd_kernel, lp_fwd, plain
+    yield ("logprobs fwd softcap + stats", logprobs._logprobs_fwd_kernel, {**lp_fwd, "stats_ptr": P32},
+           {**plain, "HAS_SOFTCAP": True, "WITH_STATS": True})
     yield ("entropy fwd", logprobs._logprobs_fwd_kernel, {**lp_fwd, "labels_ptr": None, "logp_ptr": None},
-           dict(HAS_LABELS=False, WITH_ENTROPY=True, BLOCK_V=1024))
+           {**plain, "HAS_LABELS": False, "BLOCK_V": 1024})
     lp_bwd = dict(logits_ptr=P16, grad_logits_ptr=P16, labels_ptr="*i64", grad_logp_ptr=P32, grad_entropy_ptr=P32,
                   lse_ptr=P32, entropy_ptr=P32, V="i32", rows_per_batch="i32", stride_batch="i64", stride_row="i32",
-                  inv_temperature="fp32", ignore_index="i32")
-    yield "logprobs bwd", logprobs._logprobs_bwd_kernel, lp_bwd, dict(HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=True,
-                                                                      BLOCK_V=4096)
+                  inv_temperature="fp32", scale="fp32", softcap="fp32", ignore_index="i32")
+    for softcap in (False, True):
+        yield (f"logprobs bwd softcap={softcap}", logprobs._logprobs_bwd_kernel, lp_bwd,
+               dict(HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=True, HAS_SOFTCAP=softcap, BLOCK_V=4096))
     yield ("logprobs bwd (logp only)", logprobs._logprobs_bwd_kernel,
            {**lp_bwd, "grad_entropy_ptr": None, "entropy_ptr": None},
-           dict(HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=False, BLOCK_V=4096))
+           dict(HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=False, HAS_SOFTCAP=False, BLOCK_V=4096))
     for centered in (False, True):
         yield (f"masked row sums centered={centered}", masked._masked_row_sums_kernel,
                dict(x_ptr=P32, mask_ptr=PBOOL, center_ptr=P32 if centered else None, out_ptr=P32, T="i32"),
@@ -61,7 +65,7 @@ def variants():
     yield ("value loss", value_loss._value_loss_fwd_kernel,
            dict(values_ptr=P32, old_ptr=P32, returns_ptr=P32, mask_ptr=P32, dloss_ptr=P32, row_stats_ptr=P32, T="i32",
                 clip="fp32"), dict(NEEDS_GRAD=True, BLOCK_T=1024))
-    for code in range(4):
+    for code in range(5):
         yield (f"kl fwd estimator={code}", kl._kl_fwd_kernel,
                dict(log_prob_ptr=P32, ref_ptr=P32, out_ptr=P32, numel="i32"),
                dict(ESTIMATOR=code, STRAIGHT=code == 3, BLOCK=1024))

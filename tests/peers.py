@@ -118,4 +118,11 @@ def openrlhf_experience_maker():
 
 
 def trl_utils():
-    return load("trl.trainer.utils", stand_ins=("pandas", "datasets", "trl.trainer.model_config"))
+    """trl.trainer.utils, imported for real where TRL's own dependencies (accelerate, datasets) are
+    installed (make peers installs them), else its file alone with stand-ins."""
+    try:
+        import trl.trainer.utils as utils
+
+        return utils
+    except ImportError:
+        return load("trl.trainer.utils", stand_ins=("pandas", "datasets", "trl.trainer.model_config"))

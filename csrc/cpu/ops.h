@@ -17,18 +17,20 @@
 
 namespace ppo_fast {
 
-// Returns (logp [N] or empty, entropy [N] or empty, lse [N]), all float32.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
-    const at::Tensor& logits, const c10::optional<at::Tensor>& labels, RowLayout layout, double inv_temperature,
-    int64_t ignore_index, bool with_entropy);
+// Returns (logp [N] or empty, entropy [N] or empty, lse [N], stats [N, 3] or empty), all float32.
+// The logits z become x = z inv_temperature, or with a softcap c, x = c tanh(scale z / c) inv_temperature.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
+    const at::Tensor& logits, const std::optional<at::Tensor>& labels, RowLayout layout, double inv_temperature,
+    double scale, std::optional<double> softcap, int64_t ignore_index, bool with_entropy, bool with_stats);
 
 // Returns grad_logits [N, V] in the logits' dtype, written into `out` when given (which may be
 // the logits themselves, when they are contiguous [N, V]).
-at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::Tensor>& labels, RowLayout layout,
-                             const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
-                             const c10::optional<at::Tensor>& grad_logp,
-                             const c10::optional<at::Tensor>& grad_entropy, double inv_temperature,
-                             int64_t ignore_index, const c10::optional<at::Tensor>& out);
+at::Tensor logprobs_backward(const at::Tensor& logits, const std::optional<at::Tensor>& labels, RowLayout layout,
+                             const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                             const std::optional<at::Tensor>& grad_logp,
+                             const std::optional<at::Tensor>& grad_entropy, double inv_temperature, double scale,
+                             std::optional<double> softcap, int64_t ignore_index,
+                             const std::optional<at::Tensor>& out);
 
 // Returns (advantages, returns), float32 [B, T].
 std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,

@@ -23,35 +23,43 @@ DType dtype_of(const at::Tensor& t) {
 void check(cudaError_t err, const char* what) { TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err)); }
 
 template <typename T>
-T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
-    const at::Tensor& logits, const c10::optional<at::Tensor>& labels, int64_t n_rows, int64_t vocab,
-    int64_t rows_per_batch, int64_t stride_batch, int64_t stride_row, double inv_temperature, int64_t ignore_index,
-    bool with_entropy) {
+ppo_fast::LogitTransform transform_of(double inv_temperature, double scale, std::optional<double> softcap) {
+  return {static_cast<float>(inv_temperature), static_cast<float>(scale),
+          softcap.has_value() ? static_cast<float>(*softcap) : 1.0f, softcap.has_value()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
+    const at::Tensor& logits, const std::optional<at::Tensor>& labels, int64_t n_rows, int64_t vocab,
+    int64_t rows_per_batch, int64_t stride_batch, int64_t stride_row, double inv_temperature, double scale,
+    std::optional<double> softcap, int64_t ignore_index, bool with_entropy, bool with_stats) {
   const c10::cuda::CUDAGuard guard(logits.device());
   auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({n_rows}, f32);
   at::Tensor logp = labels.has_value() ? at::empty({n_rows}, f32) : at::Tensor();
   at::Tensor entropy = with_entropy ? at::empty({n_rows}, f32) : at::Tensor();
+  at::Tensor stats = with_stats ? at::empty({n_rows, 3}, f32) : at::Tensor();
   check(ppo_fast::cuda::launch_logprobs_forward(
             logits.data_ptr(), dtype_of(logits), ptr_or_null<int64_t>(labels),
-            RowLayout{n_rows, vocab, rows_per_batch, stride_batch, stride_row}, static_cast<float>(inv_temperature),
-            ignore_index, logp.defined() ? logp.data_ptr<float>() : nullptr,
+            RowLayout{n_rows, vocab, rows_per_batch, stride_batch, stride_row},
+            transform_of(inv_temperature, scale, softcap), ignore_index,
+            logp.defined() ? logp.data_ptr<float>() : nullptr,
             entropy.defined() ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
-            c10::cuda::getCurrentCUDAStream()),
+            stats.defined() ? stats.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream()),
         "logprobs_forward");
-  return {logp, entropy, lse};
+  return {logp, entropy, lse, stats};
 }
 
-at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::Tensor>& labels, int64_t n_rows,
+at::Tensor logprobs_backward(const at::Tensor& logits, const std::optional<at::Tensor>& labels, int64_t n_rows,
                              int64_t vocab, int64_t rows_per_batch, int64_t stride_batch, int64_t stride_row,
-                             const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
-                             const c10::optional<at::Tensor>& grad_logp,
-                             const c10::optional<at::Tensor>& grad_entropy, double inv_temperature,
-                             int64_t ignore_index, const c10::optional<at::Tensor>& out) {
+                             const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                             const std::optional<at::Tensor>& grad_logp,
+                             const std::optional<at::Tensor>& grad_entropy, double inv_temperature, double scale,
+                             std::optional<double> softcap, int64_t ignore_index,
+                             const std::optional<at::Tensor>& out) {
   const c10::cuda::CUDAGuard guard(logits.device());
   // The kernel reads logits through the read-only cache: the gradient may not overwrite them.
   TORCH_CHECK(!out.has_value() || out->data_ptr() != logits.data_ptr(),
@@ -63,7 +71,8 @@ at::Tensor logprobs_backward(const at::Tensor& logits, const c10::optional<at::T
             logits.data_ptr(), dtype_of(logits), ptr_or_null<int64_t>(labels),
             RowLayout{n_rows, vocab, rows_per_batch, stride_batch, stride_row}, lse.data_ptr<float>(),
             ptr_or_null<float>(entropy), ptr_or_null<float>(grad_logp), ptr_or_null<float>(grad_entropy),
-            static_cast<float>(inv_temperature), ignore_index, grad.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+            transform_of(inv_temperature, scale, softcap), ignore_index, grad.data_ptr(),
+            c10::cuda::getCurrentCUDAStream()),
         "logprobs_backward");
   return grad;
 }

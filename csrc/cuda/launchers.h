@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "logprobs_math.h"  // LogitTransform
 #include "row_layout.h"
 
 namespace ppo_fast {
@@ -14,15 +15,16 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// logp (nullptr without labels), entropy (nullptr when not wanted) and lse: float32 [n_rows].
+// logp (nullptr without labels), entropy (nullptr when not wanted) and lse: float32 [n_rows];
+// stats (nullptr when not wanted): float32 [n_rows, 3], log sum p^2, mean logit, label is the argmax.
 cudaError_t launch_logprobs_forward(const void* logits, DType dtype, const int64_t* labels, RowLayout layout,
-                                    float inv_temperature, int64_t ignore_index, float* logp, float* entropy,
-                                    float* lse, cudaStream_t stream);
+                                    LogitTransform tr, int64_t ignore_index, float* logp, float* entropy, float* lse,
+                                    float* stats, cudaStream_t stream);
 
 // grad_logits: contiguous [n_rows, V] of dtype. grad_logp / grad_entropy may be nullptr.
 cudaError_t launch_logprobs_backward(const void* logits, DType dtype, const int64_t* labels, RowLayout layout,
                                      const float* lse, const float* entropy, const float* grad_logp,
-                                     const float* grad_entropy, float inv_temperature, int64_t ignore_index,
+                                     const float* grad_entropy, LogitTransform tr, int64_t ignore_index,
                                      void* grad_logits, cudaStream_t stream);
 
 // All float32 contiguous [B, T].

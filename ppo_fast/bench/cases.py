@@ -134,13 +134,25 @@ def cross_entropy_peers(device: torch.device) -> dict:
 
 
 def fused_linear_peers() -> dict:
-    """Liger-Kernel's fused linear cross-entropy (per-token, no entropy), where installed."""
+    """Peers' fused LM heads, where installed: Liger-Kernel's fused linear cross-entropy (per-token,
+    no entropy) and TRL's ChunkedLogProbFunction (log-probs and entropy, the tile TRL's trainers use)."""
+    peers = {}
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        peers["liger"] = lambda hidden, weight, labels, return_entropy=True: (
+            -liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="none"), None)
     except ImportError:
-        return {}
-    return {"liger": lambda hidden, weight, labels, return_entropy=True: (
-        -liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="none"), None)}
+        pass
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as tile  # what TRL's trainers pass
+
+        peers["trl-chunked"] = lambda hidden, weight, labels, return_entropy=True: ChunkedLogProbFunction.apply(
+            hidden, weight, None, labels, 1.0, tile, None, 1.0, ("entropy",))[:2]
+    except ImportError:
+        pass
+    return peers
 
 
 # ----------------------------------------------------------------------------- runners

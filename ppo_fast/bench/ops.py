@@ -49,7 +49,6 @@ def run_case(case: Case, device: torch.device, index: int = 0, preset: str = "fu
         gbps, tflops = achieved_rates(case.bytes_moved, case.flops, ms)
         rows.append({**row, "ms": ms, "peak_mem_mb": None if peak is None else round(peak, 1),
                      "gbps": gbps, "tflops": tflops})
-    del inputs
     return rows
 
 

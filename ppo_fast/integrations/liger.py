@@ -1,14 +1,16 @@
-"""Liger-Kernel's cross-entropy modules (liger_kernel.transformers) computed by ppo_fast.ops, for
-users moving from Liger: the loss is -log p of the target, so `reduction="none"` gives -logprobs.
+"""Liger-Kernel's modules computed by ppo_fast.ops, for users moving from Liger: the cross-entropy
+modules (liger_kernel.transformers; the loss is -log p of the target, so `reduction="none"` gives
+-logprobs) and the fused linear GRPO loss (liger_kernel.chunked_loss).
 
     from ppo_fast.integrations.liger import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+    from ppo_fast.integrations.liger import LigerFusedLinearGRPOLoss
 """
 from __future__ import annotations
 
 import torch
 
 from ppo_fast import ops
-from ppo_fast.integrations import unsupported
+from ppo_fast.integrations import grpo_loss_types, unsupported
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -16,8 +18,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def _check_options(weight=None, lse_square_scale=0.0, label_smoothing=0.0, reduction="mean", softcap=None,
                    return_z_loss=False, **flags):
     for name, value, default in (("weight", weight, None), ("lse_square_scale", lse_square_scale, 0.0),
-                                 ("label_smoothing", label_smoothing, 0.0), ("softcap", softcap, None),
-                                 ("return_z_loss", return_z_loss, False)):
+                                 ("label_smoothing", label_smoothing, 0.0), ("return_z_loss", return_z_loss, False)):
         if isinstance(value, torch.Tensor) or value != default:
             raise unsupported("liger", f"{name}={value!r}", "ppo_fast computes the plain cross-entropy")
     for name, value in flags.items():
@@ -25,6 +26,9 @@ def _check_options(weight=None, lse_square_scale=0.0, label_smoothing=0.0, reduc
             raise unsupported("liger", f"{name}={value!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap: expected None or a number > 0, got {softcap!r}")
+    return None if softcap is None else float(softcap)
 
 
 def _reduce(nll, target, ignore_index, reduction):
@@ -35,18 +39,20 @@ def _reduce(nll, target, ignore_index, reduction):
 
 
 class LigerCrossEntropyLoss(torch.nn.Module):
-    """forward(_input [N, V], target [N]) -> -log softmax(_input)[target], reduced; ignore_index -> 0."""
+    """forward(_input [N, V], target [N]) -> -log softmax(x)[target], reduced (ignore_index -> 0); x the
+    logits, or softcap tanh(logits / softcap) with softcap."""
 
     def __init__(self, weight=None, ignore_index: int = -100, lse_square_scale: float = 0.0,
                  label_smoothing: float = 0.0, reduction: str = "mean", softcap=None, return_z_loss: bool = False,
                  return_token_accuracy: bool = False, return_predicted_tokens: bool = False):
         super().__init__()
-        _check_options(weight, lse_square_scale, label_smoothing, reduction, softcap, return_z_loss,
-                       return_token_accuracy=return_token_accuracy, return_predicted_tokens=return_predicted_tokens)
+        self.softcap = _check_options(weight, lse_square_scale, label_smoothing, reduction, softcap, return_z_loss,
+                                      return_token_accuracy=return_token_accuracy,
+                                      return_predicted_tokens=return_predicted_tokens)
         self.ignore_index, self.reduction = ignore_index, reduction
 
     def forward(self, _input, target):
-        nll = -ops.logprobs_from_logits(_input, target, ignore_index=self.ignore_index)
+        nll = -ops.logprobs_from_logits(_input, target, ignore_index=self.ignore_index, softcap=self.softcap)
         return _reduce(nll, target, self.ignore_index, self.reduction)
 
 
@@ -59,11 +65,96 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
                  accum_dtype=None, use_token_scaling: bool = False, return_token_accuracy: bool = False,
                  return_predicted_tokens: bool = False):
         super().__init__()
-        _check_options(ce_weight, lse_square_scale, label_smoothing, reduction, softcap, return_z_loss,
-                       use_token_scaling=use_token_scaling, return_token_accuracy=return_token_accuracy,
-                       return_predicted_tokens=return_predicted_tokens)
+        self.softcap = _check_options(ce_weight, lse_square_scale, label_smoothing, reduction, softcap,
+                                      return_z_loss, use_token_scaling=use_token_scaling,
+                                      return_token_accuracy=return_token_accuracy,
+                                      return_predicted_tokens=return_predicted_tokens)
         self.ignore_index, self.reduction = ignore_index, reduction
 
     def forward(self, lin_weight, _input, target, bias=None):
-        nll = -ops.fused_linear_logprobs(_input, lin_weight, target, bias=bias, ignore_index=self.ignore_index)
+        nll = -ops.fused_linear_logprobs(_input, lin_weight, target, bias=bias, ignore_index=self.ignore_index,
+                                         softcap=self.softcap)
         return _reduce(nll, target, self.ignore_index, self.reduction)
+
+
+# ----------------------------------------------------------------------------- fused linear GRPO loss
+class LigerFusedLinearGRPOLoss(torch.nn.Module):
+    """liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (Liger 0.8) on fused_linear_ppo_loss: the same
+    constructor and call, forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T],
+    attention_mask [B, T], advantages [B], bias, ref_per_token_logps, old_per_token_logps, ref_input,
+    ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch) -> (loss, (kl mean if beta, clip fraction)).
+
+    loss_type grpo / sapo (mean over the batch's sequences of their token means), bnpo (over the
+    batch's tokens), dr_grpo (over B x max_completion_length), dapo / cispo (over num_items_in_batch,
+    else the batch's tokens); importance_sampling_level token / sequence; epsilon_low / high (cispo:
+    epsilon_high is the weight's absolute cap, as Liger and TRL); delta (two-sided clipping) as the
+    dual clip; beta with ref_per_token_logps, or the reference's log-probs from ref_input / ref_weight;
+    vllm_is_ratio as the importance weights (the policy term only, before the KL). `compiled` and
+    `chunk_size` are accepted and have no effect (ppo_fast chunks by its own rule). The clip fraction
+    counts the tokens whose clipped term won (Liger's definition) except for cispo, where it counts
+    the capped weights of either advantage sign (Liger: positive ones only). Refused: loss_type luspo
+    / vespo, use_bias_correction_kl, delta < 1 + epsilon_high (not the dual clip then)."""
+
+    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
+                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
+                 max_completion_length=None, importance_sampling_level: str = "token",
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
+                 delta=None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
+                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
+        super().__init__()
+        if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
+            raise ValueError(f"sapo_temperature_pos / neg must be positive, got {sapo_temperature_pos}, "
+                             f"{sapo_temperature_neg}")
+        if delta is not None and delta <= 0:
+            raise ValueError(f"delta must be positive, got {delta}")
+        if use_bias_correction_kl:
+            raise unsupported("liger", "use_bias_correction_kl=True", "the KL is not importance-weighted")
+        if importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"Unknown importance sampling level: {importance_sampling_level}")
+        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
+            raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'")
+        grpo_loss_types.check("liger", loss_type, epsilon_high, delta)
+        self.beta, self.use_ref_model, self.loss_type = beta, use_ref_model, loss_type
+        self.epsilon_low, self.epsilon_high, self.delta = epsilon_low, epsilon_high, delta
+        self.max_completion_length, self.importance_sampling_level = max_completion_length, importance_sampling_level
+        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
+        self.temperature = temperature
+
+    def _objective(self) -> dict:
+        return grpo_loss_types.objective(self.loss_type, self.importance_sampling_level, self.epsilon_low,
+                                         self.epsilon_high, self.delta, self.sapo_temperature_pos,
+                                         self.sapo_temperature_neg)
+
+    def _aggregation(self, mask, num_items_in_batch) -> dict:
+        def token_count():  # num_items_in_batch (else every rank's valid tokens) per rank, as Liger
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            total = num_items_in_batch
+            if total is None:
+                total = mask.sum().float()
+                if distributed:
+                    torch.distributed.all_reduce(total)
+            return max(float(total) / (torch.distributed.get_world_size() if distributed else 1), 1.0)
+
+        return grpo_loss_types.aggregation(self.loss_type, mask, max_completion_length=self.max_completion_length,
+                                           token_count=token_count)
+
+    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
+                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
+                vllm_is_ratio=None, num_items_in_batch=None):
+        mask = attention_mask.bool()
+        if self.beta != 0.0 and ref_per_token_logps is None:
+            if not (self.use_ref_model and ref_input is not None and ref_weight is not None):
+                raise ValueError("beta != 0 needs ref_per_token_logps, or use_ref_model with ref_input and ref_weight")
+            with torch.no_grad():
+                ref_per_token_logps = ops.fused_linear_logprobs(ref_input, ref_weight, selected_token_ids,
+                                                                bias=ref_bias, temperature=self.temperature)
+        if vllm_is_ratio is not None and vllm_is_ratio.dim() == 1:
+            vllm_is_ratio = vllm_is_ratio.unsqueeze(-1)
+        loss, stats = ops.fused_linear_ppo_loss(
+            _input, lin_weight, selected_token_ids, old_per_token_logps, advantages[:, None].expand(mask.shape).float(),
+            mask, bias=bias, temperature=self.temperature,
+            ref_log_prob=ref_per_token_logps if self.beta != 0.0 else None, kl_coef=float(self.beta),
+            kl_estimator="k3_raw", is_weights=vllm_is_ratio, **self._objective(),
+            **self._aggregation(mask, num_items_in_batch))
+        clip_fraction = torch.zeros_like(stats["clipfrac"]) if self.loss_type == "sapo" else stats["clipfrac"]
+        return loss, ((stats["kl"],) if self.beta != 0.0 else ()) + (clip_fraction,)

@@ -1,51 +1,350 @@
-"""TRL's per-token helpers (trl.trainer.utils, TRL 1.x) computed by ppo_fast.ops, and `patch()`
-to swap them into TRL's trainers.
+"""TRL (1.16) on ppo_fast's kernels: its per-token helpers (trl.trainer.utils), the fused LM head its
+trainers score log-probs with (trl.kernels.ChunkedLogProbFunction), GRPOTrainer's loss through
+fused_linear_ppo_loss, and patch() to install them.
 
     from ppo_fast.integrations import trl as pf_trl
-    pf_trl.patch()        # GRPOTrainer, PPOTrainer, ... now call ppo_fast's kernels
+    pf_trl.patch()             # GRPO, RLOO, DPO, SFT, KTO trainers: log-probs and entropy on ppo_fast
+    pf_trl.patch(loss=True)    # and GRPOTrainer's loss from the hidden states in one fused op
+
+Where ppo_fast is called: TRL 1.16's trainers compute log-probs through
+trl.trainer.utils._ChunkedLogProbFunction (reached from the model forward add_fused_lm_head installs,
+looked up as a module global at each call), which patch() replaces with ChunkedLogProbFunction; the
+helpers selective_log_softmax, entropy_from_logits and selective_log_softmax_and_entropy are
+replaced in every loaded TRL module that has them. patch() returns (and logs) what it replaced, and
+warns when a trainer finishes a training step without calling any of it (a TRL that moved its
+hooks is noticed, not silently slow).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import logging
 import sys
+import threading
+import warnings
+
+import torch
 
 from ppo_fast import ops
-from ppo_fast.integrations import unsupported
+from ppo_fast.integrations import grpo_loss_types, unsupported
+from ppo_fast.ops import reference
 
 IGNORE = -100
+OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's
+CALLS = collections.Counter()  # replacement -> times called since import (patch() watches it)
+log = logging.getLogger("ppo_fast.integrations.trl")
+
+
+# ----------------------------------------------------------------------------- per-token helpers
+def _k_index_logprobs(logits, index, temperature):
+    """log-probs of K ids per position: one pass for the first id (the kernel's lse, through
+    autograd), the others from lse = x_first - logp_first and a gather."""
+    first = ops.logprobs_from_logits(logits, index[..., 0].contiguous(), temperature=temperature)
+    x = logits.gather(-1, index).float() / temperature
+    lse = x[..., :1] - first.unsqueeze(-1)
+    return x - lse
 
 
 def selective_log_softmax(logits, index, temperature: float = 1.0, row_mask=None):
-    """log_softmax(logits / temperature) gathered at `index` ([...] ids), in the logits' dtype
-    (TRL's convention); positions where row_mask == 0 give 0."""
+    """trl.trainer.utils.selective_log_softmax: log_softmax(logits / temperature) gathered at `index`
+    ([...] ids, or [..., K] for K ids per position), in the logits' dtype (TRL's convention; computed
+    in fp32, float64 logits in float64); positions where row_mask == 0 give 0."""
+    CALLS["selective_log_softmax"] += 1
     if temperature <= 0:
         raise ValueError("temperature must be positive")
-    if index.dim() == logits.dim():
-        raise unsupported("trl", f"index of shape {tuple(index.shape)} (K ids per position)",
-                          "one id per position, index shaped like logits.shape[:-1]")
-    labels = index if row_mask is None else index.masked_fill(row_mask == 0, IGNORE)
-    return ops.logprobs_from_logits(logits, labels, temperature=temperature).to(logits.dtype)
+    if logits.dtype == torch.float64:  # asked for in float64: the reference, in float64
+        logp_all = torch.log_softmax(logits / temperature, dim=-1)
+        out = logp_all.gather(-1, index if index.dim() == logits.dim() else index.unsqueeze(-1))
+        out = out if index.dim() == logits.dim() else out.squeeze(-1)
+    elif index.dim() == logits.dim():
+        out = _k_index_logprobs(logits, index, temperature)
+    else:
+        out = ops.logprobs_from_logits(logits, index, temperature=temperature)
+    if row_mask is not None:
+        out = out.masked_fill(row_mask == 0, 0.0)
+    return out.to(logits.dtype)
 
 
 def entropy_from_logits(logits, chunk_size: int = 128):
-    """Entropy of softmax(logits) over the last dim, in the logits' dtype (chunk_size: one pass needs no chunks)."""
+    """trl.trainer.utils.entropy_from_logits: the entropy of softmax(logits), in the logits' dtype
+    (chunk_size: one pass needs no chunks)."""
+    CALLS["entropy_from_logits"] += 1
+    if logits.dtype == torch.float64:
+        return reference.entropy_from_logits(logits)
     return ops.entropy_from_logits(logits).to(logits.dtype)
 
 
-def patch() -> list:
-    """Replace TRL's selective_log_softmax / entropy_from_logits in trl.trainer.utils and in every
-    loaded TRL module that imported them by name. Returns the names replaced ("module.function")."""
-    import trl.trainer.utils  # noqa: F401 - TRL must be importable
+def selective_log_softmax_and_entropy(logits, index, entropy_requires_grad: bool = True, temperature: float = 1.0,
+                                      row_mask=None):
+    """trl.trainer.utils.selective_log_softmax_and_entropy: (log-probs of `index`, entropy) in one pass,
+    in the logits' dtype; the entropy detached unless entropy_requires_grad."""
+    CALLS["selective_log_softmax_and_entropy"] += 1
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if logits.dtype == torch.float64 or index.dim() == logits.dim():
+        logp = selective_log_softmax(logits, index, temperature, row_mask)
+        entropy = entropy_from_logits(logits / temperature)
+    else:
+        labels = index if row_mask is None else index.masked_fill(row_mask == 0, IGNORE)
+        logp, entropy = ops.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
+    entropy = entropy if entropy_requires_grad else entropy.detach()
+    return logp.to(logits.dtype), entropy.to(logits.dtype)
+
+
+# ----------------------------------------------------------------------------- the fused LM head
+class _Capture(threading.local):
+    """While active, ChunkedLogProbFunction records its inputs instead of scoring them (the loss door
+    takes the hidden states the model's forward produced)."""
+
+    def __init__(self):
+        self.active, self.calls = False, []
+
+
+_capture = _Capture()
+
+
+@contextlib.contextmanager
+def capturing_lm_head():
+    """The calls the model's fused LM head makes inside the block, recorded, not scored (ours is put
+    in TRL's module for the block when patch() has not installed it)."""
+    import trl.trainer.utils as trl_utils
+
+    theirs = trl_utils._ChunkedLogProbFunction
+    trl_utils._ChunkedLogProbFunction = ChunkedLogProbFunction
+    _capture.active, _capture.calls = True, []
+    try:
+        yield _capture.calls
+    finally:
+        _capture.active = False
+        trl_utils._ChunkedLogProbFunction = theirs
+
+
+class ChunkedLogProbFunction:
+    """trl.kernels.ChunkedLogProbFunction's contract on fused_linear_logprobs: apply(hidden [N, H],
+    weight [V, H], bias, targets [N], temperature, chunk_size, final_logit_softcapping, logit_scale,
+    outputs) -> (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), float32 (is_top1 bool),
+    None for the outputs not asked for; gradients to hidden, weight and bias through log_probs and
+    entropy. The GEMM runs in the autocast dtype where autocast is on (TRL's compute dtype).
+    chunk_size is TRL's vocabulary tile; ppo_fast chunks rows by its own rule."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
+              outputs=("log_probs",) + OPTIONAL_OUTPUTS):
+        unknown = sorted(set(outputs) - {"log_probs", *OPTIONAL_OUTPUTS})
+        if unknown:
+            raise unsupported("trl", f"ChunkedLogProbFunction outputs {unknown}", f"expected some of {OPTIONAL_OUTPUTS}")
+        if not logit_scale > 0:
+            raise unsupported("trl", f"logit_scale={logit_scale}", "ppo_fast takes a logit scale > 0")
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        transform = dict(temperature=float(temperature), logit_scale=float(logit_scale),
+                         softcap=None if final_logit_softcapping is None else float(final_logit_softcapping))
+        if _capture.active:  # the loss door scores these itself: record, and give placeholder log-probs
+            _capture.calls.append(dict(hidden=hidden, weight=weight, bias=bias, targets=targets, **transform))
+            zeros = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+            return (zeros, zeros if "entropy" in outputs else None, None, None, None)
+        CALLS["ChunkedLogProbFunction"] += 1
+        want_stats = any(name in outputs for name in OPTIONAL_OUTPUTS[1:])
+        fn = reference.fused_linear_logprobs if dtype == torch.float64 else ops.fused_linear_logprobs
+        with torch.autocast(device_type, enabled=False):
+            out = fn(hidden, weight, targets, bias=bias, return_entropy=True, return_stats=want_stats, **transform)
+        logp, entropy = out[0], out[1]
+        stats = out[2] if want_stats else {}
+        return (logp, entropy if "entropy" in outputs else None,
+                stats.get("log_sum_sq_probs") if "log_sum_sq_probs" in outputs else None,
+                stats.get("mean_logit") if "mean_logits" in outputs else None,
+                stats.get("is_top1") if "is_top1" in outputs else None)
+
+
+# ----------------------------------------------------------------------------- GRPOTrainer's loss
+def _refuse_unsupported(trainer, inputs) -> None:
+    """A GRPOTrainer option the fused loss cannot follow is refused, never computed differently."""
+    args = trainer.args
+    grpo_loss_types.check("trl", trainer.loss_type, trainer.epsilon_high, args.delta)
+    checks = [
+        (trainer.top_entropy_quantile < 1.0, f"top_entropy_quantile={trainer.top_entropy_quantile}",
+         "no high-entropy token mask"),
+        (getattr(trainer, "off_policy_mask_threshold", None) is not None, "off_policy_mask_threshold",
+         "no off-policy sequence mask"),
+        (trainer.beta != 0.0 and getattr(args, "use_bias_correction_kl", False), "use_bias_correction_kl=True with beta > 0",
+         "the KL term is not weighted by the ratio; set use_bias_correction_kl=False"),
+        (getattr(trainer, "_entropy_bonus_enabled", False), "entropy_coef (entropy bonus)",
+         "TRL normalises it apart from the policy loss"),
+        (getattr(trainer, "aux_loss_enabled", False), "router auxiliary loss (MoE)", ""),
+        (any(inputs.get(k) is not None for k in ("pixel_values", "image_grid_thw", "token_type_ids")),
+         "multimodal inputs", "text only"),
+    ]
+    for bad, option, why in checks:
+        if bad:
+            raise unsupported("trl", option, why)
+
+
+def _aggregation(trainer, mask, inputs, train: bool) -> dict:
+    """TRL's loss normalisation per loss_type, the gradient-accumulation divisor included (dapo and
+    cispo: num_items_in_batch per process, rescaled to one accumulation window in training)."""
+    def token_count():
+        normalizer = max(float(inputs["num_items_in_batch"]), 1.0) / trainer.accelerator.num_processes
+        if train:
+            normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+        return normalizer
+
+    return grpo_loss_types.aggregation(trainer.loss_type, mask, max_completion_length=trainer.max_completion_length,
+                                       token_count=token_count,
+                                       accumulation=trainer.current_gradient_accumulation_steps if train else 1.0)
+
+
+def _objective(trainer) -> dict:
+    return grpo_loss_types.objective(trainer.loss_type, trainer.importance_sampling_level, trainer.epsilon_low,
+                                     trainer.epsilon_high, trainer.args.delta, trainer.args.sapo_temperature_pos,
+                                     trainer.args.sapo_temperature_neg)
+
+
+def completion_hidden_states(model, input_ids, attention_mask, logits_to_keep):
+    """(hidden [B, L, H] of the positions that predict the completion, lm_head weight, bias, transform)
+    from the model's own fused-head forward (so wrappers such as DDP see a normal forward)."""
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    labels[:, :-logits_to_keep] = IGNORE
+    with capturing_lm_head() as calls:
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    if len(calls) != 1:
+        raise unsupported("trl", "the model's fused LM head", f"expected one scoring call, saw {len(calls)}")
+    got = calls[0]
+    rows, (B, T) = got["hidden"], input_ids.shape
+    scored = labels[:, 1:] != IGNORE
+    if rows.shape[0] == scored.numel():  # every position was scored (no Triton device)
+        hidden = rows.view(B, T - 1, rows.shape[-1])
+    else:  # only the scored positions (compact)
+        hidden = rows.new_zeros(B, T - 1, rows.shape[-1]).index_put((*scored.nonzero(as_tuple=True),), rows)
+    transform = {k: got[k] for k in ("temperature", "logit_scale", "softcap")}
+    return hidden[:, -logits_to_keep:], got["weight"], got["bias"], transform
+
+
+def grpo_compute_loss(trainer, model, inputs):
+    """GRPOTrainer._compute_loss on fused_linear_ppo_loss: the completion's hidden states and the LM
+    head go into one op (its gradient formed in the forward, no [B, L, V] logits, no per-token
+    log-probs kept), with TRL's loss_type normalisation, importance_sampling_level, epsilon_low/high,
+    delta (as the dual clip), beta (TRL's k3 KL to the reference: k3_raw), and its vLLM importance-sampling
+    correction; metrics: kl, entropy and, at token level, clip_ratio/region_mean (TRL's low/high
+    splits and its sequence-level clipped fraction are not computed). Refuses what it cannot follow (_refuse_unsupported)."""
+    _refuse_unsupported(trainer, inputs)
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+    L = completion_ids.size(1)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    with trainer.accelerator.autocast():
+        hidden, weight, bias, transform = completion_hidden_states(model, input_ids, attention_mask, L)
+    advantages = inputs["advantages"]
+    advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).expand(mask.shape).float()
+    is_weights = inputs.get("importance_sampling_ratio") if (trainer.use_vllm and
+                                                             trainer.vllm_importance_sampling_correction) else None
+    train = model.training
+    labels = completion_ids.masked_fill(completion_mask == 0, IGNORE)
+    loss, stats = ops.fused_linear_ppo_loss(
+        hidden, weight.to(hidden.dtype), labels, inputs.get("old_per_token_logps"), advantages, mask,
+        bias=None if bias is None else bias.to(hidden.dtype), ref_log_prob=inputs.get("ref_per_token_logps")
+        if trainer.beta != 0.0 else None, kl_coef=float(trainer.beta), kl_estimator="k3_raw", is_weights=is_weights,
+        **transform, **_objective(trainer), **_aggregation(trainer, mask, inputs, train))
+    _log_metrics(trainer, stats, mask, train)
+    return loss
+
+
+def _log_metrics(trainer, stats, mask, train: bool) -> None:
+    metrics = trainer._metrics["train" if train else "eval"]
+    n = mask.sum().float()
+
+    def global_mean(value):  # token means over every process, as TRL's global_masked_mean
+        totals = trainer.accelerator.reduce(torch.stack([value * n, n]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    if trainer.beta != 0.0:
+        metrics["kl"].append(global_mean(stats["kl"]))
+    metrics["entropy"].append(global_mean(stats["entropy"]))
+    # TRL's clipped fraction: a token mean at token level, a sequence mean at sequence level (the
+    # fused op reports token means only, so the sequence-level one is not logged)
+    if trainer.loss_type in grpo_loss_types.CLIP_TYPES and trainer.importance_sampling_level == "token":
+        metrics["clip_ratio/region_mean"].append(global_mean(stats["clipfrac"]))
+
+
+# ----------------------------------------------------------------------------- patch
+HELPERS = {"selective_log_softmax": selective_log_softmax, "entropy_from_logits": entropy_from_logits,
+           "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy}
+_ORIGINALS = {}  # (object, attribute) -> what patch() replaced there, for unpatch()
+_watched = set()
+
+
+def _replace(owner, attr: str, ours, label: str, replaced: list) -> None:
+    theirs = getattr(owner, attr, None)
+    if theirs is not None and theirs is not ours:
+        _ORIGINALS.setdefault((owner, attr), theirs)
+        setattr(owner, attr, ours)
+        replaced.append(label)
+
+
+def patch(loss: bool = False) -> list:
+    """Install ppo_fast into the loaded TRL: trl.trainer.utils._ChunkedLogProbFunction (the fused LM
+    head of TRL 1.16's trainers) -> ChunkedLogProbFunction, the per-token helpers in every loaded TRL
+    module that has them, and with loss=True GRPOTrainer._compute_loss -> grpo_compute_loss. Returns
+    the names replaced ("module.name"), logged at INFO; trainers that then finish a training step
+    without calling any of them get a warning. Calling it again replaces nothing more."""
+    import trl.trainer.utils as trl_utils  # TRL must be importable
 
     replaced = []
+    _replace(trl_utils, "_ChunkedLogProbFunction", ChunkedLogProbFunction,
+             "trl.trainer.utils._ChunkedLogProbFunction", replaced)
     for name, module in list(sys.modules.items()):
         if not name.startswith("trl") or module is None:
             continue
-        for fn_name, ours in (("selective_log_softmax", selective_log_softmax),
-                              ("entropy_from_logits", entropy_from_logits)):
-            if callable(getattr(module, fn_name, None)) and getattr(module, fn_name) is not ours:
-                setattr(module, fn_name, ours)
-                replaced.append(f"{name}.{fn_name}")
+        for fn_name, ours in HELPERS.items():
+            if callable(getattr(module, fn_name, None)):
+                _replace(module, fn_name, ours, f"{name}.{fn_name}", replaced)
+    if loss:
+        from trl import GRPOTrainer
+
+        _replace(GRPOTrainer, "_compute_loss", _grpo_method, "trl.GRPOTrainer._compute_loss", replaced)
+    _watch_training_steps()
+    for name in replaced:
+        log.info("ppo_fast replaced %s", name)
     return replaced
 
 
-__all__ = ["entropy_from_logits", "patch", "selective_log_softmax"]
+def unpatch() -> None:
+    """Put back everything patch() replaced."""
+    for (owner, attr), theirs in _ORIGINALS.items():
+        setattr(owner, attr, theirs)
+    _ORIGINALS.clear()
+
+
+def _grpo_method(self, model, inputs):
+    CALLS["grpo_compute_loss"] += 1
+    return grpo_compute_loss(self, model, inputs)
+
+
+def _watch_training_steps() -> None:
+    """After a trainer's first training step, warn if none of the replacements was called."""
+    from transformers import Trainer
+
+    if getattr(Trainer.training_step, "_ppo_fast_watch", False):
+        return
+    original = Trainer.training_step
+    _ORIGINALS.setdefault((Trainer, "training_step"), original)
+
+    def training_step(self, *args, **kwargs):
+        before = sum(CALLS.values())
+        out = original(self, *args, **kwargs)
+        if id(self) not in _watched:
+            _watched.add(id(self))
+            if sum(CALLS.values()) == before:
+                warnings.warn(f"ppo_fast.integrations.trl.patch(): {type(self).__name__} finished a training step "
+                              f"without calling any of ppo_fast's replacements; this TRL computes its log-probs "
+                              f"elsewhere, so it runs on its own kernels", RuntimeWarning, stacklevel=2)
+        return out
+
+    training_step._ppo_fast_watch = True
+    Trainer.training_step = training_step
+
+
+__all__ = ["CALLS", "ChunkedLogProbFunction", "entropy_from_logits", "grpo_compute_loss", "patch",
+           "selective_log_softmax", "selective_log_softmax_and_entropy", "unpatch"]

@@ -16,8 +16,8 @@ GROUP_STD_EPS = 1e-6
 # The columns of the loss kernels' per-row statistics are in ppo_fast/ops/rows.py.
 
 # KL estimators: the names users pass, and the code the kernels branch on.
-KL_ESTIMATOR_CODES = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
-KL_K1, KL_ABS, KL_K2, KL_K3 = range(4)
+KL_ESTIMATOR_CODES = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3, "k3_raw": 4}
+KL_K1, KL_ABS, KL_K2, KL_K3, KL_K3_RAW = range(5)
 
 # Policy objectives (ppo_fast.ops.reference.SURROGATES, RATIO_LEVELS): the codes the kernels
 # specialise on (a compile-time switch, never a branch per token).

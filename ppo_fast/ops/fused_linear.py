@@ -29,9 +29,8 @@ from ppo_fast.ops.checks import (
     require_labels_in_range,
     require_same_device,
     require_shape,
-    require_temperature,
 )
-from ppo_fast.ops.logprobs import LAUNCHERS
+from ppo_fast.ops.logprobs import LAUNCHERS, LogitTransform, require_logit_transform, split_stats
 
 # ----------------------------------------------------------------------------- chunking
 MIN_CHUNK_ROWS = 128
@@ -68,43 +67,52 @@ def accumulate_fp32(acc, a, b):
 
 
 # ----------------------------------------------------------------------------- custom ops
-# hidden flattened to [N, H], labels to [N]; chunk_size 0 = the defaults above.
+# hidden flattened to [N, H], labels to [N]; chunk_size 0 = the defaults above; the logit transform
+# as (inv_t, scale, softcap): ppo_fast.ops.logprobs.LogitTransform's fields.
 @torch.library.custom_op("ppo_fast::fused_linear_logprobs_forward", mutates_args=())
 def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool,
-                         chunk_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp [N], entropy [N] or empty, lse [N]), float32."""
+                         labels: torch.Tensor, inv_temperature: float, scale: float, softcap: Optional[float],
+                         ignore_index: int, with_entropy: bool, with_stats: bool, chunk_size: int,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [N], entropy [N] or empty, lse [N], stats [N, 3] or empty), float32."""
     launch_forward = LAUNCHERS[backend][0]
+    tr = LogitTransform(inv_temperature, scale, softcap)
     (N, H), V = hidden.shape, weight.shape[0]
     chunk = chunk_size or default_chunk_size(N, V, H, chunk_budget_rows(V, hidden.device))
     f32 = dict(device=hidden.device, dtype=torch.float32)
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     entropy = torch.empty(N if with_entropy else 0, **f32)
+    stats = torch.empty((N, 3) if with_stats else (0,), **f32)
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
         logits = linear(hidden[rows], weight, bias)
-        logp[rows], entropy_c, lse[rows] = launch_forward(logits, labels[rows], inv_temperature, ignore_index,
-                                                         with_entropy)
+        logp[rows], entropy_c, lse[rows], stats_c = launch_forward(logits, labels[rows], tr, ignore_index,
+                                                                   with_entropy, with_stats)
         if with_entropy:
             entropy[rows] = entropy_c
-    return logp, entropy, lse
+        if with_stats:
+            stats[rows] = stats_c
+    return logp, entropy, lse, stats
 
 
 @fused_linear_forward.register_fake
-def _(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, chunk_size, backend):
+def _(hidden, weight, bias, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats,
+      chunk_size, backend):
     N = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for n in (N, N if with_entropy else 0, N))
+    return (*(hidden.new_empty(n, dtype=torch.float32) for n in (N, N if with_entropy else 0, N)),
+            hidden.new_empty((N, 3) if with_stats else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("ppo_fast::fused_linear_logprobs_backward", mutates_args=())
 def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           labels: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
                           grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-                          inv_temperature: float, ignore_index: int, chunk_size: int, want_hidden: bool,
-                          want_weight: bool, want_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]:
+                          inv_temperature: float, scale: float, softcap: Optional[float], ignore_index: int,
+                          chunk_size: int, want_hidden: bool, want_weight: bool, want_bias: bool,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden, grad_weight, grad_bias), each empty where not wanted; chunks recompute the logits."""
     launch_backward = LAUNCHERS[backend][1]
+    tr = LogitTransform(inv_temperature, scale, softcap)
     N, V = hidden.shape[0], weight.shape[0]
     chunk = chunk_size or chunk_budget_rows(V, hidden.device)
     grad_h = torch.empty_like(hidden) if want_hidden else hidden.new_empty(0)
@@ -116,7 +124,7 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
         grad_logits = launch_backward(
             linear(h, weight, bias), labels[rows], lse[rows], None if entropy is None else entropy[rows],
             None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
-            inv_temperature, ignore_index,
+            tr, ignore_index,
         )
         if want_hidden:
             grad_h[rows] = grad_logits @ weight
@@ -130,30 +138,31 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
 
 
 @fused_linear_backward.register_fake
-def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
-      chunk_size, want_hidden, want_weight, want_bias, backend):
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap,
+      ignore_index, chunk_size, want_hidden, want_weight, want_bias, backend):
     return (torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if want_weight else weight.new_empty(0),
             weight.new_empty(weight.shape[0]) if want_bias else weight.new_empty(0))
 
 
 def _fused_linear_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, chunk_size, backend = inputs
+    (hidden, weight, bias, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats,
+     chunk_size, backend) = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[2], output[1] if with_entropy else None)
-    ctx.args = (inv_temperature, ignore_index, chunk_size)
-    ctx.backend = backend
+    ctx.args = (inv_temperature, scale, softcap, ignore_index, chunk_size)
+    ctx.backend, ctx.n_inputs = backend, len(inputs)
     ctx.set_materialize_grads(False)
 
 
-def _fused_linear_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+def _fused_linear_backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_stats):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     grad_entropy = grad_entropy if entropy is not None else None
     want = ctx.needs_input_grad[:3]
     if (grad_logp is None and grad_entropy is None) or not any(want):
-        return (None,) * 9
+        return (None,) * ctx.n_inputs
     grads = fused_linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, *ctx.args,
                                   *want, ctx.backend)
-    return (*(g if w else None for g, w in zip(grads, want)), None, None, None, None, None, None)
+    return (*(g if w else None for g, w in zip(grads, want)),) + (None,) * (ctx.n_inputs - 3)
 
 
 fused_linear_forward.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
@@ -161,13 +170,18 @@ fused_linear_forward.register_autograd(_fused_linear_backward, setup_context=_fu
 
 # ----------------------------------------------------------------------------- public
 def _fused_kernels(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   chunk_size=None, backend):
+                   chunk_size=None, logit_scale=1.0, softcap=None, return_stats=False, backend):
     """The custom op on hidden flattened to [N, H] and labels to [N] (int64, contiguous)."""
+    tr = LogitTransform.of(temperature, logit_scale, softcap)
     flat_labels = labels.reshape(-1).long().contiguous()  # chunks index it by flat row
     flat_hidden = hidden.reshape(flat_labels.numel(), hidden.shape[-1])  # explicit N: H may be 0
-    logp, entropy, _ = fused_linear_forward(flat_hidden, weight, bias, flat_labels, 1.0 / temperature, ignore_index,
-                                            return_entropy, chunk_size or 0, backend)
-    return (logp.view(labels.shape), entropy.view(labels.shape)) if return_entropy else logp.view(labels.shape)
+    logp, entropy, _, stats = fused_linear_forward(flat_hidden, weight, bias, flat_labels, tr.inv_t, tr.scale,
+                                                   tr.softcap, ignore_index, return_entropy or return_stats,
+                                                   return_stats, chunk_size or 0, backend)
+    logp = logp.view(labels.shape)
+    if return_stats:
+        return logp, entropy.view(labels.shape), split_stats(stats.view(*labels.shape, 3))
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
@@ -211,22 +225,27 @@ def require_chunk_size(chunk_size) -> None:
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, chunk_size=None):
-    """Log-probs of `labels` (and the entropy) under softmax((hidden @ weight.T + bias) / T),
-    equal to `logprobs_from_logits(hidden @ weight.T + bias, labels, ...)` without the logits.
+                          return_entropy=False, chunk_size=None, logit_scale=1.0, softcap=None, return_stats=False):
+    """Log-probs of `labels` (and the entropy) under softmax(x), x the logits hidden @ weight.T + bias
+    over the temperature (optionally scaled and softcapped, as in logprobs_from_logits), equal to
+    `logprobs_from_logits(hidden @ weight.T + bias, labels, ...)` without the logits.
 
     Args:
         hidden: [..., H] float32/bfloat16/float16 (the last hidden states).
         weight: [V, H], the `lm_head.weight` layout, same dtype as hidden; bias: [V] or None.
         labels: [...] integer ids (`ignore_index` positions give logp 0, no gradient via logp).
         chunk_size: rows per chunk in both passes; default from V, H and free memory.
+        logit_scale, softcap, return_stats: as in logprobs_from_logits (the statistics from the
+            same pass over each chunk's logits).
 
-    Returns float32 logp shaped like labels, or (logp, entropy). Gradients flow to hidden,
-    weight and bias through both outputs; weight and bias gradients are accumulated in fp32.
+    Returns float32 logp shaped like labels, (logp, entropy), or (logp, entropy, stats). Gradients
+    flow to hidden, weight and bias through logp and entropy; weight and bias gradients are
+    accumulated in fp32.
     """
     check_linear_inputs(hidden, weight, bias, labels, ignore_index)
-    temperature = require_temperature(temperature)
+    require_logit_transform(temperature, logit_scale, softcap)
     require_chunk_size(chunk_size)
     return dispatch("fused_linear_logprobs", FUSED_LINEAR_LOGPROBS, hidden.device, hidden, weight, labels, bias=bias,
-                    temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
-                    chunk_size=chunk_size)
+                    temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
+                    chunk_size=chunk_size, logit_scale=float(logit_scale),
+                    softcap=None if softcap is None else float(softcap), return_stats=return_stats)

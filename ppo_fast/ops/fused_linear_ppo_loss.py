@@ -41,7 +41,6 @@ from ppo_fast.ops.checks import (
     require_mask,
     require_per_token,
     require_same_device,
-    require_temperature,
 )
 from ppo_fast.ops.fused_linear import (
     accumulate_fp32,
@@ -50,7 +49,7 @@ from ppo_fast.ops.fused_linear import (
     linear,
     require_chunk_size,
 )
-from ppo_fast.ops.logprobs import LAUNCHERS
+from ppo_fast.ops.logprobs import LAUNCHERS, LogitTransform, require_logit_transform
 from ppo_fast.ops.reference import valid_only
 from ppo_fast.ops.rows import POLICY_ROW_STATS, ROW_LOSS, agg_row_weights, require_agg, row_token_means
 
@@ -60,7 +59,7 @@ ROW_ENTROPY, ROW_KL = len(POLICY_ROW_STATS), len(POLICY_ROW_STATS) + 1
 
 @dataclass(frozen=True)
 class Hyper:
-    inv_temperature: float
+    transform: LogitTransform
     ignore_index: int
     objective: policy_ops.Objective
     kl_coef: float
@@ -86,7 +85,8 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
                    want):
     """(loss, policy_loss, stats [5], grads (hidden, weight, bias) or None where not wanted).
 
-    hidden [B, T, H]; labels [B, T] int64; old, adv, mask (float 0/1), ref (or None) [B, T]
+    hidden [B, T, H]; labels [B, T] int64; old (None: the log-probs computed here, detached), adv,
+    mask (float 0/1), ref (or None) [B, T]
     float32 contiguous; is_weights None or [B, T] / [B, 1] float32; row_weights [B] float32;
     want = (hidden, weight, bias) booleans.
     """
@@ -106,10 +106,10 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
         h = hidden[rows].reshape(k * T, H)
         chunk_labels = labels[rows].reshape(-1)
         logits = linear(h, weight, bias)
-        logp, entropy, lse = launch_forward(logits, chunk_labels, hp.inv_temperature, hp.ignore_index, True)
+        logp, entropy, lse, _ = launch_forward(logits, chunk_labels, hp.transform, hp.ignore_index, True)
         logp, entropy = logp.view(k, T), entropy.view(k, T)
         m = mask[rows]
-        policy_rows, dloss = policy_forward(logp, old[rows], adv[rows], m,
+        policy_rows, dloss = policy_forward(logp, logp if old is None else old[rows], adv[rows], m,
                                             None if is_weights is None else is_weights[rows], hp.objective, needs_grad)
         row_stats[rows, :ROW_ENTROPY] = policy_rows
         row_stats[rows, ROW_ENTROPY] = valid_only(entropy, m).sum(-1)
@@ -124,7 +124,7 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
             continue
         grad_entropy = (-hp.entropy_coef * w * m).reshape(-1) if hp.entropy_coef != 0 else None
         grad_logits = launch_backward(logits, chunk_labels, lse, entropy.reshape(-1), grad_logp.reshape(-1),
-                                      grad_entropy, hp.inv_temperature, hp.ignore_index,
+                                      grad_entropy, hp.transform, hp.ignore_index,
                                       out=logits if backend in IN_PLACE_BACKWARD else None)
         if want[0]:
             grad_h[rows] = (grad_logits @ weight).view(k, T, H)
@@ -142,8 +142,9 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
 @torch.library.custom_op("ppo_fast::fused_linear_ppo_loss_forward", mutates_args=())
 def fused_ppo_loss_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, ref: Optional[torch.Tensor],
-    is_weights: Optional[torch.Tensor], row_weights: torch.Tensor, inv_temperature: float, ignore_index: int,
+    old: Optional[torch.Tensor], adv: torch.Tensor, mask: torch.Tensor, ref: Optional[torch.Tensor],
+    is_weights: Optional[torch.Tensor], row_weights: torch.Tensor, inv_temperature: float, scale: float,
+    softcap: Optional[float], ignore_index: int,
     surrogate: str, ratio_level: str, clip_low: float, clip_high: float, dual_clip: Optional[float], tau_pos: float,
     tau_neg: float, kl_coef: float, kl_estimator: str, entropy_coef: float, chunk_tokens: int, want_hidden: bool,
     want_weight: bool, want_bias: bool, backend: str,
@@ -151,7 +152,8 @@ def fused_ppo_loss_forward(
     """(loss, policy_loss, stats [5], grad_hidden, grad_weight (fp32), grad_bias (fp32)), the
     gradients of the loss itself, empty where not wanted; chunk_tokens 0 = from the memory budget."""
     objective = policy_ops.Objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
-    hp = Hyper(inv_temperature, ignore_index, objective, kl_coef, kl_estimator, entropy_coef,
+    hp = Hyper(LogitTransform(inv_temperature, scale, softcap), ignore_index, objective, kl_coef, kl_estimator,
+               entropy_coef,
                chunk_tokens or chunk_budget_rows(weight.shape[0], hidden.device))
     want = (want_hidden, want_weight, want_bias)
     loss, policy_loss, stats, grads = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights,
@@ -160,8 +162,8 @@ def fused_ppo_loss_forward(
 
 
 @fused_ppo_loss_forward.register_fake
-def _(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, inv_temperature, ignore_index,
-      surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
+def _(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, inv_temperature, scale, softcap,
+      ignore_index, surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
       chunk_tokens, want_hidden, want_weight, want_bias, backend):
     def f32(*shape):
         return hidden.new_empty(shape, dtype=torch.float32)
@@ -204,7 +206,7 @@ def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bia
                   ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", entropy_coef=0.0,
                   clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None,
                   is_weights=None, ratio_level="token", surrogate="clip", tau_pos=1.0, tau_neg=1.05, chunk_size=None,
-                  backend):
+                  logit_scale=1.0, softcap=None, backend):
     mask = mask.to(torch.float32)
     old, adv, ref, is_w = (None if t is None else t.detach().float()
                            for t in (old_log_prob, advantages, ref_log_prob, is_weights))
@@ -212,8 +214,10 @@ def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bia
     row_weights = agg_row_weights(mask.sum(-1), agg, num_tokens, num_seqs)
     grad_on = torch.is_grad_enabled()
     want = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    tr = LogitTransform.of(temperature, logit_scale, softcap)
     loss, policy_loss, stats, *_ = fused_ppo_loss_forward(
-        hidden, weight, bias, labels, old, adv, mask, ref, is_w, row_weights, 1.0 / temperature, ignore_index,
+        hidden, weight, bias, labels, old, adv, mask, ref, is_w, row_weights, tr.inv_t, tr.scale, tr.softcap,
+        ignore_index,
         surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator,
         entropy_coef, chunk_size or 0, *want, backend)
     clipfrac, approx_kl, clipfrac_lower, entropy, kl = stats.detach().unbind()
@@ -233,21 +237,23 @@ IMPLEMENTATIONS = {"fused_linear_ppo_loss": FUSED_LINEAR_PPO_LOSS}
 def _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_prob):
     if labels.dim() != 2:
         raise ValueError(f"labels: expected a [B, T] tensor (hidden [B, T, H]), got shape {tuple(labels.shape)}")
-    per_token = {"old_log_prob": old_log_prob, "advantages": advantages}
+    per_token = {"advantages": advantages} if old_log_prob is None else {"old_log_prob": old_log_prob,
+                                                                          "advantages": advantages}
     if ref_log_prob is not None:
         per_token["ref_log_prob"] = ref_log_prob
     shape = require_per_token(per_token)
     if tuple(shape) != tuple(labels.shape):
-        raise ValueError(f"old_log_prob: expected the shape of labels {tuple(labels.shape)}, got {tuple(shape)}")
+        raise ValueError(f"{next(iter(per_token))}: expected the shape of labels {tuple(labels.shape)}, got "
+                         f"{tuple(shape)}")
     require_mask("mask", mask, shape)
-    require_same_device(hidden=hidden, old_log_prob=old_log_prob, mask=mask)
+    require_same_device(hidden=hidden, advantages=advantages, mask=mask)
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
                           ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
                           entropy_coef=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean",
                           num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token", surrogate="clip",
-                          tau_pos=1.0, tau_neg=1.05, chunk_size=None):
+                          tau_pos=1.0, tau_neg=1.05, chunk_size=None, logit_scale=1.0, softcap=None):
     """PPO policy loss from the last hidden states and the LM head, never holding [N, V] logits:
 
         ppo_policy_loss(logp, ...) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
@@ -259,11 +265,13 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     Args:
         hidden: [B, T, H] float32/bfloat16/float16; weight: [V, H] (lm_head.weight); bias: [V].
         labels: [B, T] integer ids; old_log_prob, advantages, mask (bool or 0/1), ref_log_prob:
-            [B, T]. clip_low/clip_high/dual_clip/agg/num_tokens/num_seqs and the objective
+            [B, T]; old_log_prob None: on-policy, the ratio against the log-probs computed here
+            (detached), so every ratio is 1 in the forward (TRL's and Liger's GRPO without old log-probs). clip_low/clip_high/dual_clip/agg/num_tokens/num_seqs and the objective
             (is_weights, ratio_level, surrogate, tau_pos, tau_neg) as in ppo_policy_loss (pass the
             global counts when accumulating micro-batches: the gradients then add up to the big
             batch's). A KL term needs ref_log_prob; given without kl_coef its mean is still reported.
         chunk_size: tokens per chunk (whole rows, at least one); default from V and free memory.
+        logit_scale, softcap: the logits' scale and final-logit softcap, as in logprobs_from_logits.
 
     Returns (loss, stats): a float32 scalar differentiable to hidden, weight and bias, and
     detached float32 scalars clipfrac, approx_kl, clipfrac_lower, policy_loss, entropy and
@@ -271,7 +279,7 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     """
     check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_prob)
-    temperature = require_temperature(temperature)
+    require_logit_transform(temperature, logit_scale, softcap)
     require_chunk_size(chunk_size)
     require_agg(agg, num_tokens, num_seqs)
     require_choice("kl_estimator", kl_estimator, kl_ops.ESTIMATORS)
@@ -279,10 +287,11 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     if kl_coef != 0 and ref_log_prob is None:
         raise ValueError(f"ref_log_prob: required when kl_coef != 0 (got kl_coef={kl_coef})")
     objective = policy_ops.require_objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
-    policy_ops.check_is_weights(is_weights, old_log_prob, mask)
+    policy_ops.check_is_weights(is_weights, advantages, mask)
 
     return dispatch("fused_linear_ppo_loss", FUSED_LINEAR_PPO_LOSS, hidden.device, hidden, weight, labels, old_log_prob,
-                    advantages, mask, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                    advantages, mask, bias=bias, temperature=float(temperature), ignore_index=ignore_index,
                     ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                     agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights,
-                    chunk_size=chunk_size, **dataclasses.asdict(objective))
+                    chunk_size=chunk_size, logit_scale=float(logit_scale),
+                    softcap=None if softcap is None else float(softcap), **dataclasses.asdict(objective))

@@ -6,6 +6,7 @@ With d = log_prob - ref and k = clamp(ref - log_prob, -20, 20):
     abs: |d|      sign(d)
     k2: d^2 / 2   d
     k3: clamp(exp(k) - k - 1, -10, 10)     -(exp(k) - 1) inside both clamps, else 0
+    k3_raw: exp(k) - k - 1                 -(exp(k) - 1) inside the clamp of k, else 0
 
 and d/dref = -d/dlog_prob for every estimator. A '+' suffix keeps the value and takes the k2
 gradient (straight-through): the reference's k2 + sg[value - k2], which is NaN wherever k2 is
@@ -26,12 +27,13 @@ from ppo_fast.ops.checks import (
     require_same_device,
     require_shape,
 )
-from ppo_fast.ops.constants import K3_CLAMP, KL_ABS, KL_ESTIMATOR_CODES, KL_K1, KL_K2, LOG_RATIO_CLAMP
+from ppo_fast.ops.constants import K3_CLAMP, KL_ABS, KL_ESTIMATOR_CODES, KL_K1, KL_K2, KL_K3_RAW, LOG_RATIO_CLAMP
 from ppo_fast.ops.triton_helpers import block_t, clamp, tl, triton
 
 ESTIMATORS = reference.KL_ESTIMATOR_CHOICES
 BLOCK = 1024
 _K1, _ABS, _K2 = tl.constexpr(KL_K1), tl.constexpr(KL_ABS), tl.constexpr(KL_K2)
+_K3_RAW = tl.constexpr(KL_K3_RAW)
 _CLAMP, _K3_CLAMP = tl.constexpr(LOG_RATIO_CLAMP), tl.constexpr(K3_CLAMP)
 
 
@@ -47,7 +49,9 @@ def _kl_value(log_prob, ref, ESTIMATOR: tl.constexpr, STRAIGHT: tl.constexpr):
         value = 0.5 * diff * diff
     else:
         kappa = clamp(ref - log_prob, -_CLAMP, _CLAMP)
-        value = clamp(tl.exp(kappa) - kappa - 1.0, -_K3_CLAMP, _K3_CLAMP)
+        value = tl.exp(kappa) - kappa - 1.0
+        if ESTIMATOR != _K3_RAW:
+            value = clamp(value, -_K3_CLAMP, _K3_CLAMP)
     if STRAIGHT:  # k2 + (value - k2): NaN where k2 is not finite
         value = tl.where(0.5 * diff * diff < float("inf"), value, float("nan"))
     return value
@@ -67,7 +71,9 @@ def _kl_grad(log_prob, ref, ESTIMATOR: tl.constexpr):
         raw = ref - log_prob
         kappa = clamp(raw, -_CLAMP, _CLAMP)
         value = tl.exp(kappa) - kappa - 1.0
-        inside = (raw >= -_CLAMP) & (raw <= _CLAMP) & (value >= -_K3_CLAMP) & (value <= _K3_CLAMP)
+        inside = (raw >= -_CLAMP) & (raw <= _CLAMP)
+        if ESTIMATOR != _K3_RAW:
+            inside = inside & (value >= -_K3_CLAMP) & (value <= _K3_CLAMP)
         grad = tl.where(inside, 1.0 - tl.exp(kappa), 0.0)
     return grad
 
@@ -153,7 +159,9 @@ def _kl_grad_torch(log_prob, ref, code):
     raw = ref - log_prob
     kappa = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     value = torch.exp(kappa) - kappa - 1.0
-    inside = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP) & (value >= -K3_CLAMP) & (value <= K3_CLAMP)
+    inside = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)
+    if code != KL_K3_RAW:
+        inside = inside & (value >= -K3_CLAMP) & (value <= K3_CLAMP)
     return torch.where(inside, 1.0 - torch.exp(kappa), 0.0)
 
 

@@ -1,20 +1,29 @@
-"""Chosen-token log-probabilities and entropy from logits, forward and backward.
+"""Chosen-token log-probabilities and entropy from logits, forward and backward, with the row
+statistics trainers log (sum of p^2, the mean logit, whether the label is the argmax).
 
-With x = logits / T over a row of V entries, lse = log sum_v exp(x_v), p = exp(x - lse):
+The logits z of a row of V entries become x = z / T, or, for models that scale and softcap their
+logits (Gemma's final_logit_softcapping, logit_scale / logits_scaling), x = c tanh(s z / c) / T
+(s the logit scale, c the softcap; without a softcap the scale folds into 1/T). Then
+lse = log sum_v exp(x_v), p = exp(x - lse):
 
     logp     = x_y - lse
     entropy  = lse - sum_v p_v x_v
     d logp / d x_v    = [v == y] - p_v
     d entropy / d x_v = -p_v (log p_v + entropy)
+    d x / d z         = s (1 - tanh^2(s z / c)) / T        (1 / T without a softcap)
+
+and the statistics log(sum_v p_v^2), mean_v x_v and [x_y is the first maximum of the row].
 
 The forward kernel reads each row once (online log-sum-exp, fp32) and keeps lse and the
 entropy per row; the backward kernel re-reads the logits and recomputes p from lse, so no
 [N, V] fp32 tensor is ever saved. A NaN or +inf logit makes its row's results NaN (as
 log_softmax does); a label outside [0, V) (possible only where value checks are off, see
-ppo_fast.ops.checks) gives logp NaN and is never read.
+ppo_fast.ops.checks) gives logp NaN and is never read. The softcap and the statistics are
+compile-time switches: the plain kernel does no work for them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -26,6 +35,7 @@ from ppo_fast.ops.checks import (
     require_float,
     require_integer,
     require_labels_in_range,
+    require_positive,
     require_same_device,
     require_shape,
     require_temperature,
@@ -33,6 +43,36 @@ from ppo_fast.ops.checks import (
 from ppo_fast.ops.triton_helpers import tl, triton
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# Columns of the [..., 3] row statistics (return_stats).
+STATS = ("log_sum_sq_probs", "mean_logit", "is_top1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitTransform:
+    """How a kernel turns a logit z into x (module docstring): x = z inv_t, or with a softcap c,
+    x = c tanh(scale z / c) inv_t."""
+
+    inv_t: float
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @classmethod
+    def of(cls, temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None) -> "LogitTransform":
+        if softcap is None:  # the scale folds into 1/T: the plain kernels' one multiply
+            return cls(logit_scale / temperature)
+        return cls(1.0 / temperature, logit_scale, softcap)
+
+
+def require_logit_transform(temperature, logit_scale, softcap) -> LogitTransform:
+    """A LogitTransform from checked arguments (the product scale / T must be finite in fp32)."""
+    temperature = require_temperature(temperature)
+    logit_scale = require_positive("logit_scale", logit_scale)
+    if logit_scale / temperature > 3.4e38:
+        raise ValueError(f"logit_scale: {logit_scale} over temperature {temperature} overflows float32")
+    if softcap is not None:
+        softcap = require_positive("softcap", softcap)
+    return LogitTransform.of(temperature, logit_scale, softcap)
+
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
@@ -43,58 +83,95 @@ def _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row):
 
 
 @triton.jit
+def _tanh_of(z, scale, softcap):
+    """tanh(scale z / softcap) = 2 sigmoid(2 scale z / softcap) - 1."""
+    return 2.0 * tl.sigmoid(2.0 * scale * z / softcap) - 1.0
+
+
+@triton.jit
+def _transform(z, inv_t, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        return softcap * _tanh_of(z, scale, softcap) * inv_t
+    return z * inv_t
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr, stats_ptr,
     V, rows_per_batch, stride_batch, stride_row,
-    inv_temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    inv_temperature, scale, softcap, ignore_index,
+    HAS_LABELS: tl.constexpr, WITH_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row)
+    label = tl.full([], -1, tl.int64)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
 
     # Each lane j keeps its own online state over the columns it reads: m_j (running max),
     # d_j = sum exp(x - m_j), s_j = sum exp(x - m_j)(x - m_j); the lanes merge once per row.
     # One exp per element: e = exp(-|x - m|) is exp(x - m) when x <= m, else the factor
     # exp(m - x) that re-centres the old sums on the new max x:
     #   x > m:  d' = d e + 1,  s' = e (s - (x - m) d)      x <= m:  d' = d + e,  s' = s + e (x - m)
+    # With stats also q_j = sum exp(2 (x - m_j)) (q' = q e^2 + 1, or q + e^2), the sum of x and the
+    # max of x over the columns before the label.
     m = tl.full([BLOCK_V], -_FLT_MAX, tl.float32)  # finite start: x - m is never -inf - -inf
     d = tl.zeros([BLOCK_V], tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
+    q = tl.zeros([BLOCK_V], tl.float32)
+    x_sum = tl.zeros([BLOCK_V], tl.float32)
+    before = tl.full([BLOCK_V], float("-inf"), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = _transform(z, inv_temperature, scale, softcap, HAS_SOFTCAP)
+        if HAS_SOFTCAP:  # the softcap maps -inf to -c / T: padding columns must stay out of the sums
+            x = tl.where(cols < V, x, float("-inf"))
         diff = x - m
         e = tl.exp(-tl.abs(diff))  # NaN for a NaN x, which then reaches d
         new_max = diff > 0
         if WITH_ENTROPY:
             s = tl.where(new_max, e * s - tl.where(d > 0, e * diff * d, 0.0), s + tl.where(e > 0, e * diff, 0.0))
+        if WITH_STATS:
+            q = tl.where(new_max, q * e * e + 1.0, q + e * e)
+            x_sum += tl.where(cols < V, x, 0.0)
+            before = tl.maximum(before, tl.where(cols < label, x, float("-inf")))
         d = tl.where(new_max, d * e + 1.0, d + e)
         m = tl.where(new_max, x, m)
 
     row_max = tl.max(m, axis=0)
-    scale = tl.exp(m - row_max)  # NaN for a lane that saw +inf: the row's results become NaN
-    total = tl.sum(d * scale, axis=0)
+    scale_j = tl.exp(m - row_max)  # NaN for a lane that saw +inf: the row's results become NaN
+    total = tl.sum(d * scale_j, axis=0)
     log_d = tl.log(total)
     tl.store(lse_ptr + row, row_max + log_d)
     if WITH_ENTROPY:
         # sum e (x - row_max) over the lane = s_j + (m_j - row_max) d_j; H = log d - E[x - max]
-        centred = tl.sum(scale * (s + tl.where(d > 0, (m - row_max) * d, 0.0)), axis=0)
+        centred = tl.sum(scale_j * (s + tl.where(d > 0, (m - row_max) * d, 0.0)), axis=0)
         tl.store(entropy_ptr + row, log_d - centred / total)
     if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
         ignored = label == ignore_index
         in_range = (label >= 0) & (label < V)
-        x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32) * inv_temperature
+        z_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
+        x_label = _transform(z_label, inv_temperature, scale, softcap, HAS_SOFTCAP)
         logp = tl.where(in_range, x_label - row_max - log_d, float("nan"))
         tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
+        if WITH_STATS:  # the first maximum: x_y >= max and above every column before y
+            top1 = in_range & (x_label >= row_max) & (x_label > tl.max(before, axis=0))
+            tl.store(stats_ptr + row * 3 + 2, top1.to(tl.float32))
+    if WITH_STATS:
+        tl.store(stats_ptr + row * 3, tl.log(tl.sum(q * scale_j * scale_j, axis=0)) - 2.0 * log_d)
+        tl.store(stats_ptr + row * 3 + 1, tl.sum(x_sum, axis=0) / V)
+        if not HAS_LABELS:
+            tl.store(stats_ptr + row * 3 + 2, 0.0)
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, grad_logits_ptr, labels_ptr, grad_logp_ptr, grad_entropy_ptr, lse_ptr, entropy_ptr,
     V, rows_per_batch, stride_batch, stride_row,
-    inv_temperature, ignore_index,
-    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    inv_temperature, scale, softcap, ignore_index,
+    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row)
@@ -116,14 +193,21 @@ def _logprobs_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
-        x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
+        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            t = _tanh_of(z, scale, softcap)
+            x = softcap * t * inv_temperature
+            dx_dz = scale * (1.0 - t * t) * inv_temperature
+        else:
+            x = z * inv_temperature
+            dx_dz = inv_temperature
         logp = x - lse
         p = tl.exp(logp)
         # d/dx = g_logp ([v == y] - p) - g_entropy p (log p + H); [v == y] - p stays in fp32.
         grad = tl.where(cols == label, 1.0 - p, -p) * g_logp
         if HAS_GRAD_ENTROPY:
             grad -= g_entropy * p * tl.where(p > 0, logp + entropy, 0.0)
-        grad = grad * inv_temperature
+        grad = grad * dx_dz
         tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -150,28 +234,33 @@ def _block_config(V: int):
     return block_v, (8 if block_v >= 2048 else 4)
 
 
-def _launch_forward(logits, labels, inv_temperature, ignore_index, with_entropy):
+def _empty_outputs(logits, labels, with_entropy, with_stats):
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    shape = logits.shape[:-1]
+    return (torch.empty(shape, **f32) if labels is not None else None,
+            torch.empty(shape, **f32) if with_entropy else None, torch.empty(shape, **f32),
+            torch.empty(*shape, 3, **f32) if with_stats else None)
+
+
+def _launch_forward(logits, labels, tr: LogitTransform, ignore_index, with_entropy, with_stats=False):
+    """(logp, entropy, lse, stats [..., 3] (STATS)), None where not asked for, float32."""
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
     n_rows = logits.numel() // V
-    out_shape = logits.shape[:-1]
-    dev = logits.device
-    lse = torch.empty(out_shape, device=dev, dtype=torch.float32)
-    logp = torch.empty(out_shape, device=dev, dtype=torch.float32) if labels is not None else None
-    entropy = torch.empty(out_shape, device=dev, dtype=torch.float32) if with_entropy else None
+    logp, entropy, lse, stats = _empty_outputs(logits, labels, with_entropy, with_stats)
     if n_rows:
         block_v, num_warps = _block_config(V)
         _logprobs_fwd_kernel[(n_rows,)](
-            logits, labels, logp, entropy, lse,
+            logits, labels, logp, entropy, lse, stats,
             V, rows_per_batch, stride_batch, stride_row,
-            inv_temperature, ignore_index,
-            HAS_LABELS=labels is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block_v,
-            num_warps=num_warps,
+            tr.inv_t, tr.scale, tr.softcap or 1.0, ignore_index,
+            HAS_LABELS=labels is not None, WITH_ENTROPY=with_entropy, HAS_SOFTCAP=tr.softcap is not None,
+            WITH_STATS=with_stats, BLOCK_V=block_v, num_warps=num_warps,
         )
-    return logp, entropy, lse
+    return logp, entropy, lse, stats
 
 
-def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tr: LogitTransform, ignore_index,
                      out=None):
     """grad_logits in the logits' dtype, written into `out` when given (it may be the contiguous
     logits themselves: each element is read before it is overwritten, by the same program)."""
@@ -187,25 +276,26 @@ def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_
             None if grad_entropy is None else grad_entropy.contiguous(),
             lse, entropy,
             V, rows_per_batch, stride_batch, stride_row,
-            inv_temperature, ignore_index,
+            tr.inv_t, tr.scale, tr.softcap or 1.0, ignore_index,
             HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-            BLOCK_V=block_v, num_warps=num_warps,
+            HAS_SOFTCAP=tr.softcap is not None, BLOCK_V=block_v, num_warps=num_warps,
         )
     return grad_logits
 
 
-def _native_forward(module, logits, labels, inv_temperature, ignore_index, with_entropy):
+def _native_forward(module, logits, labels, tr: LogitTransform, ignore_index, with_entropy, with_stats=False):
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
     out_shape = logits.shape[:-1]
-    logp, entropy, lse = native_module(module).logprobs_forward(
+    logp, entropy, lse, stats = native_module(module).logprobs_forward(
         logits, None if labels is None else labels.long().contiguous(), logits.numel() // V, V, rows_per_batch,
-        stride_batch, stride_row, inv_temperature, ignore_index, with_entropy,
+        stride_batch, stride_row, tr.inv_t, tr.scale, tr.softcap, ignore_index, with_entropy, with_stats,
     )
-    return tuple(None if t is None else t.view(out_shape) for t in (logp, entropy, lse))
+    return (*(None if t is None else t.view(out_shape) for t in (logp, entropy, lse)),
+            None if stats is None else stats.view(*out_shape, 3))
 
 
-def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entropy, tr: LogitTransform, ignore_index,
                      out=None):
     shape = logits.shape
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
@@ -214,7 +304,7 @@ def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entro
         logits, None if labels is None else labels.long().contiguous(), logits.numel() // V, V, rows_per_batch,
         stride_batch, stride_row, lse,
         entropy, *(None if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy)),
-        inv_temperature, ignore_index, out,
+        tr.inv_t, tr.scale, tr.softcap, ignore_index, out,
     )
     return grad.view(shape)
 
@@ -231,66 +321,82 @@ LAUNCHERS = {
 # ----------------------------------------------------------------------------- custom ops
 # torch.library ops, so torch.compile(fullgraph=True) and torch.export see one node each (fake
 # implementations give the output shapes without running). Absent outputs are empty tensors.
+# The transform travels as (inv_t, scale, softcap or None): LogitTransform's fields.
 @torch.library.custom_op("ppo_fast::logprobs_forward", mutates_args=())
-def logprobs_forward(logits: torch.Tensor, labels: Optional[torch.Tensor], inv_temperature: float,
-                     ignore_index: int, with_entropy: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
-    """(logp or empty, entropy or empty, lse), float32 shaped like logits.shape[:-1]."""
-    logp, entropy, lse = LAUNCHERS[backend][0](logits, labels, inv_temperature, ignore_index, with_entropy)
-    return tuple(logits.new_empty(0, dtype=torch.float32) if t is None else t for t in (logp, entropy, lse))
+def logprobs_forward(logits: torch.Tensor, labels: Optional[torch.Tensor], inv_temperature: float, scale: float,
+                     softcap: Optional[float], ignore_index: int, with_entropy: bool, with_stats: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp or empty, entropy or empty, lse, stats [..., 3] or empty), float32 shaped like logits.shape[:-1]."""
+    tr = LogitTransform(inv_temperature, scale, softcap)
+    out = LAUNCHERS[backend][0](logits, labels, tr, ignore_index, with_entropy, with_stats)
+    return tuple(logits.new_empty(0, dtype=torch.float32) if t is None else t for t in out)
 
 
 @logprobs_forward.register_fake
-def _(logits, labels, inv_temperature, ignore_index, with_entropy, backend):
-    def out(present):
-        return logits.new_empty(logits.shape[:-1] if present else (0,), dtype=torch.float32)
+def _(logits, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats, backend):
+    def out(present, *extra):
+        return logits.new_empty((*logits.shape[:-1], *extra) if present else (0,), dtype=torch.float32)
 
-    return out(labels is not None), out(with_entropy), out(True)
+    return out(labels is not None), out(with_entropy), out(True), out(with_stats, 3)
 
 
 @torch.library.custom_op("ppo_fast::logprobs_backward", mutates_args=())
 def logprobs_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], lse: torch.Tensor,
                       entropy: Optional[torch.Tensor], grad_logp: Optional[torch.Tensor],
-                      grad_entropy: Optional[torch.Tensor], inv_temperature: float, ignore_index: int,
-                      backend: str) -> torch.Tensor:
+                      grad_entropy: Optional[torch.Tensor], inv_temperature: float, scale: float,
+                      softcap: Optional[float], ignore_index: int, backend: str) -> torch.Tensor:
     """grad_logits in the logits' dtype (contiguous)."""
-    return LAUNCHERS[backend][1](logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature,
+    tr = LogitTransform(inv_temperature, scale, softcap)
+    return LAUNCHERS[backend][1](logits, labels, lse, entropy, grad_logp, grad_entropy, tr,
                                  ignore_index).view(logits.shape)
 
 
 @logprobs_backward.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap, ignore_index, backend):
     return logits.new_empty(logits.shape)
 
 
 def _setup_backward(ctx, inputs, output):
-    logits, labels, inv_temperature, ignore_index, with_entropy, backend = inputs
+    logits, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats, backend = inputs
     ctx.save_for_backward(logits, labels, output[2], output[1] if with_entropy else None)
-    ctx.args = (inv_temperature, ignore_index, backend)
+    ctx.args = (inv_temperature, scale, softcap, ignore_index, backend)
+    ctx.n_inputs = len(inputs)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_stats):
     logits, labels, lse, entropy = ctx.saved_tensors
     grad_logp = grad_logp if labels is not None else None
     grad_entropy = grad_entropy if entropy is not None else None
     if grad_logp is None and grad_entropy is None:
-        return None, None, None, None, None, None
+        return (None,) * ctx.n_inputs
     grad = logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, *ctx.args)
-    return grad, None, None, None, None, None
+    return (grad,) + (None,) * (ctx.n_inputs - 1)
 
 
 logprobs_forward.register_autograd(_backward, setup_context=_setup_backward)
 
 
 # ----------------------------------------------------------------------------- public
-def _logprobs_kernels(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend):
-    logp, entropy, _ = logprobs_forward(logits, labels, 1.0 / temperature, ignore_index, return_entropy, backend)
+def split_stats(stats: torch.Tensor) -> dict:
+    """The [..., 3] statistics as {log_sum_sq_probs, mean_logit (float32), is_top1 (bool)}, detached."""
+    stats = stats.detach()
+    return {STATS[0]: stats[..., 0], STATS[1]: stats[..., 1], STATS[2]: stats[..., 2] > 0.5}
+
+
+def _logprobs_kernels(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, logit_scale=1.0,
+                      softcap=None, return_stats=False, backend):
+    tr = LogitTransform.of(temperature, logit_scale, softcap)
+    logp, entropy, _, stats = logprobs_forward(logits, labels, tr.inv_t, tr.scale, tr.softcap, ignore_index,
+                                               return_entropy or return_stats, return_stats, backend)
+    if return_stats:
+        return logp, entropy, split_stats(stats)
     return (logp, entropy) if return_entropy else logp
 
 
-def _entropy_kernels(logits, *, temperature=1.0, backend):
-    return logprobs_forward(logits, None, 1.0 / temperature, -100, True, backend)[1]
+def _entropy_kernels(logits, *, temperature=1.0, logit_scale=1.0, softcap=None, backend):
+    tr = LogitTransform.of(temperature, logit_scale, softcap)
+    return logprobs_forward(logits, None, tr.inv_t, tr.scale, tr.softcap, -100, True, False, backend)[1]
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
@@ -301,38 +407,50 @@ ENTROPY_FROM_LOGITS = {**{b: functools.partial(_entropy_kernels, backend=b) for 
 IMPLEMENTATIONS = {"logprobs_from_logits": LOGPROBS_FROM_LOGITS, "entropy_from_logits": ENTROPY_FROM_LOGITS}
 
 
-def _validate_logits(logits, temperature) -> float:
+def _validate_logits(logits, temperature, logit_scale, softcap):
     require_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
-    return require_temperature(temperature)
+    tr = require_logit_transform(temperature, logit_scale, softcap)
+    return float(temperature), tr
 
 
-def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """Log-probability of each label under softmax(logits / temperature), in one pass.
+def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, logit_scale=1.0,
+                         softcap=None, return_stats=False):
+    """Log-probability of each label under softmax(x), x the logits over the temperature (module
+    docstring: optionally scaled and softcapped), in one pass.
 
     Args:
         logits: [..., V] float32/bfloat16/float16.
         labels: [...] integer token ids; positions equal to `ignore_index` give logp 0 and
             no gradient through logp (their entropy is still computed).
         temperature: float > 0 dividing the logits.
-        return_entropy: also return the entropy of softmax(logits / temperature).
+        return_entropy: also return the entropy of softmax(x).
+        logit_scale, softcap: x = softcap tanh(logit_scale z / softcap) / temperature (softcap None:
+            x = logit_scale z / temperature), as models with final-logit softcapping compute them.
+        return_stats: also return (implies the entropy) a dict of detached per-row statistics:
+            log_sum_sq_probs = log sum_v p_v^2, mean_logit = mean_v x_v, is_top1 (bool) = the label
+            is the row's first maximum (False for an ignored label).
 
     Returns:
-        float32 logp shaped like labels, or (logp, entropy) with return_entropy.
-        Differentiable to `logits` through both outputs; the gradient has logits' dtype.
+        float32 logp shaped like labels, (logp, entropy) with return_entropy, or (logp, entropy,
+        stats) with return_stats. Differentiable to `logits` through logp and entropy; the
+        gradient has logits' dtype.
     """
-    temperature = _validate_logits(logits, temperature)
+    temperature, _ = _validate_logits(logits, temperature, logit_scale, softcap)
     require_integer("labels", labels)
     require_same_device(logits=logits, labels=labels)
     require_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     require_labels_in_range(labels, logits.shape[-1], ignore_index)
     # labels are read by flat row index, whatever the caller's strides; logits' rows by their strides
     return dispatch("logprobs_from_logits", LOGPROBS_FROM_LOGITS, logits.device, logits, labels.contiguous(),
-                    temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
+                    temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+                    logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
+                    return_stats=return_stats)
 
 
-def entropy_from_logits(logits, *, temperature=1.0):
-    """Entropy of softmax(logits / temperature) over the last dim: float32 [...], differentiable."""
-    temperature = _validate_logits(logits, temperature)
-    return dispatch("entropy_from_logits", ENTROPY_FROM_LOGITS, logits.device, logits, temperature=temperature)
+def entropy_from_logits(logits, *, temperature=1.0, logit_scale=1.0, softcap=None):
+    """Entropy of softmax(x) over the last dim (x as in logprobs_from_logits): float32 [...], differentiable."""
+    temperature, _ = _validate_logits(logits, temperature, logit_scale, softcap)
+    return dispatch("entropy_from_logits", ENTROPY_FROM_LOGITS, logits.device, logits, temperature=temperature,
+                    logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap))

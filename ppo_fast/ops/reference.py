@@ -32,23 +32,49 @@ def _entropy_from_log_softmax(logp_all: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
 
 
-def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """log_softmax(logits / temperature)[label] (0 where label == ignore_index), float32.
+def transformed_logits(logits, temperature=1.0, logit_scale=1.0, softcap=None):
+    """x = logit_scale z / T, or softcap tanh(logit_scale z / softcap) / T (final-logit softcapping)."""
+    z = _upcast(logits) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
 
-    With return_entropy, also the entropy of softmax(logits / temperature) at every position.
+
+def row_stats(x, labels, ignore_index=-100):
+    """The statistics of logprobs_from_logits(return_stats=True) from the transformed logits x."""
+    logp_all = torch.log_softmax(x, dim=-1)
+    y = labels.masked_fill(labels == ignore_index, 0).long().unsqueeze(-1)
+    x_y = x.gather(-1, y).squeeze(-1)
+    before = torch.where(torch.arange(x.shape[-1], device=x.device) < y, x, -torch.inf).amax(-1)
+    return {"log_sum_sq_probs": torch.logsumexp(2 * logp_all, dim=-1), "mean_logit": x.mean(-1),
+            "is_top1": (x_y >= x.amax(-1)) & (x_y > before) & (labels != ignore_index)}
+
+
+def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, logit_scale=1.0,
+                         softcap=None, return_stats=False):
+    """log_softmax(x)[label] (0 where label == ignore_index), float32, x = transformed_logits(...).
+
+    With return_entropy, also the entropy of softmax(x) at every position; with return_stats,
+    (logp, entropy, row_stats) with the statistics detached.
     """
-    logp_all = torch.log_softmax(_upcast(logits) / temperature, dim=-1)
+    x = transformed_logits(logits, temperature, logit_scale, softcap)
+    logp_all = torch.log_softmax(x, dim=-1)
     ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0).long()
     logp = logp_all.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)
+    if return_stats:
+        with torch.no_grad():
+            stats = row_stats(x.detach(), labels, ignore_index)
+        return logp, _entropy_from_log_softmax(logp_all), stats
     if return_entropy:
         return logp, _entropy_from_log_softmax(logp_all)
     return logp
 
 
-def entropy_from_logits(logits, *, temperature=1.0):
-    """Entropy of softmax(logits / temperature) over the last dim, float32."""
-    return _entropy_from_log_softmax(torch.log_softmax(_upcast(logits) / temperature, dim=-1))
+def entropy_from_logits(logits, *, temperature=1.0, logit_scale=1.0, softcap=None):
+    """Entropy of softmax(x) over the last dim, float32 (x as in logprobs_from_logits)."""
+    return _entropy_from_log_softmax(torch.log_softmax(transformed_logits(logits, temperature, logit_scale, softcap),
+                                                       dim=-1))
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -193,7 +219,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
 
 
 # ----------------------------------------------------------------------------- KL
-KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k3_raw")
 # Each also with a '+' suffix: the value of the named estimator with the gradient of k2.
 KL_ESTIMATOR_CHOICES = KL_ESTIMATORS + tuple(e + "+" for e in KL_ESTIMATORS)
 
@@ -206,15 +232,17 @@ def _kl_value(log_prob, ref_log_prob, estimator):
         return diff.abs()
     if estimator in ("k2", "mse"):
         return 0.5 * diff * diff
-    kappa = torch.clamp(ref_log_prob - log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # k3 / low_var_kl
-    return torch.clamp(torch.exp(kappa) - kappa - 1.0, -K3_CLAMP, K3_CLAMP)
+    kappa = torch.clamp(ref_log_prob - log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    value = torch.exp(kappa) - kappa - 1.0
+    return value if estimator == "k3_raw" else torch.clamp(value, -K3_CLAMP, K3_CLAMP)  # k3 / low_var_kl: clamped
 
 
 def kl_penalty(log_prob, ref_log_prob, *, estimator="k1"):
     """Per-token KL estimate between the policy and the reference.
 
     k1/kl: d; abs: |d|; k2/mse: d^2/2; k3/low_var_kl: exp(k) - k - 1 with k = ref - log_prob
-    (clamped), d = log_prob - ref. A '+' suffix keeps the value and takes the gradient of k2.
+    clamped to +-20, the value clamped to +-10 (verl's); k3_raw: the same without the value clamp
+    (TRL's and Liger's k3); d = log_prob - ref. A '+' suffix keeps the value and takes the gradient of k2.
     """
     log_prob, ref_log_prob = _upcast(log_prob), _upcast(ref_log_prob)
     value = _kl_value(log_prob, ref_log_prob, estimator.rstrip("+"))
@@ -343,19 +371,20 @@ def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", m
 
 # ----------------------------------------------------------------------------- fused linear
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, chunk_size=None):
+                          return_entropy=False, chunk_size=None, logit_scale=1.0, softcap=None, return_stats=False):
     """logprobs_from_logits(hidden @ weight.T + bias, labels, ...), materialising the logits
     (`chunk_size` is accepted for the signature and ignored)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return logprobs_from_logits(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                                return_entropy=return_entropy)
+                                return_entropy=return_entropy, logit_scale=logit_scale, softcap=softcap,
+                                return_stats=return_stats)
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
                           ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
                           entropy_coef=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean",
                           num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token", surrogate="clip",
-                          tau_pos=1.0, tau_neg=1.05, chunk_size=None):
+                          tau_pos=1.0, tau_neg=1.05, chunk_size=None, logit_scale=1.0, softcap=None):
     """The PPO policy objective from hidden states, composed of the ops above:
 
         loss = ppo_policy_loss(logp, ...) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
@@ -365,8 +394,10 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     ref_log_prob, `kl` (masked token means), all detached.
     """
     logp, entropy = fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                          ignore_index=ignore_index, return_entropy=True)
+                                          ignore_index=ignore_index, return_entropy=True, logit_scale=logit_scale,
+                                          softcap=softcap)
     agg_args = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    old_log_prob = logp.detach() if old_log_prob is None else old_log_prob  # on-policy: ratio 1
     policy_loss, stats = ppo_policy_loss(logp, old_log_prob, advantages, mask, clip_low=clip_low,
                                          clip_high=clip_high, dual_clip=dual_clip, is_weights=is_weights,
                                          ratio_level=ratio_level, surrogate=surrogate, tau_pos=tau_pos,

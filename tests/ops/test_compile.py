@@ -24,26 +24,26 @@ def grad(x):
 
 # custom op: (public op whose backends it runs, backends it takes, sample args for a backend)
 def _logprobs_forward(backend):
-    return (grad(randn(B, T, V, seed=1)), labels(), 1.25, -100, True, backend)
+    return (grad(randn(B, T, V, seed=1)), labels(), 1.25, 1.1, 5.0, -100, True, True, backend)
 
 
 def _logprobs_backward(backend):
     logits = randn(B, T, V, seed=1)
-    _, entropy, lse = LIB.logprobs_forward(logits, labels(), 1.0, -100, True, backend)
-    return (logits, labels(), lse, entropy, randn(B, T, seed=2), randn(B, T, seed=3), 1.0, -100, backend)
+    _, entropy, lse, _ = LIB.logprobs_forward(logits, labels(), 1.0, 1.0, None, -100, True, False, backend)
+    return (logits, labels(), lse, entropy, randn(B, T, seed=2), randn(B, T, seed=3), 1.0, 1.0, None, -100, backend)
 
 
 def _fused_forward(backend):
     return (grad(randn(B * T, H, seed=4)), grad(randn(V, H, seed=5)), grad(randn(V, seed=6)), labels().view(-1), 1.0,
-            -100, True, 5, backend)
+            1.0, None, -100, True, True, 5, backend)
 
 
 def _fused_backward(backend):
     hidden, weight, bias = randn(B * T, H, seed=4), randn(V, H, seed=5), randn(V, seed=6)
-    _, entropy, lse = LIB.fused_linear_logprobs_forward(hidden, weight, bias, labels().view(-1), 1.0, -100, True, 5,
-                                                        backend)
+    _, entropy, lse, _ = LIB.fused_linear_logprobs_forward(hidden, weight, bias, labels().view(-1), 1.0, 0.5, 3.0, -100,
+                                                           True, False, 5, backend)
     return (hidden, weight, bias, labels().view(-1), lse, entropy, randn(B * T, seed=7), randn(B * T, seed=8), 1.0,
-            -100, 5, True, True, True, backend)
+            0.5, 3.0, -100, 5, True, True, True, backend)
 
 
 def _policy_rows(backend):
@@ -84,7 +84,8 @@ def _fused_ppo(backend):
     mask = ragged_mask(B, T, seed=31).float()
     row_weights = mask.sum(-1).gt(0).float() / mask.sum().clamp(min=1)
     return (grad(randn(B, T, H, seed=32)), grad(randn(V, H, seed=33, scale=0.3)), None, labels(), per_token(34) - 1,
-            randn(B, T, seed=35), mask, per_token(36) - 1, randn(B, T, seed=37).abs(), row_weights, 1.0, -100, "sapo",
+            randn(B, T, seed=35), mask, per_token(36) - 1, randn(B, T, seed=37).abs(), row_weights, 1.0, 1.0, None,
+            -100, "sapo",
             "token", 0.2, 0.2, None, 1.0, 1.05, 0.1, "k3", 0.01, 7, True, True, False, backend)
 
 

@@ -179,3 +179,21 @@ def test_degenerate_shapes_give_a_clear_error_or_a_defined_result(backend):
         fused_linear_logprobs(randn(3, 4), torch.zeros(0, 4, device=DEVICE), torch.full((3,), -100, device=DEVICE))
     with pytest.raises(ValueError, match=r"hidden: expected shape \[\.\.\., H\] \(at least one dimension\), got \(\)"):
         fused_linear_logprobs(torch.tensor(1.0, device=DEVICE), randn(5, 1), torch.tensor(1, device=DEVICE))
+
+
+@pytest.mark.parametrize("softcap, logit_scale", [(None, 0.5), (20.0, 1.0)])
+def test_softcap_logit_scale_and_statistics_from_hidden_states(backend, softcap, logit_scale):
+    """fused_linear_logprobs with a logit transform and return_stats equals the float64 reference
+    over the materialised logits (values, statistics, gradients to hidden and weight; fp32: the
+    bf16 GEMMs' rounding is covered by the plain cases above)."""
+    import importlib
+
+    from ppo_fast.ops import fused_linear_logprobs
+
+    check = importlib.import_module("test_logprobs").check_transform_and_stats
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(3, 7, 16, generator=g).to(DEVICE), (torch.randn(101, 16, generator=g) / 2).to(DEVICE)
+    bias, labels = torch.randn(101, generator=g).to(DEVICE), torch.randint(0, 101, (3, 7), generator=g).to(DEVICE)
+    check(lambda h, w, lab, **kw: fused_linear_logprobs(h, w, lab, bias=bias, chunk_size=4, **kw),
+          lambda h, w, lab, **kw: reference.fused_linear_logprobs(h, w, lab, bias=bias.double(), **kw),
+          [hidden, weight], labels, dict(temperature=0.9, softcap=softcap, logit_scale=logit_scale), magnitude=10.0)

@@ -232,3 +232,59 @@ def test_bad_inputs_give_clear_errors():
         logprobs_from_logits(torch.randn(2, 0), torch.zeros(2, dtype=torch.long))
     with bad(r"logits: expected a torch.Tensor, got list", TypeError):
         entropy_from_logits([1.0, 2.0])
+
+
+def check_transform_and_stats(fn, ref_fn, args, labels, kwargs, magnitude=1.0):
+    """A log-probs op with a logit transform and its statistics vs the float64 reference: values,
+    statistics, and gradients (random upstream weights on logp and entropy)."""
+    args = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
+    logp, entropy, stats = fn(*args, labels, return_stats=True, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    up = [torch.randn(logp.shape, generator=g).to(DEVICE) for _ in range(2)]
+    diff = [a for a in args if a.requires_grad]
+    grads = torch.autograd.grad((logp * up[0]).sum() + (entropy * up[1]).sum(), diff)
+    args64 = [a.detach().double().requires_grad_() if a.is_floating_point() else a for a in args]
+    logp64, entropy64, stats64 = ref_fn(*args64, labels, return_stats=True, **kwargs)
+    grads64 = torch.autograd.grad((logp64 * up[0]).sum() + (entropy64 * up[1]).sum(),
+                                  [a for a in args64 if a.requires_grad])
+    assert_close_f64(logp, logp64, "logp", magnitude=magnitude)
+    assert_close_f64(entropy, entropy64, "entropy", magnitude=magnitude)
+    for name in ("log_sum_sq_probs", "mean_logit"):
+        assert not stats[name].requires_grad and stats[name].dtype == torch.float32
+        assert_close_f64(stats[name], stats64[name], name, magnitude=magnitude)
+    assert stats["is_top1"].dtype == torch.bool and torch.equal(stats["is_top1"], stats64["is_top1"])
+    for i, (a, e) in enumerate(zip(grads, grads64)):
+        assert_close_f64(a, e, f"grad {i}", magnitude=10.0 * magnitude)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 1013), (2, 3, 4099), (1, 7)])
+@pytest.mark.parametrize("softcap, logit_scale", [(None, 1.0), (None, 0.0625), (30.0, 1.0), (5.0, 0.5)])
+def test_softcap_logit_scale_and_row_statistics_match_float64(backend, shape, dtype, softcap, logit_scale):
+    """Gemma-style final-logit softcapping, Cohere / Granite-style logit scales, and the statistics
+    TRL logs (log sum p^2, mean logit, label is the argmax) from the same pass. (The softcap stays
+    off saturation: where tanh rounds to 1 in fp32, distinct logits tie and the first maximum moves.)"""
+    logits, labels = make_inputs(shape, dtype, scale=8.0)
+    labels.view(-1)[0] = logits.view(-1, shape[-1])[0].argmax()  # at least one argmax label
+    check_transform_and_stats(logprobs_from_logits, reference.logprobs_from_logits, [logits], labels,
+                              dict(temperature=0.8, softcap=softcap, logit_scale=logit_scale),
+                              magnitude=8.0 * logit_scale / 0.8)
+
+
+def test_is_top1_is_the_first_maximum_and_false_for_ignored_labels(backend):
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 5.0, 1.0, 1.0]], device=DEVICE)
+    labels = torch.tensor([2, 0, IGNORE], device=DEVICE)
+    _, _, stats = logprobs_from_logits(logits, labels, return_stats=True)
+    assert stats["is_top1"].tolist() == [False, True, False]  # a tie goes to the first maximum, as argmax
+    labels = torch.tensor([1, 3, 1], device=DEVICE)
+    assert logprobs_from_logits(logits, labels, return_stats=True)[2]["is_top1"].tolist() == [True, False, True]
+
+
+def test_bad_transforms_give_clear_errors():
+    logits, labels = make_inputs((3, 11), torch.float32)
+    with pytest.raises(ValueError, match=r"softcap: expected a finite value > 0, got 0.0"):
+        logprobs_from_logits(logits, labels, softcap=0.0)
+    with pytest.raises(ValueError, match=r"logit_scale: expected a finite value > 0, got -1.0"):
+        logprobs_from_logits(logits, labels, logit_scale=-1.0)
+    with pytest.raises(TypeError, match=r"logit_scale: expected a Python float"):
+        logprobs_from_logits(logits, labels, logit_scale=torch.tensor(2.0))

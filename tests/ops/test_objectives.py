@@ -297,3 +297,43 @@ def test_rollout_correction_runs_on_every_backend_without_a_kernel(backend):
     with on_backend(backend):
         w, _, _ = rollout_correction(old, rollout, mask)
     assert w.shape == old.shape
+
+
+@pytest.mark.op("fused_linear_ppo_loss")
+def test_fused_loss_with_a_softcap_and_logit_scale_equals_the_composition(backend):
+    B, T, H, V = 3, 9, 8, 41
+    hidden, weight, labels, old, adv, mask, ref = fused_inputs(B, T, H, V, seed=17)
+    kwargs = dict(ref_log_prob=ref, kl_coef=0.05, entropy_coef=0.01, softcap=4.0, logit_scale=0.7, temperature=0.9)
+
+    def run(fn, h, w):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss, stats = fn(h, w, labels, old, adv, mask, **kwargs)
+        return loss, stats, torch.autograd.grad(loss, (h, w))
+
+    got, want = run(fused_linear_ppo_loss, hidden, weight), run(reference.fused_linear_ppo_loss, hidden.double(),
+                                                               weight.double())
+    assert_close_f64(got[0], want[0], "loss")
+    for name in want[1]:
+        assert_close_f64(got[1][name], want[1][name], name)
+    for g, g64 in zip(got[2], want[2]):
+        assert_close_f64(g, g64, "grad", magnitude=10.0)
+
+
+@pytest.mark.op("fused_linear_ppo_loss")
+def test_on_policy_without_old_log_probs(backend):
+    """old_log_prob=None: the ratio is taken against the op's own log-probs, detached (TRL's and
+    Liger's GRPO without old log-probs): the same as passing those log-probs."""
+    B, T, H, V = 3, 8, 8, 37
+    hidden, weight, labels, _, adv, mask, ref = fused_inputs(B, T, H, V, seed=19)
+    with torch.no_grad():
+        own = reference.fused_linear_logprobs(hidden.double(), weight.double(), labels).float()
+    for level in ("token", "sequence"):
+        results = []
+        for old in (None, own):
+            h = hidden.detach().clone().requires_grad_()
+            loss, stats = fused_linear_ppo_loss(h, weight, labels, old, adv, mask, ref_log_prob=ref, kl_coef=0.1,
+                                                ratio_level=level)
+            results.append((loss, stats["approx_kl"], torch.autograd.grad(loss, h)[0]))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert results[0][1] == 0

@@ -1,0 +1,356 @@
+"""ppo_fast.integrations.trl against TRL's own code (TRL 1.16, installed by make peers with accelerate and
+datasets): the per-token helpers, the fused LM head of TRL's trainers (ChunkedLogProbFunction),
+GRPOTrainer's loss through fused_linear_ppo_loss, and patch() inside TRL's own GRPOTrainer."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from peers import load, trl_utils
+from support import DEVICE, assert_close_f64, randn
+
+from ppo_fast.integrations import UnsupportedOption, grpo_loss_types
+from ppo_fast.integrations import trl as pf_trl
+
+OP = "logprobs_from_logits"
+V = 1013
+trl = pytest.importorskip("trl", reason="TRL is not installed (make peers)")
+pytest.importorskip("datasets", reason="TRL's trainers need datasets (make peers)")
+TRL_COMPUTE_LOSS = trl.GRPOTrainer._compute_loss  # TRL's own, whatever a test patches later
+# TRL 1.16's own trainers still call transformers' old gradient-checkpointing names (not ppo_fast's code)
+pytestmark = pytest.mark.filterwarnings(r"ignore:`\w*gradient_checkpointing\w*` is deprecated:FutureWarning")
+
+
+@pytest.fixture
+def patched():
+    """patch() for one test; TRL's own functions are put back after it (the other tests' oracle)."""
+    yield pf_trl.patch
+    pf_trl.unpatch()
+
+
+def inputs(dtype=torch.float32, seed=0):
+    logits = randn(3, 9, V, seed=seed, scale=3.0).to(dtype)
+    return logits, torch.randint(0, V, (3, 9), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+# ----------------------------------------------------------------------------- per-token helpers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_log_softmax_matches_trl(backend, dtype, temperature):
+    logits, index = inputs(dtype)
+    row_mask = torch.rand(3, 9, generator=torch.Generator().manual_seed(1)).to(DEVICE) > 0.3
+    got = pf_trl.selective_log_softmax(logits, index, temperature=temperature, row_mask=row_mask)
+    want = trl_utils().selective_log_softmax(logits.double(), index, temperature=temperature, row_mask=row_mask)
+    assert got.dtype == dtype  # TRL's convention: the logits' dtype
+    assert_close_f64(got, want, "logp", magnitude=10)
+    logits.requires_grad_()
+    (grad,) = torch.autograd.grad(pf_trl.selective_log_softmax(logits, index).float().sum(), logits)
+    x = logits.detach().double().requires_grad_()
+    (want_grad,) = torch.autograd.grad(trl_utils().selective_log_softmax(x, index).sum(), x)
+    assert_close_f64(grad, want_grad, "grad")
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_k_ids_per_position_and_float64_match_trl(backend, k):
+    """K ids per position (one kernel pass: the first id's log-prob gives the lse, the others a
+    gather), and float64 logits computed in float64, as TRL's own helper gives them."""
+    logits, _ = inputs(torch.float32, seed=3)
+    index = torch.randint(0, V, (3, 9, k), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    x = logits.clone().requires_grad_()
+    got = pf_trl.selective_log_softmax(x, index, temperature=0.8)
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    y = logits.double().requires_grad_()
+    want = trl_utils().selective_log_softmax(y, index, temperature=0.8)
+    (want_grad,) = torch.autograd.grad(want.sum(), y)
+    assert got.shape == (3, 9, k)
+    assert_close_f64(got, want, "logp", magnitude=10)
+    assert_close_f64(grad, want_grad, "grad")
+    got64 = pf_trl.selective_log_softmax(logits.double(), index)
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, trl_utils().selective_log_softmax(logits.double(), index))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_from_logits_matches_trl(backend, dtype):
+    logits, _ = inputs(dtype, seed=2)
+    got = pf_trl.entropy_from_logits(logits)
+    assert got.dtype == dtype
+    assert_close_f64(got, trl_utils().entropy_from_logits(logits.double()), "entropy")
+    logp, entropy = pf_trl.selective_log_softmax_and_entropy(logits, inputs(dtype, seed=2)[1], temperature=0.9)
+    want_logp, want_entropy = trl_utils().selective_log_softmax_and_entropy(logits.double(), inputs(dtype, seed=2)[1],
+                                                                            temperature=0.9)
+    assert_close_f64(logp, want_logp, "logp", magnitude=10)
+    assert_close_f64(entropy, want_entropy, "entropy")
+
+
+def test_half_precision_is_closer_to_float64_than_trls_own():
+    """TRL's own unit tests compare half-precision results with half-precision log_softmax, exactly:
+    TRL's half fallback passes by construction. ppo_fast accumulates in fp32, so its bf16 entropy and
+    log-probs are closer to the float64 truth than TRL's (README)."""
+    logits, index = inputs(torch.bfloat16, seed=5)
+    truth_entropy = trl_utils().entropy_from_logits(logits.double())
+    truth_logp = trl_utils().selective_log_softmax(logits.double(), index)
+    ours = (pf_trl.entropy_from_logits(logits).double() - truth_entropy).abs().max()
+    theirs = (trl_utils().entropy_from_logits(logits).double() - truth_entropy).abs().max()
+    assert ours <= theirs
+    ours = (pf_trl.selective_log_softmax(logits, index).double() - truth_logp).abs().max()
+    theirs = (trl_utils().selective_log_softmax(logits, index).double() - truth_logp).abs().max()
+    assert ours <= theirs
+
+
+# ----------------------------------------------------------------------------- the fused LM head
+def trl_chunked():
+    return load("trl.kernels.chunked_logprob").ChunkedLogProbFunction
+
+
+@pytest.mark.op("fused_linear_logprobs")
+@pytest.mark.parametrize("softcap, logit_scale", [(None, 1.0), (30.0, 1.0), (None, 0.25)])
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy"), pf_trl.OPTIONAL_OUTPUTS])
+def test_chunked_logprob_function_matches_trls_own(backend, softcap, logit_scale, outputs):
+    """The stand-in against trl.kernels.ChunkedLogProbFunction: every output, softcap, logit scale,
+    bias; values and gradients to hidden, weight and bias."""
+    N, H = 23, 16
+    hidden, weight, bias = randn(N, H, seed=6), randn(V, H, seed=7, scale=0.4), randn(V, seed=8)
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    args = (targets, 0.9, 256, softcap, logit_scale, outputs)
+
+    def run(fn):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        out = fn(h, w, b, *args)
+        diff = [o for o in out[:2] if o is not None]
+        grads = torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(diff)), (h, w, b))
+        return out, grads
+
+    (got, got_grads), (want, want_grads) = run(pf_trl.ChunkedLogProbFunction.apply), run(trl_chunked().apply)
+    for name, a, b in zip(("log_probs",) + pf_trl.OPTIONAL_OUTPUTS, got, want):
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        assert a.dtype == b.dtype, name
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    for name, a, b in zip(("hidden", "weight", "bias"), got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_chunked_logprob_function_refuses_what_it_cannot_follow():
+    hidden, weight = randn(3, 4, seed=1), randn(7, 4, seed=2)
+    targets = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    with pytest.raises(UnsupportedOption, match=r"outputs \['top5'\]"):
+        pf_trl.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 16, None, 1.0, ("log_probs", "top5"))
+    with pytest.raises(UnsupportedOption, match="logit_scale=0.0"):
+        pf_trl.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 16, None, 0.0)
+
+
+# ----------------------------------------------------------------------------- GRPOTrainer
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{str(i): i + 3 for i in range(10)},
+             **{c: 13 + i for i, c in enumerate("abcdefghij ")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_grpo_trainer(tmp_path, steps=3, **config):
+    """TRL's GRPOTrainer on a 2-layer Llama, in fp32 unless bf16=True is passed (TRL's default is bf16
+    autocast, whose rounding both sides share only to bf16 precision)."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         pad_token_id=0, eos_token_id=1, bos_token_id=1))
+    model_dir = tmp_path / "model"  # a path: with beta > 0 TRL builds the reference model from it
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=8, max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                          learning_rate=1e-3, save_strategy="no", disable_tqdm=True, **{"bf16": False, **config})
+    return trl.GRPOTrainer(model=str(model_dir), reward_funcs=lambda completions, **kw: [float(c.count("1")) for c in completions],
+                           args=args, train_dataset=Dataset.from_dict({"prompt": ["123", "456", "789", "012"] * 4}),
+                           processing_class=tok)
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_patched_grpo_trainer_runs_on_ppo_fast_with_the_same_losses(tmp_path, patched):
+    """TRL's own GRPOTrainer a few steps with and without patch(): the patched run computes its
+    log-probs through ppo_fast (counted) and logs the same losses (fp32)."""
+    plain = tiny_grpo_trainer(tmp_path / "plain", beta=0.04, use_bias_correction_kl=False)
+    plain.train()
+    replaced = patched()
+    assert "trl.trainer.utils._ChunkedLogProbFunction" in replaced
+    calls = pf_trl.CALLS["ChunkedLogProbFunction"]
+    fast = tiny_grpo_trainer(tmp_path / "fast", beta=0.04, use_bias_correction_kl=False)
+    fast.train()
+    assert pf_trl.CALLS["ChunkedLogProbFunction"] > calls
+    assert losses(fast) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+
+
+def test_patch_reports_what_it_replaced_and_is_idempotent(patched, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="ppo_fast.integrations.trl"):
+        replaced = patched(loss=True)
+    assert {"trl.trainer.utils._ChunkedLogProbFunction", "trl.trainer.utils.selective_log_softmax",
+            "trl.GRPOTrainer._compute_loss"} <= set(replaced)
+    assert all(f"ppo_fast replaced {name}" in caplog.text for name in replaced)
+    assert trl_utils()._ChunkedLogProbFunction is pf_trl.ChunkedLogProbFunction
+    assert patched(loss=True) == []  # nothing left to replace
+    pf_trl.unpatch()
+    assert trl.GRPOTrainer._compute_loss is TRL_COMPUTE_LOSS
+    assert trl_utils().selective_log_softmax is not pf_trl.selective_log_softmax
+
+
+def test_a_trainer_that_calls_none_of_it_gets_a_warning(tmp_path, patched):
+    """A TRL whose trainers compute log-probs elsewhere (here: the stand-in put back in TRL's module
+    after patch) is noticed after the first training step, not silently slow."""
+    patched()
+    utils = trl_utils()
+    utils._ChunkedLogProbFunction = pf_trl._ORIGINALS[(utils, "_ChunkedLogProbFunction")]  # as a TRL that moved
+    trainer = tiny_grpo_trainer(tmp_path, steps=1)
+    with pytest.warns(RuntimeWarning, match="GRPOTrainer finished a training step without calling any"):
+        trainer.train()
+
+
+LOSS_CASES = [(t, level) for t in grpo_loss_types.LOSS_TYPES for level in ("token", "sequence")]
+
+
+def grpo_inputs(trainer, level, with_is, seed=0):
+    """A micro-batch as GRPOTrainer._prepare_inputs leaves it: left-padded prompts, ragged completions,
+    old and reference log-probs near the policy's, advantages, the vLLM importance ratios."""
+    g = torch.Generator().manual_seed(seed)
+    B, P, L = 4, 3, 7
+    prompt_ids, completion_ids = torch.randint(3, 24, (B, P), generator=g), torch.randint(1, 24, (B, L), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, 0] = 0
+    completion_mask = (torch.arange(L)[None] < torch.tensor([[7], [4], [1], [5]])).long()
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), L)
+    out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+           "completion_mask": completion_mask, "advantages": torch.randn(B, generator=g),
+           "old_per_token_logps": logps + 0.3 * torch.randn(B, L, generator=g),
+           "ref_per_token_logps": logps + 0.2 * torch.randn(B, L, generator=g),
+           "num_items_in_batch": completion_mask.sum() * 3}
+    if with_is:
+        out["importance_sampling_ratio"] = torch.rand((B, L) if level == "token" else (B, 1), generator=g) + 0.5
+    return out
+
+
+def loss_door_results(trainer, batch):
+    """(loss, parameter gradients, logged metrics) of TRL's _compute_loss, then of grpo_compute_loss."""
+    model = trainer.model.train()
+    results = []
+    for compute in (TRL_COMPUTE_LOSS, pf_trl.grpo_compute_loss):
+        trainer._metrics["train"].clear()
+        model.zero_grad()
+        loss = compute(trainer, model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        {k: v[-1] for k, v in trainer._metrics["train"].items()}))
+    return results
+
+
+@pytest.mark.op("fused_linear_ppo_loss")
+@pytest.mark.parametrize("loss_type, level", LOSS_CASES)
+@pytest.mark.parametrize("with_is", [False, True])
+def test_grpo_loss_door_matches_trls_own_compute_loss(tmp_path, backend, loss_type, level, with_is):
+    """grpo_compute_loss against GRPOTrainer's own _compute_loss on the same micro-batch (fp32): the
+    loss, the gradients of every parameter, and the kl / entropy metrics."""
+    extra = dict(epsilon_high=5.0) if loss_type == "cispo" else dict(delta=2.0) if loss_type == "dapo" else {}
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, loss_type=loss_type, importance_sampling_level=level, beta=0.04,
+                                use_bias_correction_kl=False, **extra)
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = with_is
+    (want, want_grads, want_metrics), (got, got_grads, got_metrics) = loss_door_results(
+        trainer, grpo_inputs(trainer, level, with_is))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for key in ("kl", "entropy", "clip_ratio/region_mean"):
+        if key in got_metrics:
+            assert got_metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def test_grpo_loss_door_under_trls_default_bf16_autocast(tmp_path):
+    """TRL's default (bf16 autocast): the same loss, and gradients within bf16 rounding of TRL's."""
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, bf16=True, beta=0.04, use_bias_correction_kl=False)
+    trainer.current_gradient_accumulation_steps = 1
+    assert trainer.accelerator.mixed_precision == "bf16"
+    (want, want_grads, _), (got, got_grads, _) = loss_door_results(trainer, grpo_inputs(trainer, "token", False))
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+    for name in want_grads:
+        scale = want_grads[name].abs().max().item()
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=2e-2 * scale + 1e-6, msg=name)
+
+
+def test_grpo_loss_door_refuses_what_it_cannot_follow(tmp_path):
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, loss_type="luspo", importance_sampling_level="sequence")
+    batch = grpo_inputs(trainer, "sequence", False)
+    with pytest.raises(UnsupportedOption, match="loss_type='luspo'"):
+        pf_trl.grpo_compute_loss(trainer, trainer.model, batch)
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, delta=1.1)
+    with pytest.raises(UnsupportedOption, match="delta=1.1"):
+        pf_trl.grpo_compute_loss(trainer, trainer.model, batch)
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, beta=0.04)  # TRL's default use_bias_correction_kl=True
+    with pytest.raises(UnsupportedOption, match="use_bias_correction_kl=True with beta > 0"):
+        pf_trl.grpo_compute_loss(trainer, trainer.model, batch)
+
+
+def test_patched_loss_trains_like_trl(tmp_path, patched):
+    """patch(loss=True): GRPOTrainer's loss through fused_linear_ppo_loss, a few real training steps,
+    the same losses as TRL's own."""
+    plain = tiny_grpo_trainer(tmp_path / "plain", beta=0.04, loss_type="dapo", use_bias_correction_kl=False)
+    plain.train()
+    patched(loss=True)
+    calls = pf_trl.CALLS["grpo_compute_loss"]
+    fast = tiny_grpo_trainer(tmp_path / "fast", beta=0.04, loss_type="dapo", use_bias_correction_kl=False)
+    fast.train()
+    assert pf_trl.CALLS["grpo_compute_loss"] > calls
+    assert losses(fast) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- TRL's own unit tests
+TRL_TESTS = os.environ.get("PPO_FAST_TRL_TESTS")  # a checkout's tests/test_utils.py (not in TRL's wheel or sdist)
+
+
+@pytest.mark.skipif(not TRL_TESTS, reason="TRL's own tests/test_utils.py is not shipped in its wheel or sdist; set "
+                                          "PPO_FAST_TRL_TESTS to a checkout's copy to run them")
+def test_trls_own_helper_tests_pass_with_the_patch(patched):
+    """TRL's TestSelectiveLogSoftmax and TestEntropyFromLogits on the patched helpers: every float32 and
+    float64 case passes; the only failures are the half-precision cases (TRL's dtype2/dtype3 =
+    float16/bfloat16), which compare with half-precision math exactly (README)."""
+    import re
+    import subprocess
+    import sys
+
+    code = ("import sys, pytest; from ppo_fast.integrations import trl; trl.patch(); "
+            f"sys.exit(pytest.main([{TRL_TESTS!r}, '-q', '-rf', '-p', 'no:cacheprovider', '-k', "
+            "'SelectiveLogSoftmax or EntropyFromLogits']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(TRL_TESTS))).stdout
+    failed = re.findall(r"^FAILED (\S+)", out, re.M)
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) > 0, out[-3000:]
+    assert all(re.search(r"\[(\w+-)?dtype[23]\b", name) for name in failed), out[-3000:]
+
+
+def test_no_warning_in_a_plain_patched_run(tmp_path, patched):
+    patched()
+    trainer = tiny_grpo_trainer(tmp_path, steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer.train()
+    assert not math.isnan(losses(trainer)[0])
