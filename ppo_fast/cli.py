@@ -82,6 +82,18 @@ def config_from_args(args, flags, resume=False, config_class=None):
     return config.replace({**given, **overrides})
 
 
+def close_process_group(together: bool = True) -> None:
+    """Leave torchrun's process group, after the other ranks reach the same point when `together`
+    (a rank that exits with the group open can abort in gloo's teardown: "terminate called without
+    an active exception"). After an error, alone: the others may never get there."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_job(args, name: str, config_class, trainer_class, report) -> int:
     """`ppo-fast train` and `ppo-fast rm`: the config, the run folder (locked, and for a fresh run
     config.yaml written, before the models load; rank 0 alone writes it under torchrun), the
@@ -98,10 +110,13 @@ def run_job(args, name: str, config_class, trainer_class, report) -> int:
             history = trainer_class(config).train(resume=args.resume, run=run)
     except ConfigError as e:
         print(f"ppo-fast {name}: bad config: {e}", file=sys.stderr)
+        close_process_group(together=False)
         return 2
     except TrainingDiverged as e:
         print(f"ppo-fast {name}: stopped: {e}", file=sys.stderr)
+        close_process_group(together=False)
         return 1
+    close_process_group()
     if history and main_process:
         report(history, config)
     return 0

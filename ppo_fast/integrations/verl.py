@@ -156,14 +156,11 @@ def _grouped_outcome_advantage(token_level_rewards, response_mask, index, mode):
     gathered, given ppo_fast's group_advantages, and put back in the samples' order."""
     ids = np.asarray(index)
     _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    if len(set(counts.tolist())) != 1:
-        raise unsupported("verl", f"groups of different sizes {sorted(set(counts.tolist()))}",
-                          "group_advantages takes groups of one size")
-    if counts[0] < 2:
+    if counts.min() < 2:
         raise unsupported("verl", "groups of one sample", "verl gives them score / (1 + epsilon), ppo_fast 0")
     order = torch.as_tensor(np.argsort(inverse, kind="stable"), device=token_level_rewards.device)
     scores = token_level_rewards.sum(-1)
-    grouped = ops.group_advantages(scores[order], int(counts[0]), mode=mode)
+    grouped = ops.group_advantages(scores[order], counts.tolist(), mode=mode)  # groups of any sizes
     advantages = torch.empty_like(grouped).index_copy_(0, order, grouped)
     advantages = advantages.unsqueeze(-1) * response_mask
     return advantages, advantages

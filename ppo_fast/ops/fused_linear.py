@@ -1,8 +1,9 @@
 """Fused linear -> log-probs + entropy: chosen-token log-probs straight from the last hidden
 states and the LM head, never holding the [N, V] logits.
 
-Rows go through in chunks. Forward, per chunk: logits_c = h_c W^T + b (one GEMM in the input
-dtype, as `hidden @ weight.T` would give), then the log-probs kernel of the active backend,
+Rows go through in chunks. Forward, per chunk: logits_c = h_c W^T + b (GEMMs in the input
+dtype, as `hidden @ weight.T` would give, on blocks of one shape so that a row's logits never
+depend on N or the chunk: reference.blocked_linear), then the log-probs kernel of the active backend,
 which keeps per-row lse and entropy. Backward, per chunk: the logits are recomputed, the
 log-probs backward gives grad_logits_c, and
 
@@ -31,6 +32,7 @@ from ppo_fast.ops.checks import (
     require_shape,
 )
 from ppo_fast.ops.logprobs import LAUNCHERS, LogitTransform, require_logit_transform, split_stats
+from ppo_fast.ops.reference import GEMM_BLOCK_ROWS, blocked_linear
 
 # ----------------------------------------------------------------------------- chunking
 MIN_CHUNK_ROWS = 128
@@ -38,22 +40,25 @@ CPU_BUDGET_BYTES = 64 * 2**20
 BYTES_PER_LOGIT = 12  # a chunk's logits and their gradient (input dtype) and fp32 temporaries
 
 
+def whole_blocks(rows: int) -> int:
+    """rows rounded down to a multiple of GEMM_BLOCK_ROWS, at least one block (no padded GEMM
+    rows inside a chunk)."""
+    return max(GEMM_BLOCK_ROWS, rows - rows % GEMM_BLOCK_ROWS)
+
+
 def chunk_budget_rows(vocab: int, device: torch.device) -> int:
-    """The most rows whose logits, gradient and fp32 temporaries fit in the budget: 1/8 of free
-    memory on CUDA, CPU_BUDGET_BYTES on CPU."""
+    """The most rows (whole GEMM blocks) whose logits, gradient and fp32 temporaries fit in the
+    budget: 1/8 of free memory on CUDA, CPU_BUDGET_BYTES on CPU."""
     budget = torch.cuda.mem_get_info(device)[0] // 8 if device.type == "cuda" else CPU_BUDGET_BYTES
-    return max(1, budget // (vocab * BYTES_PER_LOGIT))
+    return whole_blocks(budget // (vocab * BYTES_PER_LOGIT))
 
 
 def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, budget_rows: int) -> int:
     """Forward rows per chunk: a chunk of logits about the size of the hidden states (V / H
-    chunks), at least MIN_CHUNK_ROWS rows so each GEMM stays efficient, at most budget_rows."""
+    chunks), at least MIN_CHUNK_ROWS rows so each GEMM stays efficient, at most budget_rows,
+    in whole GEMM blocks. (The chunking never changes a row's result: blocked_linear.)"""
     rows = max(-(-n_rows // max(1, -(-vocab // max(hidden_size, 1)))), MIN_CHUNK_ROWS)
-    return min(rows, budget_rows)
-
-
-def linear(h, weight, bias):
-    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+    return whole_blocks(min(rows, budget_rows))
 
 
 def accumulate_fp32(acc, a, b):
@@ -85,7 +90,7 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     stats = torch.empty((N, 3) if with_stats else (0,), **f32)
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
-        logits = linear(hidden[rows], weight, bias)
+        logits = blocked_linear(hidden[rows], weight, bias)
         logp[rows], entropy_c, lse[rows], stats_c = launch_forward(logits, labels[rows], tr, ignore_index,
                                                                    with_entropy, with_stats)
         if with_entropy:
@@ -122,12 +127,12 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
         rows = slice(start, min(start + chunk, N))
         h = hidden[rows]
         grad_logits = launch_backward(
-            linear(h, weight, bias), labels[rows], lse[rows], None if entropy is None else entropy[rows],
+            blocked_linear(h, weight, bias), labels[rows], lse[rows], None if entropy is None else entropy[rows],
             None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
             tr, ignore_index,
         )
         if want_hidden:
-            grad_h[rows] = grad_logits @ weight
+            grad_h[rows] = blocked_linear(grad_logits, weight.t())
         if want_weight:
             accumulate_fp32(grad_w, grad_logits.t(), h)
         if want_bias:

@@ -46,11 +46,10 @@ from ppo_fast.ops.fused_linear import (
     accumulate_fp32,
     check_linear_inputs,
     chunk_budget_rows,
-    linear,
     require_chunk_size,
 )
 from ppo_fast.ops.logprobs import LAUNCHERS, LogitTransform, require_logit_transform
-from ppo_fast.ops.reference import valid_only
+from ppo_fast.ops.reference import blocked_linear, masked_max_abs, valid_only
 from ppo_fast.ops.rows import POLICY_ROW_STATS, ROW_LOSS, agg_row_weights, require_agg, row_token_means
 
 # Per-row sums the forward keeps: the policy loss kernel's columns, then entropy and KL.
@@ -83,7 +82,8 @@ IN_PLACE_BACKWARD = ("triton", "cpp")
 # ----------------------------------------------------------------------------- forward with gradients
 def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, hp: Hyper, backend,
                    want):
-    """(loss, policy_loss, stats [5], grads (hidden, weight, bias) or None where not wanted).
+    """(loss, policy_loss, stats [6]: the token means of the row statistics after the token column,
+    then max |logp - old| over valid tokens; grads (hidden, weight, bias) or None where not wanted).
 
     hidden [B, T, H]; labels [B, T] int64; old (None: the log-probs computed here, detached), adv,
     mask (float 0/1), ref (or None) [B, T]
@@ -96,6 +96,7 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
     B, T, H = hidden.shape
     f32 = dict(device=hidden.device, dtype=torch.float32)
     row_stats = torch.zeros(B, ROW_KL + 1, **f32)
+    max_abs_log_ratio = torch.zeros((), **f32)
     grad_h = torch.empty_like(hidden) if want[0] else None
     grad_w = torch.zeros(weight.shape, **f32) if want[1] else None
     grad_b = torch.zeros(weight.shape[0], **f32) if want[2] else None
@@ -105,11 +106,13 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
         k = rows.stop - rows.start
         h = hidden[rows].reshape(k * T, H)
         chunk_labels = labels[rows].reshape(-1)
-        logits = linear(h, weight, bias)
+        logits = blocked_linear(h, weight, bias)
         logp, entropy, lse, _ = launch_forward(logits, chunk_labels, hp.transform, hp.ignore_index, True)
         logp, entropy = logp.view(k, T), entropy.view(k, T)
         m = mask[rows]
-        policy_rows, dloss = policy_forward(logp, logp if old is None else old[rows], adv[rows], m,
+        old_rows = logp if old is None else old[rows]
+        max_abs_log_ratio = torch.maximum(max_abs_log_ratio, masked_max_abs(logp - old_rows, m))
+        policy_rows, dloss = policy_forward(logp, old_rows, adv[rows], m,
                                             None if is_weights is None else is_weights[rows], hp.objective, needs_grad)
         row_stats[rows, :ROW_ENTROPY] = policy_rows
         row_stats[rows, ROW_ENTROPY] = valid_only(entropy, m).sum(-1)
@@ -127,7 +130,7 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
                                       grad_entropy, hp.transform, hp.ignore_index,
                                       out=logits if backend in IN_PLACE_BACKWARD else None)
         if want[0]:
-            grad_h[rows] = (grad_logits @ weight).view(k, T, H)
+            grad_h[rows] = blocked_linear(grad_logits, weight.t()).view(k, T, H)
         if want[1]:
             accumulate_fp32(grad_w, grad_logits.t(), h)
         if want[2]:
@@ -135,7 +138,8 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
     # agg(x) = sum_b w_b (row sum of m x): the loss terms from the row sums.
     policy_loss, entropy_agg, kl_agg = (row_weights @ row_stats[:, [ROW_LOSS, ROW_ENTROPY, ROW_KL]]).unbind()
     loss = policy_loss - hp.entropy_coef * entropy_agg + hp.kl_coef * kl_agg
-    return loss, policy_loss, row_token_means(row_stats), (grad_h, grad_w, grad_b)
+    stats = torch.cat([row_token_means(row_stats), max_abs_log_ratio[None]])
+    return loss, policy_loss, stats, (grad_h, grad_w, grad_b)
 
 
 # ----------------------------------------------------------------------------- custom op
@@ -149,7 +153,7 @@ def fused_ppo_loss_forward(
     tau_neg: float, kl_coef: float, kl_estimator: str, entropy_coef: float, chunk_tokens: int, want_hidden: bool,
     want_weight: bool, want_bias: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, policy_loss, stats [5], grad_hidden, grad_weight (fp32), grad_bias (fp32)), the
+    """(loss, policy_loss, stats [6], grad_hidden, grad_weight (fp32), grad_bias (fp32)), the
     gradients of the loss itself, empty where not wanted; chunk_tokens 0 = from the memory budget."""
     objective = policy_ops.Objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
     hp = Hyper(LogitTransform(inv_temperature, scale, softcap), ignore_index, objective, kl_coef, kl_estimator,
@@ -168,7 +172,7 @@ def _(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights
     def f32(*shape):
         return hidden.new_empty(shape, dtype=torch.float32)
 
-    return (f32(), f32(), f32(5), torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
+    return (f32(), f32(), f32(6), torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
             f32(*weight.shape) if want_weight else hidden.new_empty(0),
             f32(weight.shape[0]) if want_bias else hidden.new_empty(0))
 
@@ -220,9 +224,9 @@ def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bia
         ignore_index,
         surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator,
         entropy_coef, chunk_size or 0, *want, backend)
-    clipfrac, approx_kl, clipfrac_lower, entropy, kl = stats.detach().unbind()
+    clipfrac, approx_kl, clipfrac_lower, entropy, kl, max_abs_log_ratio = stats.detach().unbind()
     stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,
-             "policy_loss": policy_loss.detach(), "entropy": entropy}
+             "policy_loss": policy_loss.detach(), "entropy": entropy, "max_abs_log_ratio": max_abs_log_ratio}
     if ref_log_prob is not None:
         stats["kl"] = kl
     return loss, stats
@@ -274,8 +278,9 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
         logit_scale, softcap: the logits' scale and final-logit softcap, as in logprobs_from_logits.
 
     Returns (loss, stats): a float32 scalar differentiable to hidden, weight and bias, and
-    detached float32 scalars clipfrac, approx_kl, clipfrac_lower, policy_loss, entropy and
-    (with ref_log_prob) kl. Under no_grad, or when nothing requires grad, no gradient work runs.
+    detached float32 scalars clipfrac, approx_kl, clipfrac_lower, policy_loss, entropy,
+    max_abs_log_ratio (max |logp - old| over valid tokens: 0 exactly on-policy) and (with
+    ref_log_prob) kl. Under no_grad, or when nothing requires grad, no gradient work runs.
     """
     check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_prob)

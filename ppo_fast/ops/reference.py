@@ -8,6 +8,12 @@ No input validation here: the public ops validate before dispatching.
 NaN rule, which every backend follows: a NaN or inf at a valid position (mask = 1) gives NaN
 in the outputs that depend on it; an input at a masked position is read as 0, so it never
 reaches a sum, a statistic or a gradient.
+
+Batch invariance, which every backend follows: a row's outputs (and its gradients, for given
+global counts) are bitwise the same whatever the other rows, the batch size, the chunk size
+and the masked padding after it. Two things would break it and are done in fixed shapes here:
+the LM-head GEMMs (BLAS picks its kernel and reduction order by shape: blocked_linear) and the
+sums over a row (row_sums).
 """
 from __future__ import annotations
 
@@ -23,6 +29,68 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 def valid_only(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x where mask != 0, else 0 (where, not a product: 0 * NaN would be NaN)."""
     return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+GEMM_BLOCK_ROWS = 128  # every LM-head GEMM multiplies blocks of this many rows
+ROW_SUM_BLOCK = 128  # row sums reduce blocks of this many entries
+
+
+def blocked_linear(x, weight, bias=None):
+    """x [N, K] @ weight.T + bias as GEMMs of one shape, [GEMM_BLOCK_ROWS, K] x [K, M], the last
+    block zero-padded: a row's result never depends on N or on the rows beside it. Differentiable
+    (blocks concatenated) when autograd records; otherwise written block by block into one output."""
+    N, B = x.shape[0], GEMM_BLOCK_ROWS
+    full = N - N % B
+
+    def gemm(rows, out=None):
+        if bias is None:
+            return torch.mm(rows, weight.t(), out=out)
+        return torch.addmm(bias, rows, weight.t(), out=out)
+
+    def tail():
+        padded = x.new_zeros(B, x.shape[1])
+        padded[:N - full] = x[full:]
+        return gemm(padded)[:N - full]
+
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        parts = [gemm(x[i:i + B]) for i in range(0, full, B)] + ([tail()] if full < N else [])
+        return torch.cat(parts) if parts else gemm(x)  # N = 0: an empty product, still in the graph
+    out = x.new_empty(N, weight.shape[0])
+    for i in range(0, full, B):
+        gemm(x[i:i + B], out=out[i:i + B])
+    if full < N:
+        out[full:] = tail()
+    return out
+
+
+def row_sums(x):
+    """x summed over its last dim so that trailing zeros (masked padding) never change a row's
+    sum: fixed blocks of ROW_SUM_BLOCK entries (zero-padded), each reduced alike, then the block
+    sums added left to right (x + 0 = x exactly)."""
+    T, B = x.shape[-1], ROW_SUM_BLOCK
+    n_blocks = max(1, -(-T // B))
+    blocks = torch.nn.functional.pad(x, (0, n_blocks * B - T)).reshape(*x.shape[:-1], n_blocks, B).sum(-1)
+    total = blocks[..., 0]
+    for j in range(1, n_blocks):
+        total = total + blocks[..., j]
+    return total
+
+
+class _ExpandRows(torch.autograd.Function):
+    """x [B] -> [B, T], each row's value on its T positions; the backward sums the gradient over
+    T with row_sums (autograd's own sum of an expand is not padding-invariant)."""
+
+    @staticmethod
+    def forward(ctx, x, T: int):
+        return x[:, None].expand(x.shape[0], T)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return row_sums(grad), None
+
+
+def expand_rows(x, T: int):
+    return _ExpandRows.apply(x, T)
 
 
 def _entropy_from_log_softmax(logp_all: torch.Tensor) -> torch.Tensor:
@@ -110,6 +178,13 @@ def agg_loss(loss, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
 
 
 @torch.no_grad()
+def masked_max_abs(x, mask):
+    """max |x| over the valid positions (0 for an empty mask; NaN if a valid entry is NaN)."""
+    x = valid_only(_upcast(x).abs(), mask)
+    return x.amax() if x.numel() else x.new_zeros(())
+
+
+@torch.no_grad()
 def masked_whiten(x, mask, *, shift_mean=True):
     """(x - mu) * rsqrt(var + 1e-8) with the masked mean and unbiased masked variance
     (statistics over valid tokens, applied everywhere); shift_mean=False adds mu back.
@@ -143,8 +218,8 @@ def policy_ratio(log_prob, old_log_prob, mask, ratio_level="token"):
     if ratio_level == "token":
         return torch.exp(delta), delta
     m = mask.to(log_prob.dtype)
-    mean = ((log_prob - old_log_prob) * m).sum(-1) / m.sum(-1).clamp(min=1)
-    log_s = torch.clamp(mean, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)[:, None].expand_as(log_prob)
+    mean = row_sums((log_prob - old_log_prob) * m) / m.sum(-1).clamp(min=1)
+    log_s = expand_rows(torch.clamp(mean, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), log_prob.shape[-1])
     if ratio_level == "sequence-token":
         inside = ((mean >= -LOG_RATIO_CLAMP) & (mean <= LOG_RATIO_CLAMP))[:, None].to(log_prob.dtype)
         log_s = log_s.detach() + inside * (log_prob - log_prob.detach())
@@ -297,20 +372,32 @@ GROUP_MODES = ("grpo", "rloo", "none")
 
 @torch.no_grad()
 def group_advantages(scores, group_size, *, mode="grpo"):
-    """Per-sequence advantages from groups of `group_size` consecutive samples of one prompt.
+    """Per-sequence advantages from groups of consecutive samples of one prompt: `group_size` an
+    int (every group that size) or a list of the groups' sizes, in order.
 
     grpo: (s - mean) / (std + 1e-6), unbiased std; rloo: s minus the mean of the others;
-    none: s - mean. A group of one gets advantage 0.
+    none: s - mean. A group of one gets advantage 0. Each group's sums run in fixed blocks
+    (row_sums), so a group's advantages never depend on the other groups.
     """
-    grouped = _upcast(scores).view(-1, group_size)
-    centred = grouped - grouped.mean(-1, keepdim=True)
-    if mode == "none" or group_size == 1:
-        advantages = centred if group_size > 1 else torch.zeros_like(grouped)
-    elif mode == "grpo":
-        advantages = centred / (grouped.std(-1, keepdim=True) + GROUP_STD_EPS)
-    else:  # rloo: s_i - (sum - s_i) / (g - 1) = g (s_i - mean) / (g - 1)
-        advantages = centred * group_size / (group_size - 1)
-    return advantages.reshape(-1)
+    scores = _upcast(scores)
+    sizes = [group_size] * (len(scores) // group_size) if isinstance(group_size, int) else list(group_size)
+    if not sizes:
+        return scores.clone()
+    n = torch.tensor(sizes, device=scores.device)
+    cols = torch.arange(max(sizes), device=scores.device)
+    valid = cols[None] < n[:, None]  # [groups, largest group]
+    index = ((n.cumsum(0) - n)[:, None] + cols[None]).clamp(max=len(scores) - 1)
+    grouped = torch.where(valid, scores[index], 0.0)
+    n = n.to(scores.dtype)[:, None]
+    centred = torch.where(valid, grouped - row_sums(grouped)[:, None] / n, 0.0)
+    if mode == "grpo":
+        std = torch.sqrt(row_sums(centred * centred)[:, None] / (n - 1).clamp(min=1))
+        advantages = centred / (std + GROUP_STD_EPS)
+    elif mode == "rloo":  # s_i - (sum - s_i) / (g - 1) = g (s_i - mean) / (g - 1)
+        advantages = centred * n / (n - 1).clamp(min=1)
+    else:
+        advantages = centred
+    return torch.where(n > 1, advantages, 0.0)[valid]
 
 
 # ----------------------------------------------------------------------------- rollout correction
@@ -343,7 +430,7 @@ def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", m
     if level == "token":
         log_ratio = diff
     else:
-        log_ratio = diff.sum(-1, keepdim=True)
+        log_ratio = row_sums(diff)[:, None]
         if level == "geometric":
             log_ratio = log_ratio / m.sum(-1, keepdim=True).clamp(min=1)
     ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
@@ -374,7 +461,8 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
                           return_entropy=False, chunk_size=None, logit_scale=1.0, softcap=None, return_stats=False):
     """logprobs_from_logits(hidden @ weight.T + bias, labels, ...), materialising the logits
     (`chunk_size` is accepted for the signature and ignored)."""
-    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logits = blocked_linear(hidden.reshape(labels.numel(), hidden.shape[-1]), weight, bias)
+    logits = logits.view(*labels.shape, weight.shape[0])
     return logprobs_from_logits(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                 return_entropy=return_entropy, logit_scale=logit_scale, softcap=softcap,
                                 return_stats=return_stats)
@@ -391,7 +479,8 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
 
     with logp, entropy = fused_linear_logprobs(hidden, weight, labels). Returns (loss, stats):
     ppo_policy_loss's stats plus `policy_loss` (its loss alone), `entropy` and, with
-    ref_log_prob, `kl` (masked token means), all detached.
+    ref_log_prob, `kl` (masked token means), and `max_abs_log_ratio` = max |logp - old| over
+    the valid tokens (0 on-policy: exactly 0 before the first update of a rollout), all detached.
     """
     logp, entropy = fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                           ignore_index=ignore_index, return_entropy=True, logit_scale=logit_scale,
@@ -403,7 +492,8 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
                                          ratio_level=ratio_level, surrogate=surrogate, tau_pos=tau_pos,
                                          tau_neg=tau_neg, **agg_args)
     loss = policy_loss - entropy_coef * agg_loss(entropy, mask, **agg_args)
-    stats = {**stats, "policy_loss": policy_loss.detach(), "entropy": masked_mean(entropy.detach(), mask)}
+    stats = {**stats, "policy_loss": policy_loss.detach(), "entropy": masked_mean(entropy.detach(), mask),
+             "max_abs_log_ratio": masked_max_abs(logp.detach() - old_log_prob, mask)}
     if ref_log_prob is not None:
         kl = kl_penalty(valid_only(logp, mask), valid_only(ref_log_prob.detach(), mask), estimator=kl_estimator)
         loss = loss + kl_coef * agg_loss(kl, mask, **agg_args)

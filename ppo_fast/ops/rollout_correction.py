@@ -26,7 +26,8 @@ ROLLOUT_CORRECTION = {"torch": reference.rollout_correction}  # the reference on
 IMPLEMENTATIONS = {"rollout_correction": ROLLOUT_CORRECTION}
 
 
-def _require_bounds(low, high):
+def require_bounds(low, high):
+    """(low, high) as floats: 0 <= low <= high (low None: no lower bound), high > 0 (inf: none)."""
     high = require_python_float("high", high)
     if not (high > 0) or math.isnan(high):
         raise ValueError(f"high: expected an upper bound > 0 on the importance ratio (inf: none), got {high}")
@@ -48,6 +49,6 @@ def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", m
         {"old_log_prob": old_log_prob, "rollout_log_prob": rollout_log_prob}, mask)
     require_choice("level", level, reference.CORRECTION_LEVELS)
     require_choice("mode", mode, reference.CORRECTION_MODES)
-    low, high = _require_bounds(low, high)
+    low, high = require_bounds(low, high)
     return dispatch("rollout_correction", ROLLOUT_CORRECTION, old_log_prob.device, old_log_prob.detach(),
                     rollout_log_prob, mask, level=level, mode=mode, low=low, high=high)

@@ -14,8 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Optional
 
-from ppo_fast.ops.checks import require_dual_clip
-from ppo_fast.ops.reference import AGG_MODES, KL_ESTIMATOR_CHOICES
+from ppo_fast.ops.reference import AGG_MODES, CORRECTION_LEVELS, CORRECTION_MODES, KL_ESTIMATOR_CHOICES
 
 CRITIC_MODES = ("auto", "policy", "reward", "shared")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -23,7 +22,10 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 OPS_MODES = ("fused", "reference")
 PADDING_FREE = ("auto", "on", "off")
 DISTRIBUTED_MODES = ("auto", "none", "fsdp")
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_baseline")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_baseline", "dr_grpo")
+# the ops' modes, and Dr. GRPO's: the token sum over (sequences x max_new_tokens), a constant
+LOSS_AGG_MODES = AGG_MODES + ("seq-mean-token-sum-norm",)
+ROLLOUT_CORRECTION = ("off",) + CORRECTION_LEVELS
 
 
 class ConfigError(ValueError):
@@ -137,6 +139,22 @@ class PPOConfig(ConfigFile):
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     missing_eos_penalty: Optional[float] = None  # added to the score of a response that never ends
+    # DAPO's overlong shaping: a response longer than max_new_tokens - overlong_buffer_len tokens loses
+    # overlong_penalty_factor x (its excess / overlong_buffer_len), at most the factor; 0: off
+    overlong_buffer_len: int = 0
+    overlong_penalty_factor: float = 1.0
+    # DAPO's dynamic sampling: drop the groups whose scores are all equal (no signal for group
+    # advantages) and sample more prompts, up to dynamic_sampling_max_rounds rounds per step; a batch
+    # still short after them is filled with dropped groups (counted in dynamic_sampling_filler_frac)
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4
+    # off-policy correction against the sampler: weights pi_old / pi_rollout from the rollout's own
+    # log-probs (ppo_fast.ops.rollout_correction) as the loss's is_weights; off, token, sequence, geometric
+    rollout_correction: str = "off"
+    rollout_correction_mode: str = "truncate"  # truncate (TIS) or mask (MIS / IcePop)
+    rollout_correction_low: Optional[float] = None  # None: no lower bound
+    rollout_correction_high: float = 2.0
+    use_rollout_log_prob: bool = False  # old log-probs = the sampler's: no old-log-prob forward
     # rewards and advantages
     kl_coef: float = 0.01  # beta in r_t = -beta KL_t (+ score on the last token)
     kl_estimator: str = "k1"
@@ -145,7 +163,7 @@ class PPOConfig(ConfigFile):
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True  # gae and reinforce_baseline (grpo and rloo normalise within their groups)
-    # gae: a critic; grpo / rloo / reinforce_baseline: critic-free, advantages from the groups of
+    # gae: a critic; grpo / rloo / reinforce_baseline / dr_grpo: critic-free, advantages from the groups of
     # samples_per_prompt responses to one prompt (ppo_fast.ops.group_advantages); no critic loaded
     advantage_estimator: str = "gae"
     samples_per_prompt: int = 1  # responses per prompt in a rollout (rollout_batch_size counts responses)
@@ -156,6 +174,12 @@ class PPOConfig(ConfigFile):
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: Optional[float] = None
+    # the policy objective (ppo_fast.ops.ppo_policy_loss): clip (PPO) / cispo / gpg / sapo, on a token,
+    # sequence (GSPO) or sequence-token ratio; tau_pos / tau_neg: SAPO's temperatures
+    surrogate: str = "clip"
+    ratio_level: str = "token"
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
     value_clip: float = 0.2
     loss_agg: str = "token-mean"
     entropy_coef: float = 0.0
@@ -193,8 +217,10 @@ class PPOConfig(ConfigFile):
         """Raise ConfigError for anything that would fail later; returns self. check_sources=False
         skips the model / prompt / reward settings (the caller passes those objects itself)."""
         for key, choices in (("critic", CRITIC_MODES), ("dtype", DTYPES), ("lr_schedule", LR_SCHEDULES),
-                             ("ops", OPS_MODES), ("loss_agg", AGG_MODES), ("padding_free", PADDING_FREE),
-                             ("distributed", DISTRIBUTED_MODES), ("advantage_estimator", ADVANTAGE_ESTIMATORS)):
+                             ("ops", OPS_MODES), ("loss_agg", LOSS_AGG_MODES), ("padding_free", PADDING_FREE),
+                             ("distributed", DISTRIBUTED_MODES), ("advantage_estimator", ADVANTAGE_ESTIMATORS),
+                             ("rollout_correction", ROLLOUT_CORRECTION),
+                             ("rollout_correction_mode", CORRECTION_MODES)):
             _require(getattr(self, key) in choices, f"{key}: expected one of {choices}, got {getattr(self, key)!r}")
         for key in ("kl_estimator", "kl_loss_estimator"):
             _require(getattr(self, key) in KL_ESTIMATOR_CHOICES,
@@ -206,7 +232,7 @@ class PPOConfig(ConfigFile):
                  f"micro_batch_size: expected None or a value > 0, got {self.micro_batch_size}")
         for key in ("top_k", "kl_coef", "clip_low", "clip_high", "value_clip", "entropy_coef", "kl_loss_coef",
                     "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "lora_rank", "save_every",
-                    "keep_checkpoints", "max_consecutive_skips"):
+                    "keep_checkpoints", "max_consecutive_skips", "overlong_buffer_len", "overlong_penalty_factor"):
             _require(getattr(self, key) >= 0, f"{key}: expected a value >= 0, got {getattr(self, key)}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -217,10 +243,8 @@ class PPOConfig(ConfigFile):
         _require(self.lora_rank == 0 or self.lora_alpha > 0, f"lora_alpha: expected > 0, got {self.lora_alpha}")
         _require(0 < self.top_p <= 1, f"top_p: expected a value in (0, 1], got {self.top_p}")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma, lam: expected values in [0, 1], got {self.gamma}, {self.lam}")
-        try:
-            require_dual_clip(self.dual_clip)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(str(err)) from None
+        self._validate_objective()
+        self._validate_recipes()
         _require(self.kl_target is None or self.kl_target > 0, f"kl_target: expected None or > 0, got {self.kl_target}")
         _require(self.rollout_batch_size % self.mini_batch_size == 0,
                  f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
@@ -236,6 +260,37 @@ class PPOConfig(ConfigFile):
         if check_sources:
             self._validate_sources()
         return self
+
+    def _validate_objective(self) -> None:
+        """The op's own rules for the objective and the correction's bounds, as config errors."""
+        from ppo_fast.ops.policy_loss import require_objective
+        from ppo_fast.ops.rollout_correction import require_bounds
+
+        try:
+            require_objective(self.surrogate, self.ratio_level, self.clip_low, self.clip_high, self.dual_clip,
+                              self.tau_pos, self.tau_neg)
+            if self.rollout_correction != "off":
+                require_bounds(self.rollout_correction_low, self.rollout_correction_high)
+        except (TypeError, ValueError) as err:
+            key = str(err).split(":")[0]
+            key = {"low": "rollout_correction_low", "high": "rollout_correction_high"}.get(key, key)
+            raise ConfigError(f"{key}:{str(err).partition(':')[2]}") from None
+
+    def _validate_recipes(self) -> None:
+        _require(self.overlong_buffer_len < self.max_new_tokens,
+                 f"overlong_buffer_len ({self.overlong_buffer_len}) must be below max_new_tokens "
+                 f"({self.max_new_tokens})")
+        _require(not self.dynamic_sampling or self.samples_per_prompt >= 2,
+                 f"dynamic_sampling drops groups of responses to one prompt whose scores are all equal: "
+                 f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        _require(self.dynamic_sampling_max_rounds >= 1,
+                 f"dynamic_sampling_max_rounds: expected a value >= 1, got {self.dynamic_sampling_max_rounds}")
+        _require(not (self.use_rollout_log_prob and self.rollout_correction != "off"),
+                 f"rollout_correction={self.rollout_correction!r} weighs pi_old / pi_rollout, which is 1 with "
+                 f"use_rollout_log_prob=true (old = rollout): set one of them off")
+        _require(not (self.use_rollout_log_prob and self.critic == "shared" and not self.critic_free),
+                 "use_rollout_log_prob=true saves the policy forward of the experience pass, but critic='shared' "
+                 "needs it for the values: use another critic or use_rollout_log_prob=false")
 
     def resolved_micro_batch_size(self, world_size: int = 1) -> int:
         """micro_batch_size, or by default a rank's share of a minibatch (no accumulation)."""

@@ -51,6 +51,15 @@ class World:
             dist.all_reduce(tensor)
         return tensor
 
+    def max(self, stats: dict, device) -> dict:
+        """Each statistic's maximum over the ranks, in one all-reduce."""
+        if not self.enabled or not stats:
+            return stats
+        keys = sorted(stats)
+        values = torch.stack([torch.as_tensor(stats[k], device=device).float() for k in keys])
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return dict(zip(keys, values.unbind()))
+
     def all_true(self, flag: bool, device) -> bool:
         """Whether `flag` holds on every rank."""
         if not self.enabled:

@@ -7,7 +7,9 @@ so no [B, T, V] logits tensor is ever built outside generation.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -93,8 +95,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: str):
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-                                            bias="none"))
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated name (not ours to rename)
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                                                bias="none"))
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -106,7 +110,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def gradient_checkpointing_on(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing)
+    if hasattr(type(model), "is_activation_checkpointing"):  # the newer transformers name
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -114,6 +120,17 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     frozen = copy.deepcopy(model).eval()
     frozen.requires_grad_(False)
     return frozen
+
+
+def cache_keyword(body: nn.Module) -> str:
+    """The keyword the backbone's forward takes its KV cache by: `cache` (transformers >= 5.24,
+    where `past_key_values` is deprecated), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward with use_cache=True returned, under either transformers' name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

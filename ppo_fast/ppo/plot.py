@@ -11,7 +11,10 @@ PANELS = {  # file name: (title, metric keys)
     "clipfrac": ("clip fractions", ["clipfrac", "value_clipfrac"]),
     "losses": ("losses", ["policy_loss", "value_loss"]),
     "tokens_per_s": ("throughput (tokens/s)", ["tokens_per_s"]),
+    # how off-policy: sampler vs experience, and the update's ratio (0 before its first step)
+    "off_policy": ("max |log-prob gap| (symlog)", ["mismatch_max_abs", "onpolicy_max_log_ratio", "max_log_ratio"]),
 }
+SYMLOG = {"off_policy": 1e-9}  # panels whose values span 0 and tiny gaps: linear below this
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -39,6 +42,8 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         for key in keys:
             ax.plot(steps, [m.get(key, float("nan")) for m in metrics], label=key)
         ax.set(title=title, xlabel="step")
+        if name in SYMLOG:
+            ax.set_yscale("symlog", linthresh=SYMLOG[name])
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend()

@@ -33,7 +33,7 @@ from ppo_fast.ppo import distributed, models, tasks
 from ppo_fast.ppo.checkpoint import checkpoint_path, list_checkpoints, load_newest, prune_checkpoints, save_checkpoint
 from ppo_fast.ppo.config import ConfigError, PPOConfig, load_function
 from ppo_fast.ppo.data import PromptCycle, encode, read_prompts
-from ppo_fast.ppo.experience import Experience, Rollout, experience_stats, rows_in_chunks
+from ppo_fast.ppo.experience import Experience, Rollout, experience_stats, mismatch_stats, rows_in_chunks
 from ppo_fast.ppo.kl_controller import AdaptiveKLController, FixedKLController
 from ppo_fast.ppo.optim import MasterAdamW
 from ppo_fast.ppo.rollout import left_pad, sample
@@ -76,6 +76,7 @@ class PPOTrainer:
             warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
             fused=self.device.type == "cuda", sharded=self.world.enabled)
         self.step_count = 0
+        self.first_epoch_order = None  # drawn by make_experience for the update's first epoch
         self.consecutive_skips = 0
 
     # ------------------------------------------------------------------ the loop
@@ -130,6 +131,29 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ 1. rollout
     def rollout(self) -> Rollout:
+        """This rank's share of rollout_batch_size responses, sampled and scored; with
+        dynamic_sampling, only groups whose scores differ while max rounds allow."""
+        if not self.config.dynamic_sampling:
+            return self.sample_and_score()
+        cfg, n = self.config, self.config.samples_per_prompt
+        need = len(range(cfg.rollout_batch_size)[self.world.share(cfg.rollout_batch_size)])
+        informative, filler, groups, kept = [], [], 0, 0
+        for rounds in range(1, cfg.dynamic_sampling_max_rounds + 1):
+            batch = self.sample_and_score()
+            grouped = batch.scores.view(-1, n)
+            signal = (grouped.amax(-1) > grouped.amin(-1)).repeat_interleave(n)  # not all scores equal
+            informative.append(batch.select(signal.nonzero().squeeze(-1)))
+            filler.append(batch.select((~signal).nonzero().squeeze(-1)))
+            groups, kept = groups + len(grouped), kept + int(signal.sum()) // n
+            if self.world.all_true(sum(map(len, informative)) >= need, self.device):
+                break
+        rollout = Rollout.concat(informative + filler, self.pad_token_id)
+        rollout = rollout.select(torch.arange(need, device=self.device))
+        rollout.stats = {"dynamic_sampling_rounds": float(rounds), "dynamic_sampling_informative_frac": kept / groups,
+                         "dynamic_sampling_filler_frac": max(need - kept * n, 0) / need}
+        return rollout
+
+    def sample_and_score(self) -> Rollout:
         cfg = self.config
         n = cfg.samples_per_prompt  # the same global batch on every rank; each prompt n times in a row
         prompts = [p for p in self.prompt_source(cfg.rollout_batch_size // n) for _ in range(n)]
@@ -138,28 +162,42 @@ class PPOTrainer:
         rows = [encode(self.tokenizer, p)[-cfg.max_prompt_length:] for p in prompts]
         prompt_ids, prompt_mask = left_pad(rows, self.pad_token_id, self.device)
         try:
-            response, mask = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
-                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    generator=self.sample_generator, rows=(mine.start, cfg.rollout_batch_size),
-                                    all_ranks=lambda flag: self.world.all_true(flag, self.device))
+            sampled = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
+                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                             generator=self.sample_generator, rows=(mine.start, cfg.rollout_batch_size),
+                             all_ranks=lambda flag: self.world.all_true(flag, self.device), ops=self.ops)
         except FloatingPointError as err:
             raise TrainingDiverged(f"step {self.step_count + 1}: {err}; the policy has diverged (lower lr?). "
                                    f"The newest checkpoint in {cfg.out!r} is from before it") from None
-        return Rollout.from_sampling(prompts, prompt_ids, prompt_mask, response, mask)
+        rollout = Rollout.from_sampling(prompts, prompt_ids, prompt_mask, *sampled)
+        with self.frozen_models_on_device():
+            rollout.scores = self.score(rollout)
+        return rollout
 
     # ------------------------------------------------------------------ 2. experience
     @torch.no_grad()
     def make_experience(self, rollout: Rollout):
         """Experience for the update, and its statistics (tensors)."""
         cfg, ops = self.config, self.ops
-        seqs, attn, labels, mask = rollout.sequences, rollout.attention_mask, rollout.labels, rollout.mask
-        micro = self.micro_batch_size
-        old_logp, entropy, values = rows_in_chunks(lambda s, a, lab: self.policy_outputs(s, a, lab, True),
-                                                   micro, seqs, attn, labels)
+        seqs, attn, labels, mask, scores = (rollout.sequences, rollout.attention_mask, rollout.labels, rollout.mask,
+                                            rollout.scores)
+        # the micro-batches of the first epoch's first minibatches, row for row: the update's first
+        # forwards see exactly the batches the old log-probs came from (exactly on-policy, whatever
+        # the backbone's kernels do with batch shapes)
+        self.first_epoch_order = torch.randperm(len(labels), generator=self.shuffle_generator).to(self.device)
+        micro, order = self.micro_batch_size, self.first_epoch_order
+        maxima = {}
+        if cfg.use_rollout_log_prob:  # old = the sampler's: no policy forward
+            old_logp, entropy = rollout.log_prob, rollout.entropy
+            values = rows_in_chunks(lambda s, a, lab: self.values(None, s, a, lab), micro, seqs, attn, labels,
+                                    order=order)
+        else:
+            old_logp, entropy, values = rows_in_chunks(lambda s, a, lab: self.policy_outputs(s, a, lab, True),
+                                                       micro, seqs, attn, labels, order=order)
+            mismatch, maxima = mismatch_stats(old_logp, rollout.log_prob, mask, ops)
         with self.frozen_models_on_device():
-            ref_logp = rows_in_chunks(self.reference_logprobs, micro, seqs, attn, labels)
-            scores = self.score(rollout)
+            ref_logp = rows_in_chunks(self.reference_logprobs, micro, seqs, attn, labels, order=order)
         rewards = ops.compute_rewards(torch.zeros_like(scores) if cfg.critic_free else scores, old_logp, ref_logp,
                                       mask, kl_coef=self.kl_controller.value, estimator=cfg.kl_estimator)
         if cfg.critic_free:  # the group's advantage on every token, plus the KL penalty still to come
@@ -170,16 +208,26 @@ class PPOTrainer:
             advantages, returns = ops.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
         stats = experience_stats(scores, old_logp, ref_logp, entropy, values, advantages, returns, mask,
                                  rollout.prompt_mask, ops)
+        stats.update(rollout.stats, **({} if cfg.use_rollout_log_prob else mismatch))
+        is_weights = None
+        if cfg.rollout_correction != "off":
+            is_weights, _, correction = ops.rollout_correction(
+                old_logp, rollout.log_prob, mask, level=cfg.rollout_correction, mode=cfg.rollout_correction_mode,
+                low=cfg.rollout_correction_low, high=cfg.rollout_correction_high)
+            maxima["is_weight_max"] = correction.pop("is_weight_max")
+            stats.update({k: correction[k] for k in ("is_weight_mean", "is_outside_frac")})
         stats = self.world.reduce_stats(stats, self.device, mean=True)  # the mean over ranks of each rank's
+        stats.update(self.world.max(maxima, self.device))
         if cfg.whiten_advantages and cfg.advantage_estimator in ("gae", "reinforce_baseline"):  # every rank's tokens
             advantages = self.world.masked_whiten(advantages, mask, ops)
-        return Experience(seqs, attn, labels, old_logp, ref_logp, values, advantages, returns), stats
+        return Experience(seqs, attn, labels, old_logp, ref_logp, values, advantages, returns, is_weights), stats
 
     def group_advantages(self, scores):
         """Per-sequence advantages [B] from the groups of samples_per_prompt responses to a prompt
         (grpo: z-score in the group; rloo: minus the others' mean; reinforce_baseline: minus the
-        group mean, whitened over the batch afterwards)."""
-        mode = {"grpo": "grpo", "rloo": "rloo", "reinforce_baseline": "none"}[self.config.advantage_estimator]
+        group mean, whitened over the batch afterwards; dr_grpo: minus the group mean, no std)."""
+        mode = {"grpo": "grpo", "rloo": "rloo", "reinforce_baseline": "none",
+                "dr_grpo": "none"}[self.config.advantage_estimator]
         return self.ops.group_advantages(scores, self.config.samples_per_prompt, mode=mode)
 
     def policy_outputs(self, sequences, attention_mask, labels, return_entropy=False):
@@ -219,7 +267,8 @@ class PPOTrainer:
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> torch.Tensor:
-        """Sequence scores [B] from the reward model or function, with the no-EOS penalty."""
+        """Sequence scores [B] from the reward model or function, with the no-EOS penalty and the
+        overlong shaping."""
         cfg = self.config
         response, mask = rollout.response, rollout.mask
         ended = (response == self.tokenizer.eos_token_id).any(-1)
@@ -236,6 +285,9 @@ class PPOTrainer:
                                  f"{tuple(scores.shape)} with values {scores.tolist()[:8]}...")
         if cfg.missing_eos_penalty is not None:
             scores = scores + cfg.missing_eos_penalty * (~ended).float()
+        if cfg.overlong_buffer_len:  # DAPO: -factor x (length - (max - buffer)) / buffer past max - buffer
+            excess = mask.sum(-1).float() - (cfg.max_new_tokens - cfg.overlong_buffer_len)
+            scores = scores - cfg.overlong_penalty_factor * (excess.clamp(min=0) / cfg.overlong_buffer_len)
         return scores
 
     # ------------------------------------------------------------------ 3. update
@@ -245,35 +297,54 @@ class PPOTrainer:
         for model in (self.policy, self.critic):  # dropout is off: only gradient checkpointing reads this
             if model is not None:
                 model.train()
-        totals, n_steps = defaultdict(float), 0
+        totals, n_steps, onpolicy, peak = defaultdict(float), 0, None, None
         try:
-            for _ in range(cfg.ppo_epochs):
-                for rows in torch.randperm(len(experience.labels), generator=self.shuffle_generator).split(
-                        cfg.mini_batch_size // self.world.size):
-                    for key, value in self.minibatch_step(experience.select(rows.to(self.device))).items():
+            for epoch in range(cfg.ppo_epochs):
+                order = self.first_epoch_order if epoch == 0 else None
+                if order is None or len(order) != len(experience.labels):  # an experience made elsewhere
+                    order = torch.randperm(len(experience.labels), generator=self.shuffle_generator).to(self.device)
+                self.first_epoch_order = None
+                for rows in order.split(cfg.mini_batch_size // self.world.size):
+                    stats = self.minibatch_step(experience.select(rows))
+                    largest = stats.pop("max_abs_log_ratio")
+                    onpolicy = largest if onpolicy is None else onpolicy  # before any optimiser step
+                    peak = largest if peak is None else torch.maximum(peak, largest)
+                    for key, value in stats.items():
                         totals[key] = totals[key] + value
                     n_steps += 1
         finally:
             for model in (self.policy, self.critic):
                 if model is not None:
                     model.eval()
-        return {key: value / n_steps for key, value in totals.items()}
+        return {**{key: value / n_steps for key, value in totals.items()}, "onpolicy_max_log_ratio": onpolicy,
+                "max_log_ratio": peak}
+
+    def loss_aggregation(self, num_tokens: int, num_seqs: int) -> dict:
+        """The losses' agg keywords for a minibatch of these global counts (Dr. GRPO's
+        seq-mean-token-sum-norm: the token sum over a constant, mini_batch_size x max_new_tokens)."""
+        cfg = self.config
+        if cfg.loss_agg == "seq-mean-token-sum-norm":
+            return dict(agg="token-mean", num_tokens=float(cfg.mini_batch_size * cfg.max_new_tokens), num_seqs=None)
+        return dict(agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
 
     def minibatch_step(self, mini: Experience) -> dict:
-        """Accumulate the micro-batches' gradients, then one optimiser step; the minibatch's stats."""
+        """Accumulate the micro-batches' gradients, then one optimiser step; the minibatch's stats
+        (max_abs_log_ratio: the largest |log pi - log pi_old| of its tokens, over every rank)."""
         token_counts = mini.mask.sum(-1)
         counts = self.world.sum(torch.stack([token_counts.sum(), (token_counts > 0).sum()]).double())  # global
         num_tokens, num_seqs = (max(int(c), 1) for c in counts.tolist())
-        stats, loss_sum = defaultdict(float), 0.0
+        stats, loss_sum, largest = defaultdict(float), 0.0, torch.zeros((), device=self.device)
         for start in range(0, len(mini.labels), self.micro_batch_size):
             micro = mini.select(slice(start, start + self.micro_batch_size))
             loss, micro_stats = self.micro_batch_loss(micro, num_tokens, num_seqs)
             (loss * self.world.size).backward()  # ranks' gradients are averaged: the world size makes it their sum
             loss_sum = loss_sum + loss.detach()
+            largest = torch.maximum(largest, micro_stats.pop("max_abs_log_ratio"))
             share = micro.mask.sum() / num_tokens
             for key, value in micro_stats.items():  # losses are shares already; token-mean stats are not
                 stats[key] = stats[key] + (value if key.endswith("loss") else value * share)
         stats = self.world.reduce_stats({**stats, "loss": loss_sum}, self.device, mean=False)  # over all ranks
+        stats.update(self.world.max({"max_abs_log_ratio": largest}, self.device))
         loss_sum = stats.pop("loss")
         self.world.average_replicated_grads([p for group in self.optimizer.params for p in group])
         skipped_before = self.optimizer.skipped
@@ -287,7 +358,7 @@ class PPOTrainer:
         The policy objective (clipped surrogate - entropy bonus + KL loss) comes straight from the
         hidden states (`fused_linear_ppo_loss`: its gradient is formed in the forward)."""
         cfg, ops = self.config, self.ops
-        agg = dict(agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        agg = self.loss_aggregation(num_tokens, num_seqs)
         hidden = self.policy_hidden(batch.sequences, batch.attention_mask, batch.labels)
         head = self.policy.get_output_embeddings()
         with_kl = cfg.kl_loss_coef > 0
@@ -295,7 +366,8 @@ class PPOTrainer:
             hidden, head.weight, batch.labels, batch.old_logp, batch.advantages, batch.mask, bias=head.bias,
             temperature=cfg.temperature, ref_log_prob=batch.ref_logp if with_kl else None,
             kl_coef=cfg.kl_loss_coef, kl_estimator=cfg.kl_loss_estimator, entropy_coef=cfg.entropy_coef,
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, **agg)
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, is_weights=batch.is_weights,
+            surrogate=cfg.surrogate, ratio_level=cfg.ratio_level, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, **agg)
         if self.critic is None:
             value_loss = value_clipfrac = torch.zeros((), device=loss.device)
         else:
@@ -303,7 +375,8 @@ class PPOTrainer:
             value_loss, value_clipfrac = ops.value_loss(values, batch.old_values, batch.returns, batch.mask,
                                                         clip=cfg.value_clip, **agg)
             loss = loss + cfg.vf_coef * value_loss
-        stats = {k: policy_stats[k] for k in ("clipfrac", "approx_kl", "clipfrac_lower", "policy_loss")}
+        stats = {k: policy_stats[k] for k in ("clipfrac", "approx_kl", "clipfrac_lower", "policy_loss",
+                                              "max_abs_log_ratio")}
         stats.update(value_loss=value_loss, value_clipfrac=value_clipfrac)
         return loss, {k: v.detach() for k, v in stats.items()}
 
@@ -390,7 +463,9 @@ class PPOTrainer:
             attn = "flash_attention_2" if models.flash_attn_available(self.device) else "sdpa"
             policy = AutoModelForCausalLM.from_config(tasks.tiny_policy_config(self.tokenizer), dtype=self.dtype,
                                                       attn_implementation=attn)
-            if cfg.reward_model:  # a reward model trained on the task (`ppo-fast rm`), in the task's token ids
+            if reward_model is not None or reward_fn is not None:  # the caller's, on the task's prompts
+                pass
+            elif cfg.reward_model:  # a reward model trained on the task (`ppo-fast rm`), in the task's token ids
                 reward_model = models.load_model(cfg.reward_model, "reward", self.dtype, self.device)
             else:
                 reward_fn = tasks.count_reward

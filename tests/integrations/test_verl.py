@@ -167,8 +167,16 @@ def test_grpo_and_rloo_match_verl(norm):
     got, want = pf.compute_rloo_outcome_advantage(rewards, mask, index), core.compute_rloo_outcome_advantage(
         rewards.double(), mask.double(), index)
     assert_close_f64(got[0], want[0], "rloo")
-    with pytest.raises(UnsupportedOption, match="different sizes"):
-        pf.compute_grpo_outcome_advantage(rewards[:5], mask[:5], index[:5])
+    uneven = np.array(["a", "b", "c", "b", "a", "b", "c", "b", "a"], dtype=object)  # groups of 3, 4 and 2
+    for mode in (True, False):
+        got = pf.compute_grpo_outcome_advantage(rewards[:9], mask[:9], uneven, norm_adv_by_std_in_grpo=mode)
+        want = core.compute_grpo_outcome_advantage(rewards[:9].double(), mask[:9].double(), uneven,
+                                                   norm_adv_by_std_in_grpo=mode)
+        assert_close_f64(got[0], want[0], "grpo, groups of unequal sizes")
+    assert_close_f64(pf.compute_rloo_outcome_advantage(rewards[:9], mask[:9], uneven)[0],
+                     core.compute_rloo_outcome_advantage(rewards[:9].double(), mask[:9].double(), uneven)[0], "rloo")
+    with pytest.raises(UnsupportedOption, match="groups of one sample"):
+        pf.compute_grpo_outcome_advantage(rewards[:4], mask[:4], index[:4])  # b and c alone
 
 
 @pytest.mark.op("logprobs_from_logits")

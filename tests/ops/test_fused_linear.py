@@ -144,18 +144,19 @@ def test_peak_memory_is_a_fraction_of_the_logits():
 
 def test_backward_chunks_follow_the_memory_budget_not_v_over_h(monkeypatch):
     """The weight gradient is accumulated once per backward chunk, and backward chunks are as
-    large as the budget allows: at V = 50257, H = 16 the forward uses V/H-sized chunks of 128
-    rows, the backward the budget's (64 MiB / (V * 12 B) = 111 rows here)."""
+    large as the budget allows, in whole GEMM blocks: at V = 5000, H = 16 the forward uses
+    V/H-sized chunks, the backward the budget's (64 MiB / (V * 12 B) = 1118 rows -> 1024 here)."""
     from ppo_fast.ops import fused_linear
 
     calls = []
     real = fused_linear.accumulate_fp32
     monkeypatch.setattr(fused_linear, "accumulate_fp32", lambda acc, a, b: calls.append(a.shape) or real(acc, a, b))
-    N, H, V = 1000, 16, 50257
+    N, H, V = 2500, 16, 5000
     hidden = torch.randn(N, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)
     rows = fused_linear.chunk_budget_rows(V, torch.device("cpu"))
-    assert rows == fused_linear.CPU_BUDGET_BYTES // (V * fused_linear.BYTES_PER_LOGIT)
+    budget = fused_linear.CPU_BUDGET_BYTES // (V * fused_linear.BYTES_PER_LOGIT)
+    assert rows == budget - budget % fused_linear.GEMM_BLOCK_ROWS == 1024
     fused_linear_logprobs(hidden, weight, torch.randint(0, V, (N,))).sum().backward()
     assert len(calls) == -(-N // rows) and calls[0] == (V, rows)
 

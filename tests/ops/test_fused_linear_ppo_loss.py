@@ -163,22 +163,23 @@ def test_chunk_size_does_not_change_results(backend):
 
 
 def test_three_gemms_and_no_gradient_work_without_grad(backend, monkeypatch):
-    """One logits GEMM per chunk in the forward, none in the backward; under no_grad (or with
+    """Three GEMMs per chunk in the forward (logits, grad_h, grad_W), none in the backward; under no_grad (or with
     nothing requiring grad) no gradient is formed, and the value is the same."""
     if backend == "torch":
         pytest.skip("the reference materialises the logits and lets autograd differentiate them")
     calls = {"linear": 0, "accumulate": 0}
-    real_linear, real_accumulate = fused_module.linear, fused_module.accumulate_fp32
+    real_linear, real_accumulate = fused_module.blocked_linear, fused_module.accumulate_fp32
 
     def count(name, fn):
         return lambda *a: calls.__setitem__(name, calls[name] + 1) or fn(*a)
 
-    monkeypatch.setattr(fused_module, "linear", count("linear", real_linear))
+    monkeypatch.setattr(fused_module, "blocked_linear", count("linear", real_linear))
     monkeypatch.setattr(fused_module, "accumulate_fp32", count("accumulate", real_accumulate))
     hidden, weight, bias, labels, old, adv, mask, ref = make_inputs(4, 5, 8, 101, torch.float32, seed=6)
     loss, _, _ = run(fused_linear_ppo_loss, (hidden, weight, bias, labels, old, adv, mask, ref), 1.0,
                      chunk_size=10, kl_coef=0.1)
-    assert calls == {"linear": 2, "accumulate": 2}  # 4 rows of 5 tokens in chunks of 2 rows
+    # 4 rows of 5 tokens in chunks of 2 rows: per chunk the logits, grad_h (blocked_linear) and grad_W GEMMs
+    assert calls == {"linear": 4, "accumulate": 2}
     calls.update(linear=0, accumulate=0)
     with torch.no_grad():
         no_grad_loss, _ = fused_linear_ppo_loss(hidden.requires_grad_(), weight, labels, old, adv, mask, bias=bias,
@@ -217,7 +218,7 @@ def test_empty_and_fully_masked_batches_give_zeros(backend):
         loss, stats = fused_linear_ppo_loss(hidden, weight, labels, zeros, zeros, zeros.bool(), ref_log_prob=zeros,
                                             kl_coef=0.1, entropy_coef=0.1)
         loss.backward()
-        assert float(loss) == 0.0 and all(float(v) == 0.0 for v in stats.values()), (B, T, stats)
+        assert float(loss.detach()) == 0.0 and all(float(v) == 0.0 for v in stats.values()), (B, T, stats)
         assert not hidden.grad.any() and not weight.grad.any()
 
 

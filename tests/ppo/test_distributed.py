@@ -62,6 +62,8 @@ def test_two_ranks_take_the_step_of_one_rank_with_the_global_batch(tmp_path):
     train(one, "steps=3", "tensorboard=false")
     train(two, "steps=3", "tensorboard=true", ranks=2)
     assert_same_run(metrics(one), metrics(two), 3)
+    for run in (one, two):  # exactly on-policy before each rollout's first update, sharded too
+        assert [m["onpolicy_max_log_ratio"] for m in metrics(run)] == [0.0] * 3
     single, sharded = masters(one, 3), masters(two, 3)
     assert set(single) == set(sharded)
     for name, value in single.items():

@@ -171,7 +171,7 @@ def test_sampling_with_cache_and_left_padding_matches_uncached_greedy(trainer):
     tok, model = trainer.tokenizer, trainer.policy
     rows = [tok.encode("12"), tok.encode("345678"), tok.encode("9012")]
     ids, mask = left_pad(rows, tok.pad_token_id, DEVICE)
-    response, response_mask = sample(model, ids, mask, max_new_tokens=5, eos_token_id=tok.eos_token_id,
+    response, response_mask, _, _ = sample(model, ids, mask, max_new_tokens=5, eos_token_id=tok.eos_token_id,
                                      pad_token_id=tok.pad_token_id, top_k=1)
     for i, row in enumerate(rows):
         seq = torch.tensor([row], device=DEVICE)
@@ -189,7 +189,7 @@ def test_response_mask_stops_after_eos(trainer):
     torch.manual_seed(0)
     tok = trainer.tokenizer
     ids, mask = left_pad([tok.encode("123")] * 64, tok.pad_token_id, DEVICE)
-    response, response_mask = sample(trainer.policy, ids, mask, max_new_tokens=8, eos_token_id=tok.eos_token_id,
+    response, response_mask, _, _ = sample(trainer.policy, ids, mask, max_new_tokens=8, eos_token_id=tok.eos_token_id,
                                      pad_token_id=tok.pad_token_id)
     for row, m in zip(response.tolist(), response_mask.tolist()):
         n = sum(m)
@@ -270,8 +270,9 @@ def test_trainer_loads_saved_hf_models(tmp_path, hf_dirs):
         for i in range(2):
             real = exp.attention_mask[i].bool()
             expected = saved_reward(input_ids=exp.sequences[i][real][None]).logits[0, 0]
+            zeros = torch.zeros(exp.labels[i:i + 1].shape)
             one = Rollout(None, exp.sequences[i:i + 1], exp.attention_mask[i:i + 1], exp.labels[i:i + 1],
-                          exp.sequences.shape[1] - exp.labels.shape[1])
+                          exp.sequences.shape[1] - exp.labels.shape[1], zeros, zeros)
             assert float(trainer.score(one)) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
     assert all(abs(v) < float("inf") for v in trainer.step().values())
 

@@ -96,7 +96,8 @@ def test_tensorboard_events_and_plots(tmp_path):
     rewards = [e.value for e in events.Scalars("ppo/reward_mean")]
     assert rewards == pytest.approx([m["reward_mean"] for m in read_metrics(config)])
     assert cli.main(["plot", config.out]) == 0
-    for name in ("reward", "kl", "entropy", "clipfrac", "losses", "tokens_per_s"):
+    assert [e.value for e in events.Scalars("ppo/onpolicy_max_log_ratio")] == [0.0, 0.0]  # and in TensorBoard
+    for name in ("reward", "kl", "entropy", "clipfrac", "losses", "tokens_per_s", "off_policy"):
         with open(os.path.join(config.out, "plots", f"{name}.png"), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
