@@ -11,6 +11,7 @@ Set PPO_FAST_NO_EXT=1 to skip the native build (the Triton and torch backends st
 """
 import glob
 import os
+import platform
 
 from setuptools import setup
 
@@ -21,6 +22,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # floats; results stay IEEE. PPO_FAST_CPU_FLAGS adds flags, e.g. "-march=native" for a build
 # used only on the machine that compiles it.
 CPU_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"] + os.environ.get("PPO_FAST_CPU_FLAGS", "").split()
+# The CPU kernels are built once per instruction set, as ATen builds its own (CPU_CAPABILITY):
+# ppo_fast._C for any x86-64 (and every other architecture), _C_avx2 and _C_avx512 with those
+# instructions; ppo_fast.ops.backend imports the best one the CPU runs (torch's own
+# cpu_capability), so a wheel built here runs on any x86-64. at::vec::Vectorized takes its lane
+# count and its Sleef exp from the CPU_CAPABILITY macros.
+CPU_VARIANTS = {
+    "_C": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "_C_avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "_C_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
 
 
 def _sources(pattern):
@@ -38,16 +50,18 @@ def native_extensions():
 
     include_dirs = [os.path.join(HERE, "csrc")]
     extensions = []
-    if cpu_sources:
-        extensions.append(
-            cpp_extension.CppExtension(
-                "ppo_fast._C",
-                cpu_sources,
-                include_dirs=include_dirs,
-                extra_compile_args={"cxx": CPU_FLAGS},
-                extra_link_args=["-fopenmp"],
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    for name, flags in CPU_VARIANTS.items() if cpu_sources else ():
+        if name == "_C" or x86:
+            extensions.append(
+                cpp_extension.CppExtension(
+                    f"ppo_fast.{name}",
+                    cpu_sources if name == "_C" else _variant_sources(name, cpu_sources),
+                    include_dirs=include_dirs,
+                    extra_compile_args={"cxx": CPU_FLAGS + flags},
+                    extra_link_args=["-fopenmp"],
+                )
             )
-        )
     if cuda_sources and cpp_extension.CUDA_HOME is not None and _torch_has_cuda():
         extensions.append(
             cpp_extension.CUDAExtension(
@@ -58,6 +72,23 @@ def native_extensions():
             )
         )
     return extensions, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+def _variant_sources(name, sources):
+    """One-line wrappers build/isa/<name>/<file>.cpp including each source, so each ISA build
+    compiles to its own object files (the same paths would share, and overwrite, one object)."""
+    folder = os.path.join("build", "isa", name)
+    os.makedirs(os.path.join(HERE, folder), exist_ok=True)
+    wrappers = []
+    for source in sources:
+        wrapper = os.path.join(folder, os.path.basename(source))
+        text = f'#include "{os.path.join(HERE, source)}"  // {name}: see setup.py\n'
+        path = os.path.join(HERE, wrapper)
+        if not os.path.isfile(path) or open(path).read() != text:
+            with open(path, "w") as f:
+                f.write(text)
+        wrappers.append(wrapper)
+    return wrappers
 
 
 def _torch_has_cuda():

@@ -10,7 +10,13 @@ import torch
 
 def cmd_info(_args) -> int:
     import ppo_fast
-    from ppo_fast.ops.backend import available_backends, requested_backend, triton_interpreted
+    from ppo_fast.ops.backend import (
+        available_backends,
+        cpu_capability,
+        cpu_kernel_module,
+        requested_backend,
+        triton_interpreted,
+    )
 
     try:
         import triton
@@ -22,6 +28,8 @@ def cmd_info(_args) -> int:
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {triton_version}"
           f"{' [interpreter]' if triton_interpreted() else ''}")
     print(f"requested backend: {requested_backend()}")
+    print(f"CPU kernels: ppo_fast.{cpu_kernel_module()} (instruction set {cpu_capability().lower()}, "
+          f"{torch.get_num_threads()} threads)")
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for dev in devices:
         name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "CPU"

@@ -43,3 +43,13 @@ def backend(request):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A trainer sets torch's intra-op threads for its model (cpu_threads); each test starts from
+    the suite's count."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

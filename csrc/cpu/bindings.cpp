@@ -37,4 +37,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae_forward", &ppo_fast::gae_forward);
   m.def("policy_loss_forward", &ppo_fast::policy_loss_forward);
   m.def("value_loss_forward", &ppo_fast::value_loss_forward);
+  m.def("kl_forward", &ppo_fast::kl_forward);
+  m.def("kl_backward", &ppo_fast::kl_backward);
+  m.def("compute_rewards_forward", &ppo_fast::compute_rewards_forward);
+  m.def("masked_row_sums_forward", &ppo_fast::masked_row_sums_forward);
+  m.def("masked_whiten_forward", &ppo_fast::masked_whiten_forward);
+  m.def("exp_values", &ppo_fast::exp_values);
 }

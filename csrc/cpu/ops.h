@@ -50,4 +50,26 @@ std::tuple<at::Tensor, at::Tensor> value_loss_forward(const at::Tensor& values, 
                                                       const at::Tensor& returns, const at::Tensor& mask,
                                                       double clip, bool needs_grad);
 
+// Per-token KL estimate (float32, shaped like log_prob); estimator: a code of ppo_constants.h;
+// straight: the '+' value rule (NaN where k2 is infinite).
+at::Tensor kl_forward(const at::Tensor& log_prob, const at::Tensor& ref, int64_t estimator, bool straight);
+
+// Returns (grad log_prob or empty, grad ref or empty): upstream times d KL / d log_prob, and its negative.
+std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& log_prob, const at::Tensor& ref,
+                                               const at::Tensor& upstream, int64_t grad_code, bool want_log_prob,
+                                               bool want_ref);
+
+// Token rewards [B, T]: -kl_coef KL m, plus scores[b] on row b's last valid token.
+at::Tensor compute_rewards_forward(const at::Tensor& scores, const at::Tensor& log_prob, const at::Tensor& ref,
+                                   const at::Tensor& mask, double kl_coef, int64_t estimator, bool straight);
+
+// [B, 3] float32 per row: (sum_t m x, sum_t m, sum_t m x^2), in fixed lane blocks.
+at::Tensor masked_row_sums_forward(const at::Tensor& x, const at::Tensor& mask);
+
+// (x - mean) rsqrt(var + WHITEN_EPS) (+ mean unless shift_mean) over the masked tokens, float32.
+at::Tensor masked_whiten_forward(const at::Tensor& x, const at::Tensor& mask, bool shift_mean);
+
+// fast_exp (in_range false) or exp_in_range (true) of fast_math.h, elementwise: for the accuracy test.
+at::Tensor exp_values(const at::Tensor& x, bool in_range);
+
 }  // namespace ppo_fast

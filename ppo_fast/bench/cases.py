@@ -1,8 +1,8 @@
 """Benchmark cases, one function per op family (named as in ppo_fast/ops/): each case is one
 public function, mode ("fwd" or "fwd+bwd"), dtype and shape, with every implementation that
 can run here: `torch` (the reference, the baseline), `torch-compile` (the reference under
-torch.compile: every case on GPU, the per-token cases on CPU; one compiled object per case, so
-no case runs past dynamo's recompile limit), peers where installed, `ppo_fast-<backend>` for
+torch.compile: every case on GPU, the per-token cases on CPU; one compiled object per case, and
+dynamo reset before each case (ops.run), so no case runs past its recompile limit), peers where installed, `ppo_fast-<backend>` for
 each ppo_fast backend of the op, and `ppo_fast-compile` (the public op under torch.compile,
 wherever `torch-compile` is).
 
@@ -64,7 +64,7 @@ SHAPES = {
         "cpu": {"full": [(8, 256, 256, 32000)], "quick": [(4, 128, 256, 32000)], "headline": [(2, 8, 16, 1013)]},
     },
     **{fn: {"cuda": _TOKENS_CUDA, "cpu": _TOKENS_CPU}
-       for fn in ("value_loss", "kl_penalty", "compute_rewards", "masked_whiten")},
+       for fn in ("value_loss", "kl_penalty", "compute_rewards", "agg_loss", "masked_mean", "masked_whiten")},
     "ppo_policy_loss": {"cuda": {**_TOKENS_CUDA, "headline": [(64, 4096)]},
                         "cpu": {**_TOKENS_CPU, "headline": [(4, 40)]}},
     "gae": {"cuda": {**_TOKENS_CUDA, "headline": [(512, 2048)]}, "cpu": {**_TOKENS_CPU, "headline": [(4, 40)]}},
@@ -196,13 +196,15 @@ _fused_linear_fwd, _fused_linear_fwd_bwd = _logprob_runners(
 # ----------------------------------------------------------------------------- cases by op family
 def logprobs(device: torch.device, preset: str) -> list:
     """logprobs_from_logits with entropy; Llama-3-8B (V = 128256) and Qwen2.5-7B (V = 152064) heads on
-    GPU. The headline preset compiles the reference at its first shape only."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    GPU in bf16; on CPU fp32, and bf16 too in the full preset. The headline preset compiles the
+    reference at its first shape only."""
+    dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32] + (
+        [torch.bfloat16] if preset == "full" else [])
     cases = []
-    for i, (n, v) in enumerate(shapes("logprobs", device, preset)):
+    for i, (n, v, dtype) in enumerate((n, v, dtype) for dtype in dtypes for n, v in shapes("logprobs", device, preset)):
         compile_reference = (device.type == "cuda" or headline_dry_run(device, preset)) and (
             preset != "headline" or i == 0)
-        def make_inputs(n=n, v=v, grad=False):
+        def make_inputs(n=n, v=v, dtype=dtype, grad=False):
             up = torch.randn(2, n, device=device)
             return {"logits": torch.randn(n, v, device=device, dtype=dtype, requires_grad=grad),
                     "labels": torch.randint(0, v, (n,), device=device), "up_logp": up[0], "up_entropy": up[1]}
@@ -337,6 +339,8 @@ TOKEN_FUNCTIONS = {
     "kl_penalty": ("kl", lambda f, x: f(x["x"], x["old"], estimator="k3"), 12, 20),
     "compute_rewards": ("kl", lambda f, x: f(x["scores"], x["x"], x["old"], x["mask"], kl_coef=0.05), 13, None),
     "gae": ("gae", lambda f, x: f(x["other"], x["old"], x["mask"], gamma=1.0, lam=0.95), 17, None),
+    "agg_loss": ("masked", lambda f, x: f(x["x"], x["mask"], "seq-mean-token-mean"), 5, 9),
+    "masked_mean": ("masked", lambda f, x: f(x["x"], x["mask"]), 5, 9),
     "masked_whiten": ("masked", lambda f, x: f(x["x"], x["mask"]), 9, None),
 }
 

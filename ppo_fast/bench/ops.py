@@ -68,6 +68,9 @@ def run(device=None, *, ops=None, preset="full", save_to=None) -> dict:
     progress = tqdm(cases, desc="bench", unit="case")
     for case, index in progress:
         progress.set_postfix_str(f"{case.fn} {case.mode} {' '.join(map(str, case.shape.values()))}")
+        # dynamo counts recompiles per code object, not per torch.compile wrapper: without a reset
+        # the cases of one function (objectives, modes) pass its limit and run eager, silently
+        torch._dynamo.reset()
         record["results"].extend(run_case(case, device, index, preset))
         if save_to is not None:
             records.save(record, save_to, plots=False)

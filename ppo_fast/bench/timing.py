@@ -46,9 +46,11 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device):
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
-    """Device-to-device copy rate: bytes read + written per second."""
+    """Device-to-device copy rate: bytes read + written per second. The source is written first:
+    on a CPU, never-written memory is the kernel's shared zero page, read from cache (that
+    inflated this figure ~1.8x before 2026-12-02)."""
     n = (2**28 if device.type == "cuda" else 2**25)  # 1 GiB / 128 MiB of fp32
-    src = torch.empty(n, device=device)
+    src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * n * 4 / (ms * 1e-3) / 1e9

@@ -66,16 +66,56 @@ def triton_interpreted() -> bool:
 
 
 _native_cache: dict = {}
+# The CPU kernels' builds by instruction set (setup.py), best first; _C runs on any CPU.
+CPU_CAPABILITIES = ("AVX512", "AVX2", "DEFAULT")
+CPU_VARIANTS = {"AVX512": "_C_avx512", "AVX2": "_C_avx2", "DEFAULT": "_C"}
 
 
-def native_module(name: str):
-    """`ppo_fast._C` / `ppo_fast._C_cuda` if it was built and loads, else None."""
+def cpu_capability() -> str:
+    """The instruction set the CPU kernels use: torch's own (its cpu_capability, which
+    ATEN_CPU_CAPABILITY lowers), lowered further by PPO_FAST_CPU_CAPABILITY (default / avx2 /
+    avx512; a request above what the CPU runs is refused)."""
+    detected = torch.backends.cpu.get_cpu_capability()
+    detected = detected if detected in CPU_CAPABILITIES else "DEFAULT"
+    asked = os.environ.get("PPO_FAST_CPU_CAPABILITY", "").strip().upper()
+    if not asked:
+        return detected
+    if asked not in CPU_CAPABILITIES:
+        raise ValueError(f"PPO_FAST_CPU_CAPABILITY: expected one of {[c.lower() for c in CPU_CAPABILITIES]}, "
+                         f"got {asked.lower()!r}")
+    if CPU_CAPABILITIES.index(asked) < CPU_CAPABILITIES.index(detected):
+        raise ValueError(f"PPO_FAST_CPU_CAPABILITY={asked.lower()}: this CPU runs at most {detected.lower()}")
+    return asked
+
+
+def cpu_kernel_module():
+    """The name of the CPU kernels' build in use: the best of ppo_fast._C_avx512, _C_avx2 and
+    _C that was built, loads and the CPU runs; None if none was built."""
+    for capability in CPU_CAPABILITIES[CPU_CAPABILITIES.index(cpu_capability()):]:
+        if _import_native(CPU_VARIANTS[capability]) is not None:
+            return CPU_VARIANTS[capability]
+    return None
+
+
+def _import_native(name: str):
     if name not in _native_cache:
         try:
             _native_cache[name] = importlib.import_module(f"ppo_fast.{name}")
         except ImportError:
             _native_cache[name] = None
     return _native_cache[name]
+
+
+def native_module(name: str):
+    """`ppo_fast._C` (the CPU kernels, in the build for this CPU's instruction set:
+    cpu_kernel_module) / `ppo_fast._C_cuda` if it was built and loads, else None."""
+    if name == "_C":  # resolved once per PPO_FAST_CPU_CAPABILITY value (no C call inside a compiled graph)
+        key = ("_C", os.environ.get("PPO_FAST_CPU_CAPABILITY", ""))
+        if key not in _native_cache:
+            variant = cpu_kernel_module()
+            _native_cache[key] = None if variant is None else _import_native(variant)
+        return _native_cache[key]
+    return _import_native(name)
 
 
 def warn_if_native_missing() -> None:
@@ -146,6 +186,15 @@ def _why_unavailable(name: str, device: torch.device) -> str:
             return "The cuda backend runs on CUDA tensors only."
         return "ppo_fast._C_cuda was not built (needs a CUDA build of torch and nvcc)."
     return ""
+
+
+def plain_eager(x: torch.Tensor) -> bool:
+    """True where an op may call its kernel directly rather than through its custom op: outside
+    torch.compile, export and any tracing or fake-tensor mode (they are all on the dispatch mode
+    stack), on a plain tensor that is not on the meta device."""
+    stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return (not torch.compiler.is_compiling() and stack is not None and stack() == 0
+            and type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type != "meta")
 
 
 def dispatch(op: str, table: dict, device: torch.device, *args, **kwargs):

@@ -164,6 +164,15 @@ def per_token_inputs(per_token: dict, mask) -> tuple:
     return contiguous(first, *(t.detach() for t in list(per_token.values())[1:]), mask)
 
 
+def native_rows(*tensors, mask=None):
+    """The C++ kernels' inputs: float32 row-major tensors, and the mask (when given) as it is when
+    bool (read as bytes, never converted), else as float32."""
+    rows = tuple(t.float().contiguous() for t in tensors)
+    if mask is None:
+        return rows
+    return (*rows, mask.contiguous() if mask.dtype == torch.bool else mask.float().contiguous())
+
+
 def contiguous(*tensors):
     """The tensors as dense row-major tensors (a copy only where the strides are not; None stays
     None). The kernels index with flat offsets, so every tensor they read goes through here:

@@ -23,7 +23,6 @@ followed by ppo_policy_loss recomputes the logits: four), O(chunk x V) extra mem
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -299,4 +298,4 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
                     ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                     agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights,
                     chunk_size=chunk_size, logit_scale=float(logit_scale),
-                    softcap=None if softcap is None else float(softcap), **dataclasses.asdict(objective))
+                    softcap=None if softcap is None else float(softcap), **objective.as_dict())

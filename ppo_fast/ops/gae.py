@@ -17,8 +17,8 @@ import functools
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch, native_module
-from ppo_fast.ops.checks import per_token_inputs, require_nonnegative
+from ppo_fast.ops.backend import dispatch, native_module, plain_eager
+from ppo_fast.ops.checks import native_rows, per_token_inputs, require_nonnegative
 from ppo_fast.ops.triton_helpers import block_t, tl, triton
 
 
@@ -77,7 +77,7 @@ def _gae_triton(rewards, values, mask, gamma, lam):
 
 def _gae_native(module):
     def run(rewards, values, mask, gamma, lam):
-        inputs = (t.float().contiguous() for t in (rewards, values, mask))
+        inputs = native_rows(rewards, values, mask=mask)
         return tuple(native_module(module).gae_forward(*inputs, gamma, lam))
 
     return run
@@ -101,6 +101,8 @@ def _(rewards, values, mask, gamma, lam, backend):
 
 # ----------------------------------------------------------------------------- public
 def _gae_on(rewards, values, mask, *, gamma, lam, backend):
+    if plain_eager(rewards):  # no autograd to register: the kernel itself, without the op's dispatch
+        return KERNELS[backend](rewards, values, mask, gamma, lam)
     return gae_op(rewards, values, mask, gamma, lam, backend)
 
 

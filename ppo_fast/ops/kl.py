@@ -14,12 +14,15 @@ infinite (inf - inf), and the kernels give NaN there too.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch
+from ppo_fast.ops.backend import dispatch, native_module
 from ppo_fast.ops.checks import (
     contiguous,
+    native_rows,
     per_token_inputs,
     require_choice,
     require_finite,
@@ -146,6 +149,40 @@ def _launch_kl_backward(log_prob, ref_log_prob, upstream, code, want_log_prob, w
     return grad_lp, grad_ref
 
 
+def _cpp_kl(log_prob, ref_log_prob, estimator):
+    return native_module("_C").kl_forward(*native_rows(log_prob, ref_log_prob), _codes(estimator)[0],
+                                          estimator.endswith("+"))
+
+
+def _cpp_kl_backward(log_prob, ref_log_prob, upstream, code, want_log_prob, want_ref):
+    """The C++ kernel reads and writes float32; the gradients go back in the inputs' dtypes."""
+    grads = native_module("_C").kl_backward(*native_rows(log_prob, ref_log_prob, upstream), code, want_log_prob,
+                                            want_ref)
+    return tuple(g.to(t.dtype) if want else None
+                 for g, t, want in zip(grads, (log_prob, ref_log_prob), (want_log_prob, want_ref)))
+
+
+def _cpp_rewards(scores, log_prob, ref_log_prob, mask, kl_coef, estimator):
+    scores, log_prob, ref_log_prob, mask = native_rows(scores, log_prob, ref_log_prob, mask=mask)
+    return native_module("_C").compute_rewards_forward(scores, log_prob, ref_log_prob, mask, kl_coef,
+                                                       _codes(estimator)[0], estimator.endswith("+"))
+
+
+def _launch_rewards(scores, log_prob, ref_log_prob, mask, kl_coef, estimator):
+    B, T = log_prob.shape
+    out = torch.empty(B, T, device=log_prob.device, dtype=torch.float32)
+    if B * T:
+        _rewards_kernel[(B,)](scores, log_prob, ref_log_prob, mask, out, T, kl_coef,
+                              ESTIMATOR=_codes(estimator)[0], STRAIGHT=estimator.endswith("+"),
+                              BLOCK_T=block_t(T))
+    return out
+
+
+# {backend: (kl forward, kl backward, compute_rewards)}: what the custom ops below launch.
+KERNELS = {"triton": (_launch_kl, _launch_kl_backward, _launch_rewards),
+           "cpp": (_cpp_kl, _cpp_kl_backward, _cpp_rewards)}
+
+
 def _kl_grad_torch(log_prob, ref, code):
     """d KL / d log_prob in torch, elementwise: the twin of _kl_grad above for the backends
     without a KL kernel (tests/ops/test_kl.py checks it against autograd of the reference)."""
@@ -173,35 +210,36 @@ def _codes(estimator):
 
 def kl_and_grad(log_prob, ref_log_prob, estimator, backend):
     """Per-token (KL, d KL / d log_prob) without autograd, for ops that form their gradient in
-    the forward (fused_linear_ppo_loss): the Triton kernels, else the reference and _kl_grad_torch."""
+    the forward (fused_linear_ppo_loss): the backend's kernels, else the reference and _kl_grad_torch."""
     _, grad_code = _codes(estimator)
-    if backend == "triton":
-        grad, _ = _launch_kl_backward(log_prob, ref_log_prob, torch.ones_like(log_prob), grad_code, True, False)
-        return _launch_kl(log_prob, ref_log_prob, estimator), grad
+    if backend in KERNELS:
+        forward, backward, _ = KERNELS[backend]
+        grad, _ = backward(log_prob, ref_log_prob, torch.ones_like(log_prob), grad_code, True, False)
+        return forward(log_prob, ref_log_prob, estimator), grad
     return reference.kl_penalty(log_prob, ref_log_prob, estimator=estimator), _kl_grad_torch(log_prob, ref_log_prob,
                                                                                             grad_code)
 
 
 # ----------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("ppo_fast::kl_forward", mutates_args=())
-def kl_forward(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: str) -> torch.Tensor:
-    return _launch_kl(log_prob, ref_log_prob, estimator)
+def kl_forward(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: str, backend: str) -> torch.Tensor:
+    return KERNELS[backend][0](log_prob, ref_log_prob, estimator)
 
 
 @kl_forward.register_fake
-def _(log_prob, ref_log_prob, estimator):
+def _(log_prob, ref_log_prob, estimator, backend):
     return log_prob.new_empty(log_prob.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("ppo_fast::kl_backward", mutates_args=())
 def kl_backward(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, upstream: torch.Tensor, grad_code: int,
-                want_log_prob: bool, want_ref: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    grads = _launch_kl_backward(log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref)
+                want_log_prob: bool, want_ref: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    grads = KERNELS[backend][1](log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref)
     return tuple(log_prob.new_empty(0) if g is None else g for g in grads)
 
 
 @kl_backward.register_fake
-def _(log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref):
+def _(log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref, backend):
     return (torch.empty_like(log_prob) if want_log_prob else log_prob.new_empty(0),
             torch.empty_like(ref_log_prob) if want_ref else log_prob.new_empty(0))
 
@@ -209,47 +247,44 @@ def _(log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref):
 def _kl_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1])
     ctx.grad_code = _codes(inputs[2])[1]
+    ctx.backend = inputs[3]
 
 
 def _kl_backward(ctx, upstream):
     log_prob, ref_log_prob = ctx.saved_tensors
     want_log_prob, want_ref = ctx.needs_input_grad[:2]
-    grad_lp, grad_ref = kl_backward(log_prob, ref_log_prob, upstream, ctx.grad_code, want_log_prob, want_ref)
-    return grad_lp if want_log_prob else None, grad_ref if want_ref else None, None
+    grad_lp, grad_ref = kl_backward(log_prob, ref_log_prob, upstream, ctx.grad_code, want_log_prob, want_ref,
+                                    ctx.backend)
+    return grad_lp if want_log_prob else None, grad_ref if want_ref else None, None, None
 
 
 kl_forward.register_autograd(_kl_backward, setup_context=_kl_setup)
 
 
 @torch.library.custom_op("ppo_fast::compute_rewards", mutates_args=())
-def compute_rewards_triton(scores: torch.Tensor, log_prob: torch.Tensor, ref_log_prob: torch.Tensor,
-                           mask: torch.Tensor, kl_coef: float, estimator: str) -> torch.Tensor:
-    B, T = log_prob.shape
-    out = torch.empty(B, T, device=log_prob.device, dtype=torch.float32)
-    if B * T:
-        _rewards_kernel[(B,)](scores, log_prob, ref_log_prob, mask, out, T, kl_coef,
-                              ESTIMATOR=_codes(estimator)[0], STRAIGHT=estimator.endswith("+"),
-                              BLOCK_T=block_t(T))
-    return out
+def compute_rewards_op(scores: torch.Tensor, log_prob: torch.Tensor, ref_log_prob: torch.Tensor,
+                       mask: torch.Tensor, kl_coef: float, estimator: str, backend: str) -> torch.Tensor:
+    return KERNELS[backend][2](scores, log_prob, ref_log_prob, mask, kl_coef, estimator)
 
 
-@compute_rewards_triton.register_fake
-def _(scores, log_prob, ref_log_prob, mask, kl_coef, estimator):
+@compute_rewards_op.register_fake
+def _(scores, log_prob, ref_log_prob, mask, kl_coef, estimator, backend):
     return log_prob.new_empty(log_prob.shape, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- public
-def _kl_triton(log_prob, ref_log_prob, *, estimator="k1"):
-    return kl_forward(log_prob, ref_log_prob, estimator)
+def _kl_on(log_prob, ref_log_prob, *, estimator="k1", backend):
+    return kl_forward(log_prob, ref_log_prob, estimator, backend)
 
 
-def _rewards_triton(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1"):
-    return compute_rewards_triton(scores, log_prob, ref_log_prob, mask, kl_coef, estimator)
+def _rewards_on(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1", backend):
+    return compute_rewards_op(scores, log_prob, ref_log_prob, mask, kl_coef, estimator, backend)
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-KL_PENALTY = {"triton": _kl_triton, "torch": reference.kl_penalty}
-COMPUTE_REWARDS = {"triton": _rewards_triton, "torch": reference.compute_rewards}
+KL_PENALTY = {**{b: functools.partial(_kl_on, backend=b) for b in KERNELS}, "torch": reference.kl_penalty}
+COMPUTE_REWARDS = {**{b: functools.partial(_rewards_on, backend=b) for b in KERNELS},
+                   "torch": reference.compute_rewards}
 IMPLEMENTATIONS = {"kl_penalty": KL_PENALTY, "compute_rewards": COMPUTE_REWARDS}
 
 

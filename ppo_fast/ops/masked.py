@@ -10,13 +10,15 @@ x - c is exact for x near c, so a large mean with a small spread keeps its preci
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch
-from ppo_fast.ops.checks import per_token_inputs
+from ppo_fast.ops.backend import dispatch, native_module
+from ppo_fast.ops.checks import native_rows, per_token_inputs
 from ppo_fast.ops.constants import WHITEN_EPS
-from ppo_fast.ops.rows import ROW_TOKENS, require_agg, weighted_row_total
+from ppo_fast.ops.rows import ROW_TOKENS, register_loss_rows_autograd, require_agg, weighted_row_total
 from ppo_fast.ops.triton_helpers import block_t, tl, triton
 
 
@@ -83,59 +85,72 @@ def _whiten_triton(x, mask, shift_mean):
     return out
 
 
+def _row_sums_cpp(x, mask):
+    return native_module("_C").masked_row_sums_forward(*native_rows(x, mask=mask))
+
+
+def _whiten_cpp(x, mask, shift_mean):
+    return native_module("_C").masked_whiten_forward(*native_rows(x, mask=mask), shift_mean)
+
+
+# {backend: (row sums, whiten)}: what the custom ops below launch.
+KERNELS = {"triton": (_row_sums_triton, _whiten_triton), "cpp": (_row_sums_cpp, _whiten_cpp)}
+
+
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("ppo_fast::masked_row_sums", mutates_args=())
-def masked_row_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, 3] float32 per row: (sum_t m x, sum_t m, sum_t m x^2); differentiable to x through the
-    first column (the one agg_loss weights; the others are statistics)."""
-    return _row_sums_triton(x, mask)
+def _row_sums(x: torch.Tensor, mask: torch.Tensor, needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, 3] float32 per row: (sum_t m x, sum_t m, sum_t m x^2), and m = d sum_t m x / d x as
+    float32 [B, T] when needs_grad, else empty): the row-statistics protocol of ops/rows.py with
+    the loss L = x, differentiable to x through the first column."""
+    row_stats = KERNELS[backend][0](x, mask)
+    return row_stats, mask.to(torch.float32) if needs_grad else x.new_empty(0, dtype=torch.float32)
+
+
+masked_row_sums = torch.library.custom_op("ppo_fast::masked_row_sums", _row_sums, mutates_args=())
 
 
 @masked_row_sums.register_fake
-def _(x, mask):
-    return x.new_empty(x.shape[0], 3, dtype=torch.float32)
+def _(x, mask, needs_grad, backend):
+    return (x.new_empty(x.shape[0], 3, dtype=torch.float32),
+            x.new_empty(x.shape if needs_grad else (0,), dtype=torch.float32))
 
 
-def _row_sums_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.dtype = inputs[0].dtype
-
-
-def _row_sums_backward(ctx, grad_rows):
-    (mask,) = ctx.saved_tensors  # d sum_t m x / d x = m
-    return (grad_rows[:, :1] * mask.to(torch.float32)).to(ctx.dtype), None
-
-
-masked_row_sums.register_autograd(_row_sums_backward, setup_context=_row_sums_setup)
+row_sums = register_loss_rows_autograd(masked_row_sums, _row_sums)
 
 
 @torch.library.custom_op("ppo_fast::masked_whiten", mutates_args=())
-def masked_whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
-    return _whiten_triton(x, mask, shift_mean)
+def masked_whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, backend: str) -> torch.Tensor:
+    return KERNELS[backend][1](x, mask, shift_mean)
 
 
 @masked_whiten_op.register_fake
-def _(x, mask, shift_mean):
+def _(x, mask, shift_mean, backend):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- public
-def _agg_triton(loss, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
-    return weighted_row_total(masked_row_sums(loss, mask), agg, num_tokens, num_seqs)
+def _agg_on(loss, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, backend):
+    needs_grad = torch.is_grad_enabled() and loss.requires_grad
+    row_stats, _ = row_sums(loss, mask, needs_grad, backend)
+    return weighted_row_total(row_stats, agg, num_tokens, num_seqs)
 
 
-def _masked_mean_triton(x, mask):
-    return _agg_triton(x, mask, "token-mean")
+def _masked_mean_on(x, mask, *, backend):
+    return _agg_on(x, mask, "token-mean", backend=backend)
 
 
-def _whiten_op(x, mask, *, shift_mean=True):
-    return masked_whiten_op(x, mask, shift_mean)
+def _whiten_on(x, mask, *, shift_mean=True, backend):
+    return masked_whiten_op(x, mask, shift_mean, backend)
+
+
+def _table(implementation, reference_version):
+    return {**{b: functools.partial(implementation, backend=b) for b in KERNELS}, "torch": reference_version}
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-AGG_LOSS = {"triton": _agg_triton, "torch": reference.agg_loss}
-MASKED_MEAN = {"triton": _masked_mean_triton, "torch": reference.masked_mean}
-MASKED_WHITEN = {"triton": _whiten_op, "torch": reference.masked_whiten}
+AGG_LOSS = _table(_agg_on, reference.agg_loss)
+MASKED_MEAN = _table(_masked_mean_on, reference.masked_mean)
+MASKED_WHITEN = _table(_whiten_on, reference.masked_whiten)
 IMPLEMENTATIONS = {"agg_loss": AGG_LOSS, "masked_mean": MASKED_MEAN, "masked_whiten": MASKED_WHITEN}
 
 

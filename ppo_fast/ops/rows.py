@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ppo_fast.ops.backend import plain_eager
 from ppo_fast.ops.checks import require_choice, require_optional_count
 from ppo_fast.ops.reference import AGG_MODES
 
@@ -48,6 +49,9 @@ def agg_row_weights(row_counts, agg, num_tokens=None, num_seqs=None):
 
 def weighted_row_total(row_stats, agg, num_tokens, num_seqs):
     """agg of the loss column from per-row statistics with the loss and token columns."""
+    if agg == "token-mean":  # every w_b is 1 / n_tokens (a row without tokens sums to 0): one sum, one division
+        den = row_stats[:, ROW_TOKENS].detach().sum().clamp(min=1) if num_tokens is None else float(num_tokens)
+        return row_stats[:, ROW_LOSS].sum() / den
     weights = agg_row_weights(row_stats[:, ROW_TOKENS].detach(), agg, num_tokens, num_seqs)
     return (weights * row_stats[:, ROW_LOSS]).sum()
 
@@ -58,10 +62,20 @@ def row_token_means(row_stats):
     return row_stats[:, ROW_TOKENS + 1:].sum(0) / row_stats[:, ROW_TOKENS].sum().clamp(min=1)
 
 
-def register_loss_rows_autograd(op) -> None:
+def _loss_rows_grad(grad_rows, dloss, dtype):
+    """d agg / d x from the row sums' gradient: grad_rows[:, LOSS] * dloss (dloss = m dL/dx)."""
+    return None if grad_rows is None else (grad_rows[:, ROW_LOSS, None] * dloss).to(dtype)
+
+
+def register_loss_rows_autograd(op, body):
     """Autograd of a loss kernel op returning (row_stats, dloss) with dloss = m dL/dx: the loss
     column is sum_t m L, so d row_stats[b, LOSS] / d x[b, t] = dloss[b, t] and
-    grad_x = grad_row_stats[:, LOSS] * dloss (the other columns are statistics, not differentiated)."""
+    grad_x = grad_row_stats[:, LOSS] * dloss (the other columns are statistics, not differentiated).
+
+    Returns what the public functions call: in plain eager mode (real tensors, no compile,
+    export or tracing mode) `body`, the op's own implementation, through _EagerLossRows, the
+    same kernel and backward without torch.library's per-call dispatch (about 80 us a call on a
+    CPU, as much as a small loss kernel itself); else the custom op."""
     def setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
         ctx.dtype, ctx.n_inputs = inputs[0].dtype, len(inputs)
@@ -69,7 +83,29 @@ def register_loss_rows_autograd(op) -> None:
 
     def backward(ctx, grad_rows, _grad_dloss):
         (dloss,) = ctx.saved_tensors
-        grad = None if grad_rows is None else (grad_rows[:, ROW_LOSS, None] * dloss).to(ctx.dtype)
-        return (grad,) + (None,) * (ctx.n_inputs - 1)
+        return (_loss_rows_grad(grad_rows, dloss, ctx.dtype),) + (None,) * (ctx.n_inputs - 1)
 
     op.register_autograd(backward, setup_context=setup)
+
+    def rows(x, *args):
+        if plain_eager(x):
+            return _EagerLossRows.apply(x, lambda v: body(v, *args))
+        return op(x, *args)
+
+    return rows
+
+
+class _EagerLossRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, run_on):
+        row_stats, dloss = run_on(x)
+        ctx.save_for_backward(dloss)
+        ctx.dtype = x.dtype
+        ctx.mark_non_differentiable(dloss)
+        ctx.set_materialize_grads(False)
+        return row_stats, dloss
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_dloss):
+        (dloss,) = ctx.saved_tensors
+        return _loss_rows_grad(grad_rows, dloss, ctx.dtype), None

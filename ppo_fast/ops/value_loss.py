@@ -14,7 +14,7 @@ import torch
 
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import dispatch, native_module
-from ppo_fast.ops.checks import per_token_inputs, require_nonnegative
+from ppo_fast.ops.checks import native_rows, per_token_inputs, require_nonnegative
 from ppo_fast.ops.rows import (
     ROW_CLIPPED,
     ROW_LOSS,
@@ -73,7 +73,7 @@ def _forward_triton(values, old_values, returns, mask, clip, needs_grad):
 
 
 def _forward_cpp(values, old_values, returns, mask, clip, needs_grad):
-    inputs = (t.float().contiguous() for t in (values, old_values, returns, mask))
+    inputs = native_rows(values, old_values, returns, mask=mask)
     return native_module("_C").value_loss_forward(*inputs, clip, needs_grad)
 
 
@@ -81,12 +81,14 @@ def _forward_cpp(values, old_values, returns, mask, clip, needs_grad):
 KERNELS = {"triton": _forward_triton, "cpp": _forward_cpp}
 
 
-@torch.library.custom_op("ppo_fast::value_loss_rows", mutates_args=())
-def value_loss_rows(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                    clip: float, needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _value_rows(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                clip: float, needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_stats [B, len(VALUE_ROW_STATS)], m dL/dvalues [B, T] or empty), float32."""
     row_stats, dloss = KERNELS[backend](values, old_values, returns, mask, clip, needs_grad)
     return row_stats, values.new_empty(0, dtype=torch.float32) if dloss is None else dloss
+
+
+value_loss_rows = torch.library.custom_op("ppo_fast::value_loss_rows", _value_rows, mutates_args=())
 
 
 @value_loss_rows.register_fake
@@ -95,13 +97,13 @@ def _(values, old_values, returns, mask, clip, needs_grad, backend):
     return row_stats, values.new_empty(values.shape if needs_grad else (0,), dtype=torch.float32)
 
 
-register_loss_rows_autograd(value_loss_rows)
+value_rows = register_loss_rows_autograd(value_loss_rows, _value_rows)
 
 
 # ----------------------------------------------------------------------------- public
 def _loss_from_rows(values, old_values, returns, mask, *, clip, agg, num_tokens, num_seqs, backend):
     needs_grad = torch.is_grad_enabled() and values.requires_grad
-    row_stats, _ = value_loss_rows(values, old_values, returns, mask, clip, needs_grad, backend)
+    row_stats, _ = value_rows(values, old_values, returns, mask, clip, needs_grad, backend)
     (clipfrac,) = row_token_means(row_stats.detach()).unbind()
     return 0.5 * weighted_row_total(row_stats, agg, num_tokens, num_seqs), clipfrac
 

@@ -202,6 +202,7 @@ class PPOConfig(ConfigFile):
     padding_free: str = "auto"  # pack sequences without padding for the no-cache forwards; auto: with flash-attn
     # execution and output
     ops: str = "fused"  # ppo_fast.ops, or "reference": ppo_fast.reference (the baseline loop)
+    cpu_threads: int = 0  # intra-op threads on the CPU; 0: 1 for a policy under 10M parameters, else torch's
     out: str = "runs/ppo"
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
@@ -232,7 +233,8 @@ class PPOConfig(ConfigFile):
                  f"micro_batch_size: expected None or a value > 0, got {self.micro_batch_size}")
         for key in ("top_k", "kl_coef", "clip_low", "clip_high", "value_clip", "entropy_coef", "kl_loss_coef",
                     "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "lora_rank", "save_every",
-                    "keep_checkpoints", "max_consecutive_skips", "overlong_buffer_len", "overlong_penalty_factor"):
+                    "keep_checkpoints", "max_consecutive_skips", "overlong_buffer_len", "overlong_penalty_factor",
+                    "cpu_threads"):
             _require(getattr(self, key) >= 0, f"{key}: expected a value >= 0, got {getattr(self, key)}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)

@@ -14,6 +14,11 @@ import warnings
 import torch
 from torch import nn
 
+# Below this many parameters a model's ops are too small to gain from intra-op threads on a CPU:
+# the parallel regions cost more than they save, and their threads spin on a busy machine.
+SMALL_MODEL_PARAMETERS = 10_000_000
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice (OMP_NUM_THREADS, else the cores)
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -198,3 +203,20 @@ def reward_model_scores(model: nn.Module, sequences, attention_mask, packed: boo
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return model.score(hidden[rows, last]).squeeze(-1).float()
+
+
+def set_cpu_threads(setting: int, device: torch.device, model: nn.Module) -> int:
+    """Set torch's intra-op thread count for a run on `device` and return it. setting > 0: that
+    many; 0 (auto): 1 for a model under SMALL_MODEL_PARAMETERS, else torch's default, unless
+    OMP_NUM_THREADS is set (then it is left as torch took it). On CUDA: left alone."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    if setting > 0:
+        threads = setting
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    else:
+        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
+        threads = 1 if small else TORCH_DEFAULT_THREADS
+    torch.set_num_threads(threads)
+    return threads

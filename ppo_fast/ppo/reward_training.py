@@ -45,6 +45,7 @@ class RMConfig(ConfigFile):
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    cpu_threads: int = 0  # intra-op threads on the CPU; 0: 1 for a model under 10M parameters, else torch's
     out: str = "runs/rm"
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -56,7 +57,7 @@ class RMConfig(ConfigFile):
     def validate(self) -> "RMConfig":
         for key in ("steps", "batch_size", "lr", "max_length", "eval_every", "embedded_pairs"):
             _require(getattr(self, key) > 0, f"{key}: expected a value > 0, got {getattr(self, key)}")
-        for key in ("weight_decay", "max_grad_norm", "margin", "save_every", "keep_checkpoints"):
+        for key in ("weight_decay", "max_grad_norm", "margin", "save_every", "keep_checkpoints", "cpu_threads"):
             _require(getattr(self, key) >= 0, f"{key}: expected a value >= 0, got {getattr(self, key)}")
         _require(0 < self.eval_fraction < 1, f"eval_fraction: expected a value in (0, 1), got {self.eval_fraction}")
         _require(self.dtype in DTYPES, f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
@@ -141,6 +142,7 @@ class RewardModelTrainer:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, local_files_only=True)
         self.pad_token_id = self.model.config.pad_token_id = _pad_id(self.tokenizer)
         self.model = models.disable_dropout(self.model).to(self.device)
+        self.cpu_threads = models.set_cpu_threads(cfg.cpu_threads, self.device, self.model)
 
     def scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected) [B] for pairs of (prompt, chosen, rejected)."""

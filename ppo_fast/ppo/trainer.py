@@ -496,6 +496,7 @@ class PPOTrainer:
             else self.policy
         self.critic = None if cfg.critic_free else models.ValueModel.from_model(
             critic_source, share=cfg.critic == "shared").to(self.device)
+        self.cpu_threads = models.set_cpu_threads(cfg.cpu_threads, self.device, self.policy)
         self._apply_memory_savers()
         for model in (self.policy, self.critic, self.reference, self.reward_model):
             if model is not None:

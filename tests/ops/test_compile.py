@@ -57,15 +57,15 @@ def _value_rows(backend):
 
 
 def _kl_forward(backend):
-    return (grad(per_token(17)), grad(per_token(18)), "k3+")
+    return (grad(per_token(17)), grad(per_token(18)), "k3+", backend)
 
 
 def _kl_backward(backend):
-    return (per_token(17), per_token(18), randn(B, T, seed=19), 3, True, True)
+    return (per_token(17), per_token(18), randn(B, T, seed=19), 3, True, True, backend)
 
 
 def _rewards(backend):
-    return (randn(B, seed=20), per_token(21), per_token(22), ragged_mask(B, T, seed=23), 0.1, "k3")
+    return (randn(B, seed=20), per_token(21), per_token(22), ragged_mask(B, T, seed=23), 0.1, "k3", backend)
 
 
 def _gae(backend):
@@ -73,11 +73,11 @@ def _gae(backend):
 
 
 def _row_sums(backend):
-    return (grad(randn(B, T, seed=27)), ragged_mask(B, T, seed=28))
+    return (grad(randn(B, T, seed=27)), ragged_mask(B, T, seed=28), True, backend)
 
 
 def _whiten(backend):
-    return (randn(B, T, seed=29), ragged_mask(B, T, seed=30), False)
+    return (randn(B, T, seed=29), ragged_mask(B, T, seed=30), False, backend)
 
 
 def _fused_ppo(backend):
@@ -238,3 +238,33 @@ def test_cuda_graph_capture_and_replay_equal_eager():
         eager, eager_grads = step()
         for a, e in zip(captured + captured_grads, eager + eager_grads):
             torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("op", ["ppo_policy_loss", "value_loss", "agg_loss"])
+def test_the_eager_path_equals_the_custom_op(monkeypatch, op):
+    """In plain eager mode the loss ops call their kernel through an autograd.Function, not the
+    custom op (rows.register_loss_rows_autograd): the same values and gradients, bitwise, and the
+    custom op under tracing (FakeTensorMode) and on meta tensors."""
+    from ppo_fast.ops import backend, rows
+
+    mask = ragged_mask(B, T, seed=40)
+    others = (mask,) if op == "agg_loss" else (per_token(41), randn(B, T, seed=42), mask)
+
+    def run():
+        x = per_token(43).requires_grad_()
+        out = getattr(ops, op)(x, *others)
+        loss, stats = out if isinstance(out, tuple) else (out, {})
+        (grad_x,) = torch.autograd.grad(loss * 1.7, x)
+        stats = stats if isinstance(stats, dict) else {"clipfrac": stats}
+        return [loss, grad_x, *stats.values()]
+
+    calls = []
+    monkeypatch.setattr(rows, "plain_eager", lambda x: calls.append(backend.plain_eager(x)) or calls[-1])
+    eager = run()
+    monkeypatch.setattr(rows, "plain_eager", lambda x: False)
+    custom = run()
+    assert calls == [True]
+    assert all(torch.equal(a, b) for a, b in zip(eager, custom, strict=True))
+    assert not backend.plain_eager(torch.empty(2, device="meta"))
+    with torch._subclasses.FakeTensorMode():
+        assert not backend.plain_eager(torch.empty(2))

@@ -10,19 +10,22 @@ HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "ppo_consta
 
 def header_values():
     text = open(HEADER).read()
-    return {name: float(value) for name, value in re.findall(r"constexpr (?:int|float) (k\w+) = ([-\d.]+)f?;", text)}
+    pattern = r"constexpr (?:int|float|double) (k\w+) = ([-\d.e]+)f?;"
+    return {name: float(value) for name, value in re.findall(pattern, text)}
 
 
 def test_header_matches_python():
     header = header_values()
     expected = {
-        "kLogRatioClamp": constants.LOG_RATIO_CLAMP, "kK3Clamp": constants.K3_CLAMP,
+        "kLogRatioClamp": constants.LOG_RATIO_CLAMP, "kK3Clamp": constants.K3_CLAMP, "kWhitenEps": constants.WHITEN_EPS,
         "kRowLoss": rows.ROW_LOSS, "kRowTokens": rows.ROW_TOKENS, "kRowClipped": rows.ROW_CLIPPED,
         "kRowNegLogRatio": rows.ROW_NEG_LOG_RATIO, "kRowLowerClipped": rows.ROW_LOWER_CLIPPED,
         "kPolicyRowStats": len(rows.POLICY_ROW_STATS), "kValueRowStats": len(rows.VALUE_ROW_STATS),
         **{f"kSurrogate{name.capitalize()}": code for name, code in constants.SURROGATE_CODES.items()},
         **{"kRatio" + "".join(w.capitalize() for w in name.split("-")): code
            for name, code in constants.RATIO_LEVEL_CODES.items()},
+        "kKlK1": constants.KL_K1, "kKlAbs": constants.KL_ABS, "kKlK2": constants.KL_K2, "kKlK3": constants.KL_K3,
+        "kKlK3Raw": constants.KL_K3_RAW,
     }
     assert header == expected
 

@@ -356,3 +356,23 @@ def test_one_rank_world_is_the_identity():
 def test_micro_batch_defaults_to_a_ranks_share_of_the_minibatch(tmp_path):
     config = tiny_config(tmp_path, micro_batch_size=None, mini_batch_size=8)
     assert config.resolved_micro_batch_size() == 8 and config.resolved_micro_batch_size(world_size=2) == 4
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the intra-op threads of a run on the CPU")
+def test_cpu_threads_follow_the_model_size_unless_set(tmp_path, monkeypatch):
+    """auto: one thread for a tiny model (the embedded task's), torch's default for a large one,
+    and torch's count untouched when OMP_NUM_THREADS is set; cpu_threads=N: N."""
+    from ppo_fast.ppo import models
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    trainer = PPOTrainer(tiny_config(tmp_path))
+    assert trainer.cpu_threads == 1 == torch.get_num_threads()
+    assert PPOTrainer(tiny_config(tmp_path, cpu_threads=3)).cpu_threads == 3 == torch.get_num_threads()
+    large = torch.nn.Linear(4000, 2600, device="meta")  # 10.4M parameters, no memory
+    threads = models.set_cpu_threads(0, torch.device("cpu"), large)
+    assert threads == models.TORCH_DEFAULT_THREADS == torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(2)
+    assert models.set_cpu_threads(0, torch.device("cpu"), trainer.policy) == 2 == torch.get_num_threads()
+    with pytest.raises(ConfigError, match=r"cpu_threads: expected a value >= 0, got -1"):
+        PPOTrainer(tiny_config(tmp_path, cpu_threads=-1))
