@@ -26,12 +26,20 @@ struct LogitTransform {
   }
 };
 
-// Gradient at one entry, to x times dx/dz = `slope`; indicator = [v == y], so at the label
-// [v == y] - p is 1 - p in fp32. p = 0 (a logit of -inf) contributes 0 to the entropy term, not 0 * inf = NaN.
+// Gradient at one entry from its entropy term p (log p_v + H), to x times dx/dz = `slope`;
+// indicator = [v == y], so at the label [v == y] - p is 1 - p in fp32. V: float, or a vector of
+// floats (the C++ kernels' at::vec::Vectorized), whose caller forms the entropy term with its select.
+template <typename V>
+PPO_FAST_HOST_DEVICE V logprobs_grad_of(V p, V entropy_term, V indicator, V g_logp, V g_entropy, V slope) {
+  return ((indicator - p) * g_logp - g_entropy * entropy_term) * slope;
+}
+
+// The same for one float entry; p = 0 (a logit of -inf) contributes 0 to the entropy term, not
+// 0 * inf = NaN.
 PPO_FAST_HOST_DEVICE float logprobs_grad(float logp_v, float p, float indicator, float g_logp, float g_entropy,
                                          float entropy, float slope) {
   const float entropy_term = p > 0.0f ? p * (logp_v + entropy) : 0.0f;
-  return ((indicator - p) * g_logp - g_entropy * entropy_term) * slope;
+  return logprobs_grad_of(p, entropy_term, indicator, g_logp, g_entropy, slope);
 }
 
 }  // namespace ppo_fast

@@ -33,6 +33,9 @@ inline int64_t rows_per_task(int64_t rows, int64_t tokens_per_row) {
   return per_task > 1 ? per_task : 1;
 }
 
+// Elements per at::parallel_for task of the elementwise kernels (KL, whitening).
+constexpr int64_t kElementsPerTask = 32768;
+
 // Written as chains of selects on floats (no ||, no | of bools): GCC then vectorises the lane
 // loops that call them, on every ISA build (checked with -fopt-info-vec).
 __attribute__((always_inline)) inline float nan_max(float a, float b) {
@@ -47,7 +50,7 @@ __attribute__((always_inline)) inline float clamp_to(float x, float lo, float hi
 
 // NaN if x or a bound is NaN (torch.clamp's rule).
 __attribute__((always_inline)) inline float nan_clamp(float x, float lo, float hi) {
-  const float clamped = x < lo ? lo : (x > hi ? hi : x), bad = lo + hi;
+  const float clamped = clamp_to(x, lo, hi), bad = lo + hi;
   return lo != lo ? bad : (hi != hi ? bad : clamped);
 }
 

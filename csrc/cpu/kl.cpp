@@ -13,8 +13,6 @@
 namespace ppo_fast {
 namespace {
 
-constexpr int64_t kElementsPerTask = 32768;
-
 // The estimator's value at d = log_prob - ref; Straight ('+' suffix): NaN where k2 is infinite.
 template <int Estimator, bool Straight>
 __attribute__((always_inline)) inline float kl_value(float log_prob, float ref) {

@@ -159,8 +159,8 @@ void forward_rows(const at::Tensor& logits, const RowLayout& layout, const Logit
   });
 }
 
-// d/dz at columns [v, v + count): ((v == y) - p) g_logp - g_entropy p (log p + H), times dx/dz
-// (logprobs_math.h), with p = 0 contributing 0 to the entropy term.
+// d/dz at columns [v, v + count): logprobs_math.h's gradient, p = 0 contributing 0 to the
+// entropy term.
 template <typename scalar_t, bool Softcap>
 Vec grad_lanes(const scalar_t* row, int64_t v, int64_t count, const VecTransform& tr, float lse, float g_logp,
                float g_entropy, float H, float indicator) {
@@ -168,7 +168,7 @@ Vec grad_lanes(const scalar_t* row, int64_t v, int64_t count, const VecTransform
   const Vec logp = tr.x<Softcap>(z) - Vec(lse);
   const Vec p = logp.exp();
   const Vec entropy_term = Vec::blendv(zero, p * (logp + Vec(H)), p > zero);
-  return ((Vec(indicator) - p) * Vec(g_logp) - Vec(g_entropy) * entropy_term) * tr.slope<Softcap>(z);
+  return logprobs_grad_of(p, entropy_term, Vec(indicator), Vec(g_logp), Vec(g_entropy), tr.slope<Softcap>(z));
 }
 
 template <typename scalar_t, bool Softcap>

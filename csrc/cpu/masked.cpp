@@ -11,8 +11,6 @@
 namespace ppo_fast {
 namespace {
 
-constexpr int64_t kElementsPerTask = 32768;
-
 struct MaskedSums {
   LaneSum total, count, squares;
 };

@@ -11,12 +11,12 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu_checks.h"
+
 namespace ppo_fast {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
-
-
 
 // Elements [0, count) of p as float lanes (count <= kLanes), the other lanes `fill`.
 template <typename scalar_t>
@@ -64,7 +64,7 @@ inline float lane_max(const Vec& v) {  // NaN if a lane is NaN
   alignas(64) float lanes[kLanes];
   v.store(lanes);
   float m = lanes[0];
-  for (int64_t i = 1; i < kLanes; ++i) m = (lanes[i] > m || lanes[i] != lanes[i]) ? lanes[i] : m;
+  for (int64_t i = 1; i < kLanes; ++i) m = nan_max(lanes[i], m);
   return m;
 }
 

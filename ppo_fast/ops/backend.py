@@ -19,6 +19,7 @@ reference under any backend.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -195,6 +196,12 @@ def plain_eager(x: torch.Tensor) -> bool:
     stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
     return (not torch.compiler.is_compiling() and stack is not None and stack() == 0
             and type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type != "meta")
+
+
+def backend_table(implementation, backends, reference) -> dict:
+    """An op's table: {backend: implementation with backend=<that name> bound, for each of
+    `backends`} and {"torch": reference}, the plain-PyTorch spec with the public signature."""
+    return {**{b: functools.partial(implementation, backend=b) for b in backends}, "torch": reference}
 
 
 def dispatch(op: str, table: dict, device: torch.device, *args, **kwargs):

@@ -17,13 +17,12 @@ written as few times as possible.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch
+from ppo_fast.ops.backend import backend_table, dispatch
 from ppo_fast.ops.checks import (
     require_float,
     require_integer,
@@ -190,8 +189,7 @@ def _fused_kernels(hidden, weight, labels, *, bias=None, temperature=1.0, ignore
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-FUSED_LINEAR_LOGPROBS = {**{b: functools.partial(_fused_kernels, backend=b) for b in LAUNCHERS},
-                         "torch": reference.fused_linear_logprobs}
+FUSED_LINEAR_LOGPROBS = backend_table(_fused_kernels, LAUNCHERS, reference.fused_linear_logprobs)
 IMPLEMENTATIONS = {"fused_linear_logprobs": FUSED_LINEAR_LOGPROBS}
 
 

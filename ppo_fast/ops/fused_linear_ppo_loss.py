@@ -23,7 +23,6 @@ followed by ppo_policy_loss recomputes the logits: four), O(chunk x V) extra mem
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +31,7 @@ import torch
 from ppo_fast.ops import kl as kl_ops
 from ppo_fast.ops import policy_loss as policy_ops
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch
+from ppo_fast.ops.backend import backend_table, dispatch
 from ppo_fast.ops.checks import (
     contiguous,
     require_choice,
@@ -232,8 +231,7 @@ def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bia
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-FUSED_LINEAR_PPO_LOSS = {**{b: functools.partial(_loss_kernels, backend=b) for b in TOKEN_PARTS},
-                         "torch": reference.fused_linear_ppo_loss}
+FUSED_LINEAR_PPO_LOSS = backend_table(_loss_kernels, TOKEN_PARTS, reference.fused_linear_ppo_loss)
 IMPLEMENTATIONS = {"fused_linear_ppo_loss": FUSED_LINEAR_PPO_LOSS}
 
 

@@ -12,12 +12,10 @@ Rewards and values at masked positions are read as 0 (the reference's rule).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch, native_module, plain_eager
+from ppo_fast.ops.backend import backend_table, dispatch, native_module, plain_eager
 from ppo_fast.ops.checks import native_rows, per_token_inputs, require_nonnegative
 from ppo_fast.ops.triton_helpers import block_t, tl, triton
 
@@ -107,7 +105,7 @@ def _gae_on(rewards, values, mask, *, gamma, lam, backend):
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-GAE = {**{b: functools.partial(_gae_on, backend=b) for b in KERNELS}, "torch": reference.gae}
+GAE = backend_table(_gae_on, KERNELS, reference.gae)
 IMPLEMENTATIONS = {"gae": GAE}
 
 

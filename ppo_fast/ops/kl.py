@@ -14,12 +14,10 @@ infinite (inf - inf), and the kernels give NaN there too.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch, native_module
 from ppo_fast.ops.checks import (
     contiguous,
     native_rows,
@@ -282,9 +280,8 @@ def _rewards_on(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1"
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-KL_PENALTY = {**{b: functools.partial(_kl_on, backend=b) for b in KERNELS}, "torch": reference.kl_penalty}
-COMPUTE_REWARDS = {**{b: functools.partial(_rewards_on, backend=b) for b in KERNELS},
-                   "torch": reference.compute_rewards}
+KL_PENALTY = backend_table(_kl_on, KERNELS, reference.kl_penalty)
+COMPUTE_REWARDS = backend_table(_rewards_on, KERNELS, reference.compute_rewards)
 IMPLEMENTATIONS = {"kl_penalty": KL_PENALTY, "compute_rewards": COMPUTE_REWARDS}
 
 

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch, native_module
 from ppo_fast.ops.checks import (
     require_float,
     require_integer,
@@ -400,10 +400,8 @@ def _entropy_kernels(logits, *, temperature=1.0, logit_scale=1.0, softcap=None, 
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-LOGPROBS_FROM_LOGITS = {**{b: functools.partial(_logprobs_kernels, backend=b) for b in LAUNCHERS},
-                        "torch": reference.logprobs_from_logits}
-ENTROPY_FROM_LOGITS = {**{b: functools.partial(_entropy_kernels, backend=b) for b in LAUNCHERS},
-                       "torch": reference.entropy_from_logits}
+LOGPROBS_FROM_LOGITS = backend_table(_logprobs_kernels, LAUNCHERS, reference.logprobs_from_logits)
+ENTROPY_FROM_LOGITS = backend_table(_entropy_kernels, LAUNCHERS, reference.entropy_from_logits)
 IMPLEMENTATIONS = {"logprobs_from_logits": LOGPROBS_FROM_LOGITS, "entropy_from_logits": ENTROPY_FROM_LOGITS}
 
 

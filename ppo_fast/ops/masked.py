@@ -10,12 +10,10 @@ x - c is exact for x near c, so a large mean with a small spread keeps its preci
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch, native_module
 from ppo_fast.ops.checks import native_rows, per_token_inputs
 from ppo_fast.ops.constants import WHITEN_EPS
 from ppo_fast.ops.rows import ROW_TOKENS, register_loss_rows_autograd, require_agg, weighted_row_total
@@ -143,14 +141,10 @@ def _whiten_on(x, mask, *, shift_mean=True, backend):
     return masked_whiten_op(x, mask, shift_mean, backend)
 
 
-def _table(implementation, reference_version):
-    return {**{b: functools.partial(implementation, backend=b) for b in KERNELS}, "torch": reference_version}
-
-
 # {backend: implementation with the public signature}; dispatch calls these.
-AGG_LOSS = _table(_agg_on, reference.agg_loss)
-MASKED_MEAN = _table(_masked_mean_on, reference.masked_mean)
-MASKED_WHITEN = _table(_whiten_on, reference.masked_whiten)
+AGG_LOSS = backend_table(_agg_on, KERNELS, reference.agg_loss)
+MASKED_MEAN = backend_table(_masked_mean_on, KERNELS, reference.masked_mean)
+MASKED_WHITEN = backend_table(_whiten_on, KERNELS, reference.masked_whiten)
 IMPLEMENTATIONS = {"agg_loss": AGG_LOSS, "masked_mean": MASKED_MEAN, "masked_whiten": MASKED_WHITEN}
 
 

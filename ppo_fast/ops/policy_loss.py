@@ -29,13 +29,12 @@ by the aggregation weight of its row.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional
 
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch, native_module
 from ppo_fast.ops.checks import (
     native_rows,
     per_token_inputs,
@@ -323,8 +322,7 @@ def _loss_from_rows(log_prob, old_log_prob, advantages, mask, *, agg, num_tokens
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-PPO_POLICY_LOSS = {**{b: functools.partial(_loss_from_rows, backend=b) for b in KERNELS},
-                   "torch": reference.ppo_policy_loss}
+PPO_POLICY_LOSS = backend_table(_loss_from_rows, KERNELS, reference.ppo_policy_loss)
 IMPLEMENTATIONS = {"ppo_policy_loss": PPO_POLICY_LOSS}
 
 

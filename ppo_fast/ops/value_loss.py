@@ -8,12 +8,10 @@ range, so an unclipped token is never counted as clipped) and R the return:
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch, native_module
 from ppo_fast.ops.checks import native_rows, per_token_inputs, require_nonnegative
 from ppo_fast.ops.rows import (
     ROW_CLIPPED,
@@ -109,7 +107,7 @@ def _loss_from_rows(values, old_values, returns, mask, *, clip, agg, num_tokens,
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-VALUE_LOSS = {**{b: functools.partial(_loss_from_rows, backend=b) for b in KERNELS}, "torch": reference.value_loss}
+VALUE_LOSS = backend_table(_loss_from_rows, KERNELS, reference.value_loss)
 IMPLEMENTATIONS = {"value_loss": VALUE_LOSS}
 
 
