@@ -19,9 +19,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # -fopenmp: at::parallel_for is a header template over `omp parallel` (torch's CPU builds use
 # OpenMP), so without it every kernel would run on one thread; it also makes the `omp simd
 # reduction` loops vectorise without -ffast-math. -fno-trapping-math: branch-free selects on
-# floats; results stay IEEE. PPO_FAST_CPU_FLAGS adds flags, e.g. "-march=native" for a build
+# floats; results stay IEEE. -ffp-contract=off: a product is rounded before it is added, as
+# written (GCC's default fuses z * inv_t - m into one FMA, and then the row's max entry is
+# off by the rounding of its own product: 6e22 at |z| = 1e30, whose exp overflows). PPO_FAST_CPU_FLAGS adds flags, e.g. "-march=native" for a build
 # used only on the machine that compiles it.
-CPU_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"] + os.environ.get("PPO_FAST_CPU_FLAGS", "").split()
+CPU_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"] + os.environ.get("PPO_FAST_CPU_FLAGS", "").split()
 # The CPU kernels are built once per instruction set, as ATen builds its own (CPU_CAPABILITY):
 # ppo_fast._C for any x86-64 (and every other architecture), _C_avx2 and _C_avx512 with those
 # instructions; ppo_fast.ops.backend imports the best one the CPU runs (torch's own

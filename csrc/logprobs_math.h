@@ -11,6 +11,17 @@
 
 namespace ppo_fast {
 
+// A product rounded on its own, never fused with a following add into an FMA (nvcc fuses by
+// default): x = z inv_t must be the same value wherever a kernel forms it, since x - max x is
+// taken from it (the C++ build passes -ffp-contract=off for the same reason).
+PPO_FAST_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // x = z inv_t, or with a softcap c: x = c tanh(scale z / c) inv_t (final-logit softcapping; without
 // a softcap the scale is folded into inv_t by the caller). dx/dz = scale (1 - tanh^2) inv_t.
 struct LogitTransform {
@@ -18,7 +29,9 @@ struct LogitTransform {
   bool has_softcap;
 
   PPO_FAST_HOST_DEVICE float tanh_of(float z) const { return tanhf(scale * z / softcap); }
-  PPO_FAST_HOST_DEVICE float apply(float z) const { return has_softcap ? softcap * tanh_of(z) * inv_t : z * inv_t; }
+  PPO_FAST_HOST_DEVICE float apply(float z) const {
+    return has_softcap ? mul_rn(softcap * tanh_of(z), inv_t) : mul_rn(z, inv_t);
+  }
   PPO_FAST_HOST_DEVICE float slope(float z) const {
     if (!has_softcap) return inv_t;
     const float t = tanh_of(z);

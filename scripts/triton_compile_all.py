@@ -26,7 +26,7 @@ P32, P16, PBOOL = "*fp32", "*bf16", "*i1"
 
 def variants():
     """(name, kernel, {arg: type or None for a None pointer}, {constexpr: value})."""
-    lp_fwd = dict(logits_ptr=P16, labels_ptr="*i64", logp_ptr=P32, entropy_ptr=P32, lse_ptr=P32, stats_ptr=None,
+    lp_fwd = dict(logits_ptr=P16, labels_ptr="*i64", logp_ptr=P32, entropy_ptr=P32, norm_ptr=P32, stats_ptr=None,
                   V="i32", rows_per_batch="i32", stride_batch="i64", stride_row="i32", inv_temperature="fp32",
                   scale="fp32", softcap="fp32", ignore_index="i32")
     plain = dict(HAS_LABELS=True, WITH_ENTROPY=True, HAS_SOFTCAP=False, WITH_STATS=False, BLOCK_V=4096)
@@ -36,7 +36,7 @@ def variants():
     yield ("entropy fwd", logprobs._logprobs_fwd_kernel, {**lp_fwd, "labels_ptr": None, "logp_ptr": None},
            {**plain, "HAS_LABELS": False, "BLOCK_V": 1024})
     lp_bwd = dict(logits_ptr=P16, grad_logits_ptr=P16, labels_ptr="*i64", grad_logp_ptr=P32, grad_entropy_ptr=P32,
-                  lse_ptr=P32, entropy_ptr=P32, V="i32", rows_per_batch="i32", stride_batch="i64", stride_row="i32",
+                  norm_ptr=P32, entropy_ptr=P32, V="i32", rows_per_batch="i32", stride_batch="i64", stride_row="i32",
                   inv_temperature="fp32", scale="fp32", softcap="fp32", ignore_index="i32")
     for softcap in (False, True):
         yield (f"logprobs bwd softcap={softcap}", logprobs._logprobs_bwd_kernel, lp_bwd,
@@ -84,7 +84,8 @@ def compile_variant(kernel, args, constexprs):
     signature = {name: ("constexpr" if kind is None else kind) for name, kind in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     values = {**{name: None for name, kind in args.items() if kind is None}, **constexprs}
-    triton.compile(ASTSource(kernel, signature, constexprs=values), target=GPUTarget("cuda", 90, 32))
+    options = logprobs.COMPILE_OPTIONS if kernel in (logprobs._logprobs_fwd_kernel, logprobs._logprobs_bwd_kernel) else {}
+    triton.compile(ASTSource(kernel, signature, constexprs=values), target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def main() -> int:

@@ -25,12 +25,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "logprobs_backward",
       [](const at::Tensor& logits, const std::optional<at::Tensor>& labels, int64_t n_rows, int64_t vocab,
-         int64_t rows_per_batch, int64_t stride_batch, int64_t stride_row, const at::Tensor& lse,
+         int64_t rows_per_batch, int64_t stride_batch, int64_t stride_row, const at::Tensor& norm,
          const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logp,
          const std::optional<at::Tensor>& grad_entropy, double inv_temperature, double scale,
          std::optional<double> softcap, int64_t ignore_index, const std::optional<at::Tensor>& out) {
         return ppo_fast::logprobs_backward(logits, labels,
-                                           layout(n_rows, vocab, rows_per_batch, stride_batch, stride_row), lse,
+                                           layout(n_rows, vocab, rows_per_batch, stride_batch, stride_row), norm,
                                            entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap,
                                            ignore_index, out);
       });

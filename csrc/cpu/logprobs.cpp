@@ -68,16 +68,18 @@ struct ExpSums {
 
 // Lane l's running max m_l and, relative to it, d_l = sum e, s_l = sum e (x - m_l), q_l = sum e^2.
 // When a block raises m_l to m', the lane's sums are rescaled by f = exp(m_l - m'):
-// d f, f (s + (m_l - m') d), q f^2 (a lane with d = 0 stays 0: f may be NaN there, -inf - -inf).
+// d f, f (s + (m_l - m') d), q f^2. A lane with d = 0 stays 0 (f may be NaN there, -inf - -inf);
+// s restarts from 0 where f = 0 too (the old max lies more than ~104 below, e.g. a finfo.min
+// mask): (m_l - m') d may overflow there (-3.4e38 x 9 = -inf, and 0 x -inf = NaN).
 struct LaneSums {
   Vec m{-kInf}, d{0.0f}, s{0.0f}, q{0.0f}, x_sum{0.0f};
 
   template <bool Stats>
   void raise_max(const Vec& m_new) {
-    const Vec zero(0.0f), gap = m - m_new, f = gap.exp(), some = d != zero;
-    s = Vec::blendv(zero, f * (s + gap * d), some);
-    if (Stats) q = Vec::blendv(zero, q * f * f, some);
-    d = Vec::blendv(zero, d * f, some);
+    const Vec zero(0.0f), gap = m - m_new, f = gap.exp(), empty = d == zero;
+    s = Vec::blendv(f * (s + gap * d), zero, empty | (f == zero));
+    if (Stats) q = Vec::blendv(q * f * f, zero, empty);
+    d = Vec::blendv(d * f, zero, empty);
     m = m_new;
   }
 };
@@ -118,14 +120,15 @@ ExpSums row_exp_sums(const scalar_t* __restrict row, int64_t V, const VecTransfo
     }
   }
   const float max = lane_max(lanes.m);
+  const float x_sum = Stats ? lane_sum(lanes.x_sum) : 0.0f;
   lanes.raise_max<Stats>(Vec(max));
-  if (max == -kInf) return {max, kNaN, kNaN, kNaN, kNaN};  // no finite entry: exp(x - max) is NaN
-  return {max, lane_sum(lanes.d), lane_sum(lanes.s), lane_sum(lanes.q), lane_sum(lanes.x_sum)};
+  if (max == -kInf) return {max, kNaN, kNaN, kNaN, x_sum};  // no finite entry: exp(x - max) is NaN
+  return {max, lane_sum(lanes.d), lane_sum(lanes.s), lane_sum(lanes.q), x_sum};
 }
 
 struct ForwardOut {
   const int64_t* labels;
-  float *logp, *entropy, *lse, *stats;  // nullptr where not asked for; stats [N, 3]
+  float *logp, *entropy, *norm, *stats;  // nullptr where not asked for; norm [N, 2], stats [N, 3]
 };
 
 template <typename scalar_t, bool Softcap, bool Stats>
@@ -142,11 +145,12 @@ void forward_rows(const at::Tensor& logits, const RowLayout& layout, const Logit
       const ExpSums sums = row_exp_sums<scalar_t, Softcap, Stats>(row, layout.vocab, tr, next);
       const float m = sums.max;
       const float log_d = std::log(sums.d);
-      out.lse[r] = m + log_d;
+      out.norm[2 * r] = m;  // lse = m + log d, kept apart: log p = (x - m) - log d stays exact for |m| >> 1
+      out.norm[2 * r + 1] = log_d;
       if (out.entropy) out.entropy[r] = log_d - sums.s / sums.d;  // H = lse - E[x] = log d - E[x - m]
       const float x_y = in_range ? x_at<scalar_t, Softcap>(row, y, tr) : 0.0f;
       if (out.logp) {  // a label outside [0, V) is never read: NaN
-        out.logp[r] = y == ignore_index ? 0.0f : in_range ? x_y - out.lse[r] : std::numeric_limits<float>::quiet_NaN();
+        out.logp[r] = y == ignore_index ? 0.0f : in_range ? (x_y - m) - log_d : kNaN;
       }
       if (Stats) {
         float* st = out.stats + r * 3;
@@ -160,19 +164,19 @@ void forward_rows(const at::Tensor& logits, const RowLayout& layout, const Logit
 }
 
 // d/dz at columns [v, v + count): logprobs_math.h's gradient, p = 0 contributing 0 to the
-// entropy term.
+// entropy term; log p = (x - m) - log d (the row's norm).
 template <typename scalar_t, bool Softcap>
-Vec grad_lanes(const scalar_t* row, int64_t v, int64_t count, const VecTransform& tr, float lse, float g_logp,
-               float g_entropy, float H, float indicator) {
+Vec grad_lanes(const scalar_t* row, int64_t v, int64_t count, const VecTransform& tr, const float* norm,
+               float g_logp, float g_entropy, float H, float indicator) {
   const Vec z = load_lanes(row + v, count, 0.0f), zero(0.0f);
-  const Vec logp = tr.x<Softcap>(z) - Vec(lse);
+  const Vec logp = (tr.x<Softcap>(z) - Vec(norm[0])) - Vec(norm[1]);
   const Vec p = logp.exp();
   const Vec entropy_term = Vec::blendv(zero, p * (logp + Vec(H)), p > zero);
   return logprobs_grad_of(p, entropy_term, Vec(indicator), Vec(g_logp), Vec(g_entropy), tr.slope<Softcap>(z));
 }
 
 template <typename scalar_t, bool Softcap>
-void backward_rows(const at::Tensor& logits, const int64_t* labels, const RowLayout& layout, const float* lse,
+void backward_rows(const at::Tensor& logits, const int64_t* labels, const RowLayout& layout, const float* norm,
                    const float* entropy, const float* grad_logp, const float* grad_entropy,
                    const LogitTransform& transform, int64_t ignore_index, scalar_t* grad) {
   const scalar_t* base = logits.data_ptr<scalar_t>();
@@ -191,12 +195,12 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const RowLay
       float label_grad = 0.0f;
       if (has_label) {
         alignas(64) float lanes[kLanes];
-        grad_lanes<scalar_t, Softcap>(row, y, 1, tr, lse[r], g_logp, g_entropy, H, 1.0f).store(lanes);
+        grad_lanes<scalar_t, Softcap>(row, y, 1, tr, norm + 2 * r, g_logp, g_entropy, H, 1.0f).store(lanes);
         label_grad = lanes[0];
       }
       for (int64_t v = 0; v < V; v += kLanes) {  // each chunk is read before it is written
         const int64_t count = std::min<int64_t>(kLanes, V - v);
-        store_lanes(grad_lanes<scalar_t, Softcap>(row, v, count, tr, lse[r], g_logp, g_entropy, H, 0.0f), out + v,
+        store_lanes(grad_lanes<scalar_t, Softcap>(row, v, count, tr, norm + 2 * r, g_logp, g_entropy, H, 0.0f), out + v,
                     count);
       }
       if (has_label) out[y] = static_cast<scalar_t>(label_grad);
@@ -234,13 +238,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
     const at::Tensor& logits, const std::optional<at::Tensor>& labels, RowLayout layout, double inv_temperature,
     double scale, std::optional<double> softcap, int64_t ignore_index, bool with_entropy, bool with_stats) {
   auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor lse = at::empty({layout.n_rows}, f32);
+  at::Tensor norm = at::empty({layout.n_rows, 2}, f32);
   at::Tensor logp = labels.has_value() ? at::empty({layout.n_rows}, f32) : at::Tensor();
   at::Tensor entropy = with_entropy ? at::empty({layout.n_rows}, f32) : at::Tensor();
   at::Tensor stats = with_stats ? at::empty({layout.n_rows, 3}, f32) : at::Tensor();
   const ForwardOut out{labels.has_value() ? labels->data_ptr<int64_t>() : nullptr,
                        logp.defined() ? logp.data_ptr<float>() : nullptr,
-                       entropy.defined() ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
+                       entropy.defined() ? entropy.data_ptr<float>() : nullptr, norm.data_ptr<float>(),
                        stats.defined() ? stats.data_ptr<float>() : nullptr};
   const LogitTransform tr = transform_of(inv_temperature, scale, softcap);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_forward", [&] {
@@ -252,11 +256,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
                  : forward_rows<scalar_t, false, false>(logits, layout, tr, ignore_index, out);
     }
   });
-  return {logp, entropy, lse, stats};
+  return {logp, entropy, norm, stats};
 }
 
 at::Tensor logprobs_backward(const at::Tensor& logits, const std::optional<at::Tensor>& labels, RowLayout layout,
-                             const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                             const at::Tensor& norm, const std::optional<at::Tensor>& entropy,
                              const std::optional<at::Tensor>& grad_logp,
                              const std::optional<at::Tensor>& grad_entropy, double inv_temperature, double scale,
                              std::optional<double> softcap, int64_t ignore_index,
@@ -270,7 +274,7 @@ at::Tensor logprobs_backward(const at::Tensor& logits, const std::optional<at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_backward", [&] {
     auto run = [&](auto softcap_tag) {
       backward_rows<scalar_t, decltype(softcap_tag)::value>(
-          logits, label_ptr, layout, lse.data_ptr<float>(), optional_ptr(entropy), optional_ptr(grad_logp),
+          logits, label_ptr, layout, norm.data_ptr<float>(), optional_ptr(entropy), optional_ptr(grad_logp),
           optional_ptr(grad_entropy), tr, ignore_index, grad.data_ptr<scalar_t>());
     };
     tr.has_softcap ? run(std::true_type{}) : run(std::false_type{});

@@ -17,7 +17,8 @@
 
 namespace ppo_fast {
 
-// Returns (logp [N] or empty, entropy [N] or empty, lse [N], stats [N, 3] or empty), all float32.
+// Returns (logp [N] or empty, entropy [N] or empty, norm [N, 2], stats [N, 3] or empty), all float32;
+// norm = (row max m of x, log sum_v exp(x_v - m)): lse = m + log d, kept apart for the backward.
 // The logits z become x = z inv_temperature, or with a softcap c, x = c tanh(scale z / c) inv_temperature.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
     const at::Tensor& logits, const std::optional<at::Tensor>& labels, RowLayout layout, double inv_temperature,
@@ -26,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
 // Returns grad_logits [N, V] in the logits' dtype, written into `out` when given (which may be
 // the logits themselves, when they are contiguous [N, V]).
 at::Tensor logprobs_backward(const at::Tensor& logits, const std::optional<at::Tensor>& labels, RowLayout layout,
-                             const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                             const at::Tensor& norm, const std::optional<at::Tensor>& entropy,
                              const std::optional<at::Tensor>& grad_logp,
                              const std::optional<at::Tensor>& grad_entropy, double inv_temperature, double scale,
                              std::optional<double> softcap, int64_t ignore_index,

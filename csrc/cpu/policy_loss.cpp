@@ -21,30 +21,32 @@ struct Constants {
 };
 
 struct TokenTerms {
-  float loss, d_ratio, d_log_prob, clipped, lower;
+  float loss, d_ratio, d_log_prob, clipped, lower;  // d_ratio, d_log_prob: times the token's weight w
 };
 
 // Selects on floats, each on one comparison (no && / ||), so the lane loops vectorise (checked with
-// -fopt-info-vec on the three ISA builds).
+// -fopt-info-vec on the three ISA builds). The weight w multiplies a derivative only where the
+// surrogate has one: a clipped token's gradient is 0 even for w = inf (as autograd of the reference).
 template <int Surrogate>
-inline TokenTerms surrogate(float ratio, float log_prob, float adv, const Constants& c) {
+inline TokenTerms surrogate(float ratio, float log_prob, float adv, float w, const Constants& c) {
   if constexpr (Surrogate == kSurrogateClip) {
     const float l1 = -adv * ratio, l2 = -adv * clamp_to(ratio, c.lo, c.hi), loss = nan_max(l1, l2);
     // the dual clip's bound, +inf where it does not apply (A >= 0, or no dual clip): one comparison
     // (GCC turns a select between comparisons into bool logic it cannot vectorise)
     const float dual_loss = adv < 0 ? -adv * c.dual : std::numeric_limits<float>::infinity();
     const bool dual = loss > dual_loss;
-    return {dual ? dual_loss : loss, dual ? 0.0f : (l1 >= l2 ? -adv : 0.0f), 0.0f, l2 > l1 ? 1.0f : 0.0f,
+    // no gradient where the clipped term wins; a NaN term (no order) keeps it, NaN (as autograd)
+    return {dual ? dual_loss : loss, dual ? 0.0f : (l2 > l1 ? 0.0f : -adv * w), 0.0f, l2 > l1 ? 1.0f : 0.0f,
             dual ? 1.0f : 0.0f};
   } else if constexpr (Surrogate == kSurrogateCispo) {
-    const float w = clamp_to(ratio, c.lo, c.hi);
-    return {-w * adv * log_prob, 0.0f, -w * adv, ratio != w ? 1.0f : 0.0f, 0.0f};
+    const float capped = clamp_to(ratio, c.lo, c.hi);
+    return {-capped * adv * log_prob, 0.0f, -capped * adv * w, ratio != capped ? 1.0f : 0.0f, 0.0f};
   } else if constexpr (Surrogate == kSurrogateGpg) {
-    return {-adv * log_prob, 0.0f, -adv, 0.0f, 0.0f};
+    return {-adv * log_prob, 0.0f, -adv * w, 0.0f, 0.0f};
   } else {  // sapo
     const float tau = adv > 0 ? c.tau_pos : c.tau_neg;
     const float gate = 1.0f / (1.0f + fast_exp(-tau * (ratio - 1.0f)));
-    return {-adv * gate * (4.0f / tau), -4.0f * adv * gate * (1.0f - gate), 0.0f, 0.0f, 0.0f};
+    return {-adv * gate * (4.0f / tau), -4.0f * adv * w * gate * (1.0f - gate), 0.0f, 0.0f, 0.0f};
   }
 }
 
@@ -111,15 +113,17 @@ inline void loss_block(const Block& in, int64_t n_blocks, const Ratio& r, const 
     const float w = valid ? mt * w_raw : 0.0f;
     const float delta = clamp_to(raw, -kLogRatioClamp, kLogRatioClamp);
     const float ratio = Level == kRatioToken ? exp_in_range(delta) : seq_lanes[j];
-    // outside the clamp the ratio has no gradient (delta != raw there, and for a NaN)
+    // outside the clamp the ratio has no gradient (delta != raw there, and for a NaN); inside,
+    // the slope is the ratio (> 0)
     const float ratio_slope = Level == kRatioToken ? (delta == raw ? ratio : 0.0f) : slope_lanes[j];
-    const TokenTerms term = surrogate<Surrogate>(ratio, lp, adv, c);
+    const TokenTerms term = surrogate<Surrogate>(ratio, lp, adv, w, c);
     if constexpr (WithGrad) {
       if constexpr (Level == kRatioSequence) {
-        ratio_grad[j] += valid ? w * term.d_ratio : 0.0f;
-        dloss[t] = valid ? w * term.d_log_prob : 0.0f;
+        ratio_grad[j] += valid ? term.d_ratio : 0.0f;
+        dloss[t] = valid ? term.d_log_prob : 0.0f;
       } else {
-        dloss[t] = valid ? w * (term.d_ratio * ratio_slope + term.d_log_prob) : 0.0f;
+        const float through_ratio = ratio_slope != 0.0f ? term.d_ratio * ratio_slope : 0.0f;
+        dloss[t] = valid ? through_ratio + term.d_log_prob : 0.0f;
       }
     }
     loss_sum[j] += valid ? w * term.loss : 0.0f;

@@ -30,8 +30,10 @@ inline void value_block(const float* __restrict v_in, const float* __restrict ol
     const float l1 = (v - R) * (v - R), l2 = (vc - R) * (vc - R);
     if constexpr (WithGrad) {
       const float inside = v >= lo ? (v <= hi ? 2.0f * (vc - R) : 0.0f) : 0.0f;  // clipped: no gradient
-      const float d = l1 >= l2 ? 2.0f * (v - R) : inside;
-      d_out[t] = mt * (l1 != l1 ? l1 : d);  // a NaN loss has a NaN gradient, as autograd gives
+      // the larger term's gradient; where either is NaN (no order) both terms', as autograd of
+      // the reference's max gives: NaN for a NaN l1, the unclipped one for a NaN bound (old)
+      const float d1 = 2.0f * (v - R);
+      d_out[t] = mt * (l2 > l1 ? inside : (l1 >= l2 ? d1 : d1 + inside));
     }
     loss_sum[j] += mt * nan_max(l1, l2);
     count[j] += mt;

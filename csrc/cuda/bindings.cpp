@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
     std::optional<double> softcap, int64_t ignore_index, bool with_entropy, bool with_stats) {
   const c10::cuda::CUDAGuard guard(logits.device());
   auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor lse = at::empty({n_rows}, f32);
+  at::Tensor norm = at::empty({n_rows, 2}, f32);
   at::Tensor logp = labels.has_value() ? at::empty({n_rows}, f32) : at::Tensor();
   at::Tensor entropy = with_entropy ? at::empty({n_rows}, f32) : at::Tensor();
   at::Tensor stats = with_stats ? at::empty({n_rows, 3}, f32) : at::Tensor();
@@ -47,15 +47,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
             RowLayout{n_rows, vocab, rows_per_batch, stride_batch, stride_row},
             transform_of(inv_temperature, scale, softcap), ignore_index,
             logp.defined() ? logp.data_ptr<float>() : nullptr,
-            entropy.defined() ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
+            entropy.defined() ? entropy.data_ptr<float>() : nullptr, norm.data_ptr<float>(),
             stats.defined() ? stats.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream()),
         "logprobs_forward");
-  return {logp, entropy, lse, stats};
+  return {logp, entropy, norm, stats};
 }
 
 at::Tensor logprobs_backward(const at::Tensor& logits, const std::optional<at::Tensor>& labels, int64_t n_rows,
                              int64_t vocab, int64_t rows_per_batch, int64_t stride_batch, int64_t stride_row,
-                             const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                             const at::Tensor& norm, const std::optional<at::Tensor>& entropy,
                              const std::optional<at::Tensor>& grad_logp,
                              const std::optional<at::Tensor>& grad_entropy, double inv_temperature, double scale,
                              std::optional<double> softcap, int64_t ignore_index,
@@ -69,7 +69,7 @@ at::Tensor logprobs_backward(const at::Tensor& logits, const std::optional<at::T
               "logprobs_backward: out must be a contiguous [N, V] tensor of the logits' dtype");
   check(ppo_fast::cuda::launch_logprobs_backward(
             logits.data_ptr(), dtype_of(logits), ptr_or_null<int64_t>(labels),
-            RowLayout{n_rows, vocab, rows_per_batch, stride_batch, stride_row}, lse.data_ptr<float>(),
+            RowLayout{n_rows, vocab, rows_per_batch, stride_batch, stride_row}, norm.data_ptr<float>(),
             ptr_or_null<float>(entropy), ptr_or_null<float>(grad_logp), ptr_or_null<float>(grad_entropy),
             transform_of(inv_temperature, scale, softcap), ignore_index, grad.data_ptr(),
             c10::cuda::getCurrentCUDAStream()),

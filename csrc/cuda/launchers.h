@@ -15,15 +15,16 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// logp (nullptr without labels), entropy (nullptr when not wanted) and lse: float32 [n_rows];
+// logp (nullptr without labels), entropy (nullptr when not wanted): float32 [n_rows]; norm: float32
+// [n_rows, 2], the row's max m of x and ln sum exp(x - m) (lse = m + ln d, kept apart for the backward);
 // stats (nullptr when not wanted): float32 [n_rows, 3], log sum p^2, mean logit, label is the argmax.
 cudaError_t launch_logprobs_forward(const void* logits, DType dtype, const int64_t* labels, RowLayout layout,
-                                    LogitTransform tr, int64_t ignore_index, float* logp, float* entropy, float* lse,
+                                    LogitTransform tr, int64_t ignore_index, float* logp, float* entropy, float* norm,
                                     float* stats, cudaStream_t stream);
 
 // grad_logits: contiguous [n_rows, V] of dtype. grad_logp / grad_entropy may be nullptr.
 cudaError_t launch_logprobs_backward(const void* logits, DType dtype, const int64_t* labels, RowLayout layout,
-                                     const float* lse, const float* entropy, const float* grad_logp,
+                                     const float* norm, const float* entropy, const float* grad_logp,
                                      const float* grad_entropy, LogitTransform tr, int64_t ignore_index,
                                      void* grad_logits, cudaStream_t stream);
 

@@ -4,7 +4,7 @@ states and the LM head, never holding the [N, V] logits.
 Rows go through in chunks. Forward, per chunk: logits_c = h_c W^T + b (GEMMs in the input
 dtype, as `hidden @ weight.T` would give, on blocks of one shape so that a row's logits never
 depend on N or the chunk: reference.blocked_linear), then the log-probs kernel of the active backend,
-which keeps per-row lse and entropy. Backward, per chunk: the logits are recomputed, the
+which keeps per-row normaliser and entropy. Backward, per chunk: the logits are recomputed, the
 log-probs backward gives grad_logits_c, and
 
     grad_h_c = grad_logits_c W,   grad_W += grad_logits_c^T h_c,   grad_b += sum_n grad_logits_c
@@ -78,38 +78,39 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
                          labels: torch.Tensor, inv_temperature: float, scale: float, softcap: Optional[float],
                          ignore_index: int, with_entropy: bool, with_stats: bool, chunk_size: int,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp [N], entropy [N] or empty, lse [N], stats [N, 3] or empty), float32."""
+    """(logp [N], entropy [N] or empty, norm [N, 2] (logprobs.py), stats [N, 3] or empty), float32."""
     launch_forward = LAUNCHERS[backend][0]
     tr = LogitTransform(inv_temperature, scale, softcap)
     (N, H), V = hidden.shape, weight.shape[0]
     chunk = chunk_size or default_chunk_size(N, V, H, chunk_budget_rows(V, hidden.device))
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    logp, norm = torch.empty(N, **f32), torch.empty(N, 2, **f32)
     entropy = torch.empty(N if with_entropy else 0, **f32)
     stats = torch.empty((N, 3) if with_stats else (0,), **f32)
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
         logits = blocked_linear(hidden[rows], weight, bias)
-        logp[rows], entropy_c, lse[rows], stats_c = launch_forward(logits, labels[rows], tr, ignore_index,
+        logp[rows], entropy_c, norm[rows], stats_c = launch_forward(logits, labels[rows], tr, ignore_index,
                                                                    with_entropy, with_stats)
         if with_entropy:
             entropy[rows] = entropy_c
         if with_stats:
             stats[rows] = stats_c
-    return logp, entropy, lse, stats
+    return logp, entropy, norm, stats
 
 
 @fused_linear_forward.register_fake
 def _(hidden, weight, bias, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats,
       chunk_size, backend):
     N = hidden.shape[0]
-    return (*(hidden.new_empty(n, dtype=torch.float32) for n in (N, N if with_entropy else 0, N)),
+    return (*(hidden.new_empty(n, dtype=torch.float32) for n in (N, N if with_entropy else 0)),
+            hidden.new_empty(N, 2, dtype=torch.float32),
             hidden.new_empty((N, 3) if with_stats else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("ppo_fast::fused_linear_logprobs_backward", mutates_args=())
 def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          labels: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
+                          labels: torch.Tensor, norm: torch.Tensor, entropy: Optional[torch.Tensor],
                           grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                           inv_temperature: float, scale: float, softcap: Optional[float], ignore_index: int,
                           chunk_size: int, want_hidden: bool, want_weight: bool, want_bias: bool,
@@ -126,7 +127,7 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
         rows = slice(start, min(start + chunk, N))
         h = hidden[rows]
         grad_logits = launch_backward(
-            blocked_linear(h, weight, bias), labels[rows], lse[rows], None if entropy is None else entropy[rows],
+            blocked_linear(h, weight, bias), labels[rows], norm[rows], None if entropy is None else entropy[rows],
             None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
             tr, ignore_index,
         )
@@ -142,7 +143,7 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
 
 
 @fused_linear_backward.register_fake
-def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap,
+def _(hidden, weight, bias, labels, norm, entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap,
       ignore_index, chunk_size, want_hidden, want_weight, want_bias, backend):
     return (torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if want_weight else weight.new_empty(0),
@@ -158,13 +159,13 @@ def _fused_linear_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _fused_linear_backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_stats):
-    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+def _fused_linear_backward(ctx, grad_logp, grad_entropy, _grad_norm, _grad_stats):
+    hidden, weight, bias, labels, norm, entropy = ctx.saved_tensors
     grad_entropy = grad_entropy if entropy is not None else None
     want = ctx.needs_input_grad[:3]
     if (grad_logp is None and grad_entropy is None) or not any(want):
         return (None,) * ctx.n_inputs
-    grads = fused_linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, *ctx.args,
+    grads = fused_linear_backward(hidden, weight, bias, labels, norm, entropy, grad_logp, grad_entropy, *ctx.args,
                                   *want, ctx.backend)
     return (*(g if w else None for g, w in zip(grads, want)),) + (None,) * (ctx.n_inputs - 3)
 

@@ -14,7 +14,7 @@ and is the importance weights (1 without them; they weigh the policy term only, 
 and Liger).
 
 Per chunk of whole rows: logits = h W^T + b (GEMM 1); one pass of the log-probs kernel for y,
-H and the lse; the policy-loss kernel for the row sums of pg and m is dpg/dy (a sequence ratio's
+H and the row normaliser; the policy-loss kernel for the row sums of pg and m is dpg/dy (a sequence ratio's
 extra passes run over the chunk's rows there: no second GEMM); then the log-probs
 backward turns dL/dy and dL/dH into dL/dlogits, written into the logits buffer itself, and
 grad_h = g W (GEMM 2), grad_W += g^T h (GEMM 3, fp32, in place). The autograd backward only
@@ -105,7 +105,7 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
         h = hidden[rows].reshape(k * T, H)
         chunk_labels = labels[rows].reshape(-1)
         logits = blocked_linear(h, weight, bias)
-        logp, entropy, lse, _ = launch_forward(logits, chunk_labels, hp.transform, hp.ignore_index, True)
+        logp, entropy, norm, _ = launch_forward(logits, chunk_labels, hp.transform, hp.ignore_index, True)
         logp, entropy = logp.view(k, T), entropy.view(k, T)
         m = mask[rows]
         old_rows = logp if old is None else old[rows]
@@ -124,7 +124,7 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
         if not needs_grad:
             continue
         grad_entropy = (-hp.entropy_coef * w * m).reshape(-1) if hp.entropy_coef != 0 else None
-        grad_logits = launch_backward(logits, chunk_labels, lse, entropy.reshape(-1), grad_logp.reshape(-1),
+        grad_logits = launch_backward(logits, chunk_labels, norm, entropy.reshape(-1), grad_logp.reshape(-1),
                                       grad_entropy, hp.transform, hp.ignore_index,
                                       out=logits if backend in IN_PLACE_BACKWARD else None)
         if want[0]:

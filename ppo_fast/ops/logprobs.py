@@ -14,9 +14,11 @@ lse = log sum_v exp(x_v), p = exp(x - lse):
 
 and the statistics log(sum_v p_v^2), mean_v x_v and [x_y is the first maximum of the row].
 
-The forward kernel reads each row once (online log-sum-exp, fp32) and keeps lse and the
-entropy per row; the backward kernel re-reads the logits and recomputes p from lse, so no
-[N, V] fp32 tensor is ever saved. A NaN or +inf logit makes its row's results NaN (as
+The forward kernel reads each row once (online log-sum-exp, fp32) and keeps per row the entropy
+and the normaliser as the pair norm = (m, log d), m the row's max of x and d = sum_v exp(x_v - m)
+(lse = m + log d); the backward kernel re-reads the logits and recomputes p from it, as
+log p_v = (x_v - m) - log d, so no [N, V] fp32 tensor is ever saved. The pair, not lse, keeps
+log p exact where |m| >> log d (a row at -1e8: m + log d rounds to m in fp32). A NaN or +inf logit makes its row's results NaN (as
 log_softmax does); a label outside [0, V) (possible only where value checks are off, see
 ppo_fast.ops.checks) gives logp NaN and is never read. The softcap and the statistics are
 compile-time switches: the plain kernel does no work for them.
@@ -32,6 +34,7 @@ import torch
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import backend_table, dispatch, native_module
 from ppo_fast.ops.checks import (
+    FLOAT32_MAX,
     require_float,
     require_integer,
     require_labels_in_range,
@@ -64,13 +67,22 @@ class LogitTransform:
 
 
 def require_logit_transform(temperature, logit_scale, softcap) -> LogitTransform:
-    """A LogitTransform from checked arguments (the product scale / T must be finite in fp32)."""
+    """A LogitTransform from checked arguments: every factor a kernel multiplies by (scale / T, or
+    with a softcap c: c / T and scale / c) finite in fp32. A factor that underflows to 0 is
+    allowed: every x is then 0, a uniform distribution, as the reference computes it."""
     temperature = require_temperature(temperature)
     logit_scale = require_positive("logit_scale", logit_scale)
-    if logit_scale / temperature > 3.4e38:
+    if logit_scale / temperature > FLOAT32_MAX:
         raise ValueError(f"logit_scale: {logit_scale} over temperature {temperature} overflows float32")
     if softcap is not None:
         softcap = require_positive("softcap", softcap)
+        if softcap > FLOAT32_MAX:
+            raise ValueError(f"softcap: expected a value > 0 that float32 holds (at most {FLOAT32_MAX:.3g}), "
+                             f"got {softcap}")
+        for what, factor in (("over temperature", softcap / temperature), ("logit_scale over it", logit_scale / softcap)):
+            if factor > FLOAT32_MAX:
+                raise ValueError(f"softcap: {softcap} ({what}: {factor:.3g}) overflows float32; expected a "
+                                 f"softcap and temperature whose ratio is below {FLOAT32_MAX:.3g}")
     return LogitTransform.of(temperature, logit_scale, softcap)
 
 
@@ -97,7 +109,7 @@ def _transform(z, inv_t, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr, stats_ptr,
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, norm_ptr, stats_ptr,
     V, rows_per_batch, stride_batch, stride_row,
     inv_temperature, scale, softcap, ignore_index,
     HAS_LABELS: tl.constexpr, WITH_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr,
@@ -114,6 +126,8 @@ def _logprobs_fwd_kernel(
     # One exp per element: e = exp(-|x - m|) is exp(x - m) when x <= m, else the factor
     # exp(m - x) that re-centres the old sums on the new max x:
     #   x > m:  d' = d e + 1,  s' = e (s - (x - m) d)      x <= m:  d' = d + e,  s' = s + e (x - m)
+    # (where e = 0 the old sums vanish, and the products are skipped: (x - m) d may overflow when
+    # m is a finfo.min mask, and 0 x inf is NaN).
     # With stats also q_j = sum exp(2 (x - m_j)) (q' = q e^2 + 1, or q + e^2), the sum of x and the
     # max of x over the columns before the label.
     m = tl.full([BLOCK_V], -_FLT_MAX, tl.float32)  # finite start: x - m is never -inf - -inf
@@ -125,14 +139,14 @@ def _logprobs_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        x = _transform(z, inv_temperature, scale, softcap, HAS_SOFTCAP)
-        if HAS_SOFTCAP:  # the softcap maps -inf to -c / T: padding columns must stay out of the sums
-            x = tl.where(cols < V, x, float("-inf"))
+        # padding columns stay out of the sums whatever the transform makes of -inf (-c / T with a
+        # softcap, NaN when 1 / T underflows to 0)
+        x = tl.where(cols < V, _transform(z, inv_temperature, scale, softcap, HAS_SOFTCAP), float("-inf"))
         diff = x - m
         e = tl.exp(-tl.abs(diff))  # NaN for a NaN x, which then reaches d
         new_max = diff > 0
         if WITH_ENTROPY:
-            s = tl.where(new_max, e * s - tl.where(d > 0, e * diff * d, 0.0), s + tl.where(e > 0, e * diff, 0.0))
+            s = tl.where(new_max, tl.where(e > 0, e * (s - diff * d), 0.0), s + tl.where(e > 0, e * diff, 0.0))
         if WITH_STATS:
             q = tl.where(new_max, q * e * e + 1.0, q + e * e)
             x_sum += tl.where(cols < V, x, 0.0)
@@ -144,10 +158,12 @@ def _logprobs_fwd_kernel(
     scale_j = tl.exp(m - row_max)  # NaN for a lane that saw +inf: the row's results become NaN
     total = tl.sum(d * scale_j, axis=0)
     log_d = tl.log(total)
-    tl.store(lse_ptr + row, row_max + log_d)
+    tl.store(norm_ptr + 2 * row, row_max)
+    tl.store(norm_ptr + 2 * row + 1, log_d)
     if WITH_ENTROPY:
-        # sum e (x - row_max) over the lane = s_j + (m_j - row_max) d_j; H = log d - E[x - max]
-        centred = tl.sum(scale_j * (s + tl.where(d > 0, (m - row_max) * d, 0.0)), axis=0)
+        # sum e (x - row_max) over the lane = scale_j (s_j + (m_j - row_max) d_j); H = log d - E[x - max]
+        # (a lane whose scale_j is 0 adds 0: its (m_j - row_max) d_j may overflow)
+        centred = tl.sum(tl.where(scale_j > 0, scale_j * (s + (m - row_max) * d), 0.0), axis=0)
         tl.store(entropy_ptr + row, log_d - centred / total)
     if HAS_LABELS:
         ignored = label == ignore_index
@@ -168,7 +184,7 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits_ptr, grad_logits_ptr, labels_ptr, grad_logp_ptr, grad_entropy_ptr, lse_ptr, entropy_ptr,
+    logits_ptr, grad_logits_ptr, labels_ptr, grad_logp_ptr, grad_entropy_ptr, norm_ptr, entropy_ptr,
     V, rows_per_batch, stride_batch, stride_row,
     inv_temperature, scale, softcap, ignore_index,
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -176,7 +192,8 @@ def _logprobs_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = _row_start(logits_ptr, row, rows_per_batch, stride_batch, stride_row)
     grad_row_ptr = grad_logits_ptr + row * V
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(norm_ptr + 2 * row)
+    log_d = tl.load(norm_ptr + 2 * row + 1)
 
     g_logp = tl.zeros([], tl.float32)
     label = tl.full([], -1, tl.int64)
@@ -201,7 +218,7 @@ def _logprobs_bwd_kernel(
         else:
             x = z * inv_temperature
             dx_dz = inv_temperature
-        logp = x - lse
+        logp = (x - row_max) - log_d
         p = tl.exp(logp)
         # d/dx = g_logp ([v == y] - p) - g_entropy p (log p + H); [v == y] - p stays in fp32.
         grad = tl.where(cols == label, 1.0 - p, -p) * g_logp
@@ -229,6 +246,12 @@ def _rows_layout(logits: torch.Tensor):
     return logits, max(n_rows, 1), 0, flat.stride(0)
 
 
+# Both kernels are compiled without FMA fusion: x = z / T is rounded before the row's max is
+# subtracted, as written (a fused z * inv_t - m leaves the max entry off by the rounding of its own
+# product, 6e22 at |z| = 1e30), so the forward and the backward see the same x.
+COMPILE_OPTIONS = dict(enable_fp_fusion=False)
+
+
 def _block_config(V: int):
     block_v = min(triton.next_power_of_2(V), 4096)
     return block_v, (8 if block_v >= 2048 else 4)
@@ -238,29 +261,30 @@ def _empty_outputs(logits, labels, with_entropy, with_stats):
     f32 = dict(device=logits.device, dtype=torch.float32)
     shape = logits.shape[:-1]
     return (torch.empty(shape, **f32) if labels is not None else None,
-            torch.empty(shape, **f32) if with_entropy else None, torch.empty(shape, **f32),
+            torch.empty(shape, **f32) if with_entropy else None, torch.empty(*shape, 2, **f32),
             torch.empty(*shape, 3, **f32) if with_stats else None)
 
 
 def _launch_forward(logits, labels, tr: LogitTransform, ignore_index, with_entropy, with_stats=False):
-    """(logp, entropy, lse, stats [..., 3] (STATS)), None where not asked for, float32."""
+    """(logp, entropy, norm [..., 2] (row max, log d), stats [..., 3] (STATS)), None where not asked
+    for, float32."""
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
     n_rows = logits.numel() // V
-    logp, entropy, lse, stats = _empty_outputs(logits, labels, with_entropy, with_stats)
+    logp, entropy, norm, stats = _empty_outputs(logits, labels, with_entropy, with_stats)
     if n_rows:
         block_v, num_warps = _block_config(V)
         _logprobs_fwd_kernel[(n_rows,)](
-            logits, labels, logp, entropy, lse, stats,
+            logits, labels, logp, entropy, norm, stats,
             V, rows_per_batch, stride_batch, stride_row,
             tr.inv_t, tr.scale, tr.softcap or 1.0, ignore_index,
             HAS_LABELS=labels is not None, WITH_ENTROPY=with_entropy, HAS_SOFTCAP=tr.softcap is not None,
-            WITH_STATS=with_stats, BLOCK_V=block_v, num_warps=num_warps,
+            WITH_STATS=with_stats, BLOCK_V=block_v, num_warps=num_warps, **COMPILE_OPTIONS,
         )
-    return logp, entropy, lse, stats
+    return logp, entropy, norm, stats
 
 
-def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tr: LogitTransform, ignore_index,
+def _launch_backward(logits, labels, norm, entropy, grad_logp, grad_entropy, tr: LogitTransform, ignore_index,
                      out=None):
     """grad_logits in the logits' dtype, written into `out` when given (it may be the contiguous
     logits themselves: each element is read before it is overwritten, by the same program)."""
@@ -274,11 +298,11 @@ def _launch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tr: 
             logits, grad_logits, labels,
             None if grad_logp is None else grad_logp.contiguous(),
             None if grad_entropy is None else grad_entropy.contiguous(),
-            lse, entropy,
+            norm, entropy,
             V, rows_per_batch, stride_batch, stride_row,
             tr.inv_t, tr.scale, tr.softcap or 1.0, ignore_index,
             HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-            HAS_SOFTCAP=tr.softcap is not None, BLOCK_V=block_v, num_warps=num_warps,
+            HAS_SOFTCAP=tr.softcap is not None, BLOCK_V=block_v, num_warps=num_warps, **COMPILE_OPTIONS,
         )
     return grad_logits
 
@@ -287,22 +311,22 @@ def _native_forward(module, logits, labels, tr: LogitTransform, ignore_index, wi
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
     out_shape = logits.shape[:-1]
-    logp, entropy, lse, stats = native_module(module).logprobs_forward(
+    logp, entropy, norm, stats = native_module(module).logprobs_forward(
         logits, None if labels is None else labels.long().contiguous(), logits.numel() // V, V, rows_per_batch,
         stride_batch, stride_row, tr.inv_t, tr.scale, tr.softcap, ignore_index, with_entropy, with_stats,
     )
-    return (*(None if t is None else t.view(out_shape) for t in (logp, entropy, lse)),
+    return (*(None if t is None else t.view(out_shape) for t in (logp, entropy)), norm.view(*out_shape, 2),
             None if stats is None else stats.view(*out_shape, 3))
 
 
-def _native_backward(module, logits, labels, lse, entropy, grad_logp, grad_entropy, tr: LogitTransform, ignore_index,
+def _native_backward(module, logits, labels, norm, entropy, grad_logp, grad_entropy, tr: LogitTransform, ignore_index,
                      out=None):
     shape = logits.shape
     logits, rows_per_batch, stride_batch, stride_row = _rows_layout(logits)
     V = logits.shape[-1]
     grad = native_module(module).logprobs_backward(
         logits, None if labels is None else labels.long().contiguous(), logits.numel() // V, V, rows_per_batch,
-        stride_batch, stride_row, lse,
+        stride_batch, stride_row, norm.contiguous(),
         entropy, *(None if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy)),
         tr.inv_t, tr.scale, tr.softcap, ignore_index, out,
     )
@@ -326,7 +350,8 @@ LAUNCHERS = {
 def logprobs_forward(logits: torch.Tensor, labels: Optional[torch.Tensor], inv_temperature: float, scale: float,
                      softcap: Optional[float], ignore_index: int, with_entropy: bool, with_stats: bool,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp or empty, entropy or empty, lse, stats [..., 3] or empty), float32 shaped like logits.shape[:-1]."""
+    """(logp or empty, entropy or empty, norm [..., 2], stats [..., 3] or empty), float32, the leading
+    dimensions logits.shape[:-1]."""
     tr = LogitTransform(inv_temperature, scale, softcap)
     out = LAUNCHERS[backend][0](logits, labels, tr, ignore_index, with_entropy, with_stats)
     return tuple(logits.new_empty(0, dtype=torch.float32) if t is None else t for t in out)
@@ -337,22 +362,22 @@ def _(logits, labels, inv_temperature, scale, softcap, ignore_index, with_entrop
     def out(present, *extra):
         return logits.new_empty((*logits.shape[:-1], *extra) if present else (0,), dtype=torch.float32)
 
-    return out(labels is not None), out(with_entropy), out(True), out(with_stats, 3)
+    return out(labels is not None), out(with_entropy), out(True, 2), out(with_stats, 3)
 
 
 @torch.library.custom_op("ppo_fast::logprobs_backward", mutates_args=())
-def logprobs_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], lse: torch.Tensor,
+def logprobs_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], norm: torch.Tensor,
                       entropy: Optional[torch.Tensor], grad_logp: Optional[torch.Tensor],
                       grad_entropy: Optional[torch.Tensor], inv_temperature: float, scale: float,
                       softcap: Optional[float], ignore_index: int, backend: str) -> torch.Tensor:
     """grad_logits in the logits' dtype (contiguous)."""
     tr = LogitTransform(inv_temperature, scale, softcap)
-    return LAUNCHERS[backend][1](logits, labels, lse, entropy, grad_logp, grad_entropy, tr,
+    return LAUNCHERS[backend][1](logits, labels, norm, entropy, grad_logp, grad_entropy, tr,
                                  ignore_index).view(logits.shape)
 
 
 @logprobs_backward.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap, ignore_index, backend):
+def _(logits, labels, norm, entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap, ignore_index, backend):
     return logits.new_empty(logits.shape)
 
 
@@ -364,13 +389,13 @@ def _setup_backward(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_stats):
-    logits, labels, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_norm, _grad_stats):
+    logits, labels, norm, entropy = ctx.saved_tensors
     grad_logp = grad_logp if labels is not None else None
     grad_entropy = grad_entropy if entropy is not None else None
     if grad_logp is None and grad_entropy is None:
         return (None,) * ctx.n_inputs
-    grad = logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, *ctx.args)
+    grad = logprobs_backward(logits, labels, norm, entropy, grad_logp, grad_entropy, *ctx.args)
     return (grad,) + (None,) * (ctx.n_inputs - 1)
 
 

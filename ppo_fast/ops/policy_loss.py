@@ -122,24 +122,27 @@ def check_is_weights(is_weights, log_prob, mask) -> None:
         raise ValueError(f"is_weights: expected shape {tuple(shape)} (per token) or {(shape[0], 1)} (per sequence), "
                          f"got {tuple(is_weights.shape)}")
     require_same_device(is_weights=is_weights, log_prob=log_prob)
-    # eager: one reduction when every weight is >= 0 (the usual case), the masked check past it
+    # eager: one reduction when no weight is < 0 (the usual case), the masked check past it. Not
+    # min() < 0: a NaN anywhere makes min() NaN and would hide a negative weight beside it.
     if is_weights.numel() and value_checks_enabled(is_weights.device) and (
-            torch.compiler.is_compiling() or bool(is_weights.min() < 0)):
+            torch.compiler.is_compiling() or bool((is_weights < 0).any())):
         valid = mask != 0 if is_weights.shape == mask.shape else (mask != 0).any(-1, keepdim=True)
         require_values((is_weights < 0) & valid, "is_weights: expected importance weights >= 0, found a negative one")
 
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _surrogate(ratio, log_prob, adv, clip_low, clip_high, dual_clip, tau_pos, tau_neg,
+def _surrogate(ratio, log_prob, adv, w, clip_low, clip_high, dual_clip, tau_pos, tau_neg,
                SURROGATE: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):
-    """(L, dL/drho, dL/dlog_prob held directly, clipped, dual-clipped) per token (module docstring)."""
+    """(L, w dL/drho, w dL/dlog_prob held directly, clipped, dual-clipped) per token (module
+    docstring). The weight w multiplies a derivative only where the surrogate has one: a clipped
+    token's gradient is 0 even for w = inf, as autograd of the reference gives."""
     zero = tl.zeros_like(ratio)
     if SURROGATE == _CLIP:
         loss_unclipped = -adv * ratio
         loss_clipped = -adv * clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
         loss = nan_max(loss_unclipped, loss_clipped)
-        d_ratio = tl.where(loss_unclipped >= loss_clipped, -adv, 0.0)
+        d_ratio = tl.where(loss_clipped > loss_unclipped, 0.0, -adv * w)  # a NaN term keeps its NaN gradient
         clipped = (loss_clipped > loss_unclipped).to(tl.float32)
         lower = zero
         if HAS_DUAL_CLIP:
@@ -150,23 +153,23 @@ def _surrogate(ratio, log_prob, adv, clip_low, clip_high, dual_clip, tau_pos, ta
             lower = is_lower.to(tl.float32)
         d_log_prob = zero
     elif SURROGATE == _CISPO:
-        weight = clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-        loss = -weight * adv * log_prob
+        capped = clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        loss = -capped * adv * log_prob
         d_ratio = zero
-        d_log_prob = -weight * adv
-        clipped = (ratio != weight).to(tl.float32)
+        d_log_prob = -capped * adv * w
+        clipped = (ratio != capped).to(tl.float32)
         lower = zero
     elif SURROGATE == _GPG:
         loss = -adv * log_prob
         d_ratio = zero
-        d_log_prob = -adv
+        d_log_prob = -adv * w
         clipped = zero
         lower = zero
     else:  # sapo
         tau = tl.where(adv > 0, tau_pos, tau_neg)
         gate = tl.sigmoid(tau * (ratio - 1.0))
         loss = -adv * gate * (4.0 / tau)
-        d_ratio = -4.0 * adv * gate * (1.0 - gate)
+        d_ratio = -4.0 * adv * w * gate * (1.0 - gate)
         d_log_prob = zero
         clipped = zero
         lower = zero
@@ -201,7 +204,7 @@ def _policy_loss_fwd_kernel(
     clipped_sum = tl.zeros([BLOCK_T], tl.float32)
     neg_delta_sum = tl.zeros([BLOCK_T], tl.float32)
     lower_sum = tl.zeros([BLOCK_T], tl.float32)
-    ratio_grad_sum = tl.zeros([BLOCK_T], tl.float32)  # sequence: sum_t m w dL/drho
+    ratio_grad_sum = tl.zeros([BLOCK_T], tl.float32)  # sequence: sum_t w dL/drho (w = m is_weight)
     for start in range(0, T, BLOCK_T):  # pass 2: the losses
         log_prob, old, adv, m, offs, in_row = load_token_tiles(log_prob_ptr, old_ptr, adv_ptr, mask_ptr, row, start,
                                                                T, BLOCK_T)
@@ -218,14 +221,14 @@ def _policy_loss_fwd_kernel(
         else:
             ratio = tl.zeros_like(delta) + seq_ratio
             inside = (tl.zeros_like(delta) + tl.where(seq_inside, 1.0, 0.0)) > 0
-        loss, d_ratio, d_log_prob, clipped, lower = _surrogate(ratio, log_prob, adv, clip_low, clip_high, dual_clip,
-                                                               tau_pos, tau_neg, SURROGATE, HAS_DUAL_CLIP)
+        loss, d_ratio, d_log_prob, clipped, lower = _surrogate(ratio, log_prob, adv, w, clip_low, clip_high,
+                                                               dual_clip, tau_pos, tau_neg, SURROGATE, HAS_DUAL_CLIP)
         if NEEDS_GRAD:
             if RATIO_LEVEL == _SEQUENCE:
-                ratio_grad_sum += tl.where(valid, w * d_ratio, 0.0)
-                grad = w * d_log_prob
+                ratio_grad_sum += tl.where(valid, d_ratio, 0.0)
+                grad = d_log_prob
             else:
-                grad = w * (tl.where(inside, d_ratio * ratio, 0.0) + d_log_prob)
+                grad = tl.where(inside, d_ratio * ratio, 0.0) + d_log_prob
             tl.store(dloss_ptr + offs, tl.where(valid, grad, 0.0), mask=in_row)
         loss_sum += tl.where(valid, w * loss, 0.0)
         count += m

@@ -9,6 +9,37 @@ NaN rule, which every backend follows: a NaN or inf at a valid position (mask = 
 in the outputs that depend on it; an input at a masked position is read as 0, so it never
 reaches a sum, a statistic or a gradient.
 
+Numeric contract, which every backend follows (tests/ops/test_numeric_contract.py checks it
+against float64 on logits over the whole finite range, in fp32 and bf16):
+
+- Accumulation is fp32 whatever the input dtype; gradients come back in the input's dtype (one
+  rounding), the LM head's weight and bias gradients accumulated in fp32.
+- Logits. x = z * fp32(logit_scale / T) is one fp32 product on every backend (this module
+  included: `transformed_logits`), or with a softcap c, c tanh(logit_scale z / c) / T. Given
+  that x, log-probs, entropy and their gradient are exact to fp32 rounding of the differences
+  x_v - max x: each row keeps its max m and log d = log sum exp(x - m) apart (lse = m + log d
+  would round to m at |m| = 1e8), so a row at -1e8 or +-1e30 gets the log-probs of its offsets.
+  Errors: |log p| eps plus a few eps log V on log p, the entropy and log sum p^2; gradient
+  entries to a few eps (log V) |upstream| / T, then one rounding to the input dtype. Kernels
+  never fuse a product into an add where that would change x (C++ -ffp-contract=off, Triton
+  enable_fp_fusion=False, CUDA __fmul_rn).
+- Where x itself rounds coarsely (|x| ~ 1e8 with T != 1: a unit of x is then 8), the
+  distribution is that of the rounded x; float64 on z would differ, and no fp32 code can do
+  better. A 1 / T or logit_scale that underflows fp32 makes every x 0 (uniform); one that
+  overflows is refused, and so is a softcap past fp32's range.
+- Masks. finfo.min (transformers' logits processors) and -inf are probability 0: log-probs of
+  other labels, entropy and gradients finite and exact; the log-prob of a masked label is its
+  x - lse (about finfo.min, or -inf past fp32's range). A row of only -inf has NaN log-probs
+  and entropy (as log_softmax) and mean_logit -inf. x = +inf (a +inf or NaN logit, or z / T
+  overflowing) makes its row NaN.
+- Statistics: log sum p^2 as log-probs; mean_logit is an fp32 sum of x / V (a few eps sum |x|
+  / V; -inf or +inf where the row sums past fp32's range); is_top1 exact (the first maximum).
+- Weights. is_weights are checked >= 0 at valid positions even when some weight is NaN; a NaN
+  weight at a valid position makes the loss NaN, at a masked one is never read. A weight
+  multiplies its token's derivative only where the surrogate has one: +inf on a clipped token
+  (or past the log-ratio clamp) gives gradient 0, as autograd of this module does; +inf times
+  a zero derivative elsewhere (A = 0) is NaN, likewise.
+
 Batch invariance, which every backend follows: a row's outputs (and its gradients, for given
 global counts) are bitwise the same whatever the other rows, the batch size, the chunk size
 and the masked padding after it. Two things would break it and are done in fixed shapes here:
@@ -101,11 +132,13 @@ def _entropy_from_log_softmax(logp_all: torch.Tensor) -> torch.Tensor:
 
 
 def transformed_logits(logits, temperature=1.0, logit_scale=1.0, softcap=None):
-    """x = logit_scale z / T, or softcap tanh(logit_scale z / softcap) / T (final-logit softcapping)."""
-    z = _upcast(logits) * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
+    """x = z (logit_scale / T), or softcap tanh(logit_scale z / softcap) / T (final-logit softcapping).
+    Without a softcap one factor multiplies z, as in the kernels: x is then the same fp32 number on
+    every backend (z / T and z * (1 / T) differ by a rounding, which at |x| ~ 1e8 is a unit of x)."""
+    z = _upcast(logits)
+    if softcap is None:
+        return z * (logit_scale / temperature)
+    return softcap * torch.tanh(z * logit_scale / softcap) / temperature
 
 
 def row_stats(x, labels, ignore_index=-100):

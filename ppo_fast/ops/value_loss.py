@@ -46,9 +46,12 @@ def _value_loss_fwd_kernel(values_ptr, old_ptr, returns_ptr, mask_ptr, dloss_ptr
         loss_clipped = (v_clipped - ret) * (v_clipped - ret)
         if NEEDS_GRAD:
             inside = (v >= lo) & (v <= hi)
-            dloss = tl.where(loss_unclipped >= loss_clipped, 2.0 * (v - ret),
-                             tl.where(inside, 2.0 * (v_clipped - ret), 0.0))
-            dloss = tl.where(loss_unclipped != loss_unclipped, loss_unclipped, dloss)  # NaN stays NaN
+            # the larger term's gradient; where either is NaN (no order) both terms', as autograd of
+            # the reference's max gives: NaN for a NaN unclipped loss, its gradient for a NaN bound
+            d_unclipped = 2.0 * (v - ret)
+            d_clipped = tl.where(inside, 2.0 * (v_clipped - ret), 0.0)
+            dloss = tl.where(loss_clipped > loss_unclipped, d_clipped,
+                             tl.where(loss_unclipped >= loss_clipped, d_unclipped, d_unclipped + d_clipped))
             tl.store(dloss_ptr + offs, m * dloss, mask=in_row)
         loss_sum += m * nan_max(loss_unclipped, loss_clipped)
         count += m

@@ -29,8 +29,8 @@ def _logprobs_forward(backend):
 
 def _logprobs_backward(backend):
     logits = randn(B, T, V, seed=1)
-    _, entropy, lse, _ = LIB.logprobs_forward(logits, labels(), 1.0, 1.0, None, -100, True, False, backend)
-    return (logits, labels(), lse, entropy, randn(B, T, seed=2), randn(B, T, seed=3), 1.0, 1.0, None, -100, backend)
+    _, entropy, norm, _ = LIB.logprobs_forward(logits, labels(), 1.0, 1.0, None, -100, True, False, backend)
+    return (logits, labels(), norm, entropy, randn(B, T, seed=2), randn(B, T, seed=3), 1.0, 1.0, None, -100, backend)
 
 
 def _fused_forward(backend):
@@ -40,9 +40,9 @@ def _fused_forward(backend):
 
 def _fused_backward(backend):
     hidden, weight, bias = randn(B * T, H, seed=4), randn(V, H, seed=5), randn(V, seed=6)
-    _, entropy, lse, _ = LIB.fused_linear_logprobs_forward(hidden, weight, bias, labels().view(-1), 1.0, 0.5, 3.0, -100,
+    _, entropy, norm, _ = LIB.fused_linear_logprobs_forward(hidden, weight, bias, labels().view(-1), 1.0, 0.5, 3.0, -100,
                                                            True, False, 5, backend)
-    return (hidden, weight, bias, labels().view(-1), lse, entropy, randn(B * T, seed=7), randn(B * T, seed=8), 1.0,
+    return (hidden, weight, bias, labels().view(-1), norm, entropy, randn(B * T, seed=7), randn(B * T, seed=8), 1.0,
             0.5, 3.0, -100, 5, True, True, True, backend)
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or native_module("_C") is N
 HERE = os.path.dirname(__file__)
 OP_TESTS = ["test_logprobs.py", "test_fused_linear.py", "test_fused_linear_ppo_loss.py", "test_policy_loss.py",
             "test_objectives.py", "test_value_loss.py", "test_kl.py", "test_gae.py", "test_masked.py",
-            "test_batch_invariance.py"]
+            "test_batch_invariance.py", "test_numeric_contract.py"]
 
 
 def runnable_builds():

@@ -240,3 +240,35 @@ def test_zero_length_sequences_give_empty_or_zero_results(op, backend):
         outs, grads = evaluate(getattr(ops, op_of(op)), call, inputs, grad_names)
     for t in outs + grads:
         assert t.numel() == 0 or (t.dim() == 0 and t.item() == 0)
+
+
+def weight_like(case):
+    """The float inputs of a case that carry a mask (advantages, old / reference log-probs,
+    importance weights per token or per sequence): each gets a NaN in turn."""
+    make, _, _, with_mask = CASES[case]
+    inputs = make()
+    return list(with_mask) + (["is"] if "is" in inputs and "is" not in with_mask else [])
+
+
+@pytest.mark.parametrize("op, name, backend", [(case, name, b) for case, b in PAIRS for name in weight_like(case)])
+def test_each_weight_like_input_nan_at_a_valid_then_a_masked_position(op, name, backend):
+    """Every weight-like input, not only the first: a NaN at a valid position reaches the outputs as
+    the reference's does; at a masked position (a token with mask 0) it never does."""
+    make, _, _, _ = CASES[op]
+    inputs = make()
+    valid = inputs["mask"].bool()
+    (r0, c0), = first_positions(inputs["mask"], True, n=1)
+    per_sequence = inputs[name].shape[-1] == 1
+    inputs[name] = poke(inputs[name], r0, 0 if per_sequence else c0, NAN)
+    with on_backend(backend):
+        outs, _ = check_against_reference(op, inputs)
+    assert any(torch.isnan(o).any() for o in outs), f"{op}: a NaN in {name} at a valid position must reach an output"
+    if per_sequence:  # a sequence weight is read wherever its row has a valid token
+        return
+    inputs = make()
+    (r1, c1), = first_positions(inputs["mask"], False, n=1)
+    inputs[name] = poke(inputs[name], r1, c1, NAN)
+    with on_backend(backend):
+        outs, grads = check_against_reference(op, inputs)
+    for t in outs + grads:
+        assert torch.isfinite(t[valid] if t.shape == valid.shape else t).all(), f"{op}: a masked NaN in {name} leaked"
