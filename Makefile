@@ -45,6 +45,15 @@ cuda-check:
 		echo "nvcc $$f"; \
 		$(NVCC) -std=c++17 -gencode=arch=compute_90,code=sm_90 -Icsrc -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; \
 	done
+	@echo "nvcc csrc/policy_math.h (every surrogate in device code)"; \
+	printf '%s\n' '#include "policy_math.h"' \
+		'struct Exp { __device__ float operator()(float x) const { return __expf(x); } };' \
+		'template <int S> __device__ float one(const float* v) {' \
+		'  return ppo_fast::surrogate<S>(v[0], v[1], v[2], v[3], {0.8f, 1.2f, 3.0f, 1.0f, 1.05f}, Exp{}).loss; }' \
+		'__global__ void all_surrogates(float* v) { v[0] = one<0>(v) + one<1>(v) + one<2>(v) + one<3>(v); }' \
+		> build/cuda-check/policy_math.cu && \
+	$(NVCC) -std=c++17 -gencode=arch=compute_90,code=sm_90 -Icsrc -c build/cuda-check/policy_math.cu \
+		-o build/cuda-check/policy_math.o
 	@inc=$$($(PYTHON) -c "import torch.utils.cpp_extension as c, sysconfig; print(' '.join(['-I' + p for p in c.include_paths()] + ['-I' + sysconfig.get_paths()['include']]))") && \
 	for f in csrc/cuda/*.cpp; do \
 		echo "g++ -fsyntax-only $$f"; \

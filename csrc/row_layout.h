@@ -7,7 +7,7 @@
 #if defined(__CUDACC__)
 #define PPO_FAST_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define PPO_FAST_HOST_DEVICE inline
+#define PPO_FAST_HOST_DEVICE __attribute__((always_inline)) inline
 #endif
 
 namespace ppo_fast {

@@ -42,8 +42,8 @@ PACKING_RESERVE_S = 10  # kept back from the budget for the summary and the arch
 # CUDA-graph and fullgraph tests are the `graphs` stage), test_triton_compile.py (the offline sm_90
 # build, which the GPU's own JIT supersedes) and the host-only tests (backend choice, constants).
 TEST_FILES = [f"tests/ops/test_{name}.py" for name in (
-    "logprobs", "numeric_contract", "fused_linear", "fused_linear_ppo_loss", "policy_loss", "value_loss", "kl", "gae",
-    "masked", "input_rules", "checks", "dpo", "group_advantages")]
+    "logprobs", "numeric_contract", "fused_linear", "fused_linear_ppo_loss", "policy_loss", "objectives",
+    "objective_registry", "value_loss", "kl", "gae", "masked", "input_rules", "checks", "dpo", "group_advantages")]
 # The headline bench's op families in order of value: the record is saved after every case, so a
 # stage cut short keeps the first ones.
 BENCH_ORDER = ("logprobs", "fused_linear_ppo_loss", "gae", "policy_loss", "objectives")

@@ -1,5 +1,5 @@
-// Helpers of the C++ per-token kernels: the argument check and NaN-propagating max / clamp
-// (std::max drops a NaN first argument; the reference's torch.maximum / torch.clamp do not).
+// Helpers of the C++ per-token kernels: the argument check, task sizes and a NaN-propagating
+// clamp (nan_max and clamp_to are in policy_math.h, which CUDA code can include too).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,6 +7,8 @@
 #include <initializer_list>
 #include <string_view>
 #include <utility>
+
+#include "policy_math.h"
 
 namespace ppo_fast {
 
@@ -35,18 +37,6 @@ inline int64_t rows_per_task(int64_t rows, int64_t tokens_per_row) {
 
 // Elements per at::parallel_for task of the elementwise kernels (KL, whitening).
 constexpr int64_t kElementsPerTask = 32768;
-
-// Written as chains of selects on floats (no ||, no | of bools): GCC then vectorises the lane
-// loops that call them, on every ISA build (checked with -fopt-info-vec).
-__attribute__((always_inline)) inline float nan_max(float a, float b) {
-  const float m = a > b ? a : b;
-  return a != a ? a : m;
-}
-
-// x clamped to bounds that are never NaN (the objective's constants): a NaN x stays NaN.
-__attribute__((always_inline)) inline float clamp_to(float x, float lo, float hi) {
-  return x < lo ? lo : (x > hi ? hi : x);
-}
 
 // NaN if x or a bound is NaN (torch.clamp's rule).
 __attribute__((always_inline)) inline float nan_clamp(float x, float lo, float hi) {

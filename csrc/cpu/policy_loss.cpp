@@ -1,5 +1,6 @@
-// The policy objective on the CPU (math: ppo_fast/ops/policy_loss.py): the clip / cispo / gpg /
-// sapo surrogates on a token, sequence or sequence-token ratio, with optional importance weights.
+// The compiled policy objectives on the CPU (ppo_fast/ops/policy_loss.py; the per-token math in
+// csrc/policy_math.h): the clip / cispo / gpg / sapo surrogates on a token, sequence or
+// sequence-token ratio, with optional importance weights.
 // Inputs arrive as contiguous float32 [B, T] (the mask bool or float); one task per row, the
 // row's tokens in fixed lane blocks (lanes.h: vectorised, padding-invariant sums). Inputs at
 // masked positions are read as 0 and max/clamp propagate NaN, as the reference does. The
@@ -11,44 +12,18 @@
 #include "fast_math.h"
 #include "lanes.h"
 #include "ops.h"
+#include "policy_math.h"
 #include "ppo_constants.h"
 
 namespace ppo_fast {
 namespace {
 
-struct Constants {
-  float lo, hi, dual, tau_pos, tau_neg;  // dual = +inf without a dual clip
-};
+using Constants = SurrogateConstants;
 
-struct TokenTerms {
-  float loss, d_ratio, d_log_prob, clipped, lower;  // d_ratio, d_log_prob: times the token's weight w
+// policy_math.h's exp: the vectorisable one (a functor, inlined into the lane loops).
+struct FastExp {
+  __attribute__((always_inline)) float operator()(float x) const { return fast_exp(x); }
 };
-
-// Selects on floats, each on one comparison (no && / ||), so the lane loops vectorise (checked with
-// -fopt-info-vec on the three ISA builds). The weight w multiplies a derivative only where the
-// surrogate has one: a clipped token's gradient is 0 even for w = inf (as autograd of the reference).
-template <int Surrogate>
-inline TokenTerms surrogate(float ratio, float log_prob, float adv, float w, const Constants& c) {
-  if constexpr (Surrogate == kSurrogateClip) {
-    const float l1 = -adv * ratio, l2 = -adv * clamp_to(ratio, c.lo, c.hi), loss = nan_max(l1, l2);
-    // the dual clip's bound, +inf where it does not apply (A >= 0, or no dual clip): one comparison
-    // (GCC turns a select between comparisons into bool logic it cannot vectorise)
-    const float dual_loss = adv < 0 ? -adv * c.dual : std::numeric_limits<float>::infinity();
-    const bool dual = loss > dual_loss;
-    // no gradient where the clipped term wins; a NaN term (no order) keeps it, NaN (as autograd)
-    return {dual ? dual_loss : loss, dual ? 0.0f : (l2 > l1 ? 0.0f : -adv * w), 0.0f, l2 > l1 ? 1.0f : 0.0f,
-            dual ? 1.0f : 0.0f};
-  } else if constexpr (Surrogate == kSurrogateCispo) {
-    const float capped = clamp_to(ratio, c.lo, c.hi);
-    return {-capped * adv * log_prob, 0.0f, -capped * adv * w, ratio != capped ? 1.0f : 0.0f, 0.0f};
-  } else if constexpr (Surrogate == kSurrogateGpg) {
-    return {-adv * log_prob, 0.0f, -adv * w, 0.0f, 0.0f};
-  } else {  // sapo
-    const float tau = adv > 0 ? c.tau_pos : c.tau_neg;
-    const float gate = 1.0f / (1.0f + fast_exp(-tau * (ratio - 1.0f)));
-    return {-adv * gate * (4.0f / tau), -4.0f * adv * w * gate * (1.0f - gate), 0.0f, 0.0f, 0.0f};
-  }
-}
 
 // A block of a row: kBlock tokens from these pointers (a row's own memory, or a padded copy),
 // the mask as floats (a bool mask converted block by block: lanes.h).
@@ -116,7 +91,7 @@ inline void loss_block(const Block& in, int64_t n_blocks, const Ratio& r, const 
     // outside the clamp the ratio has no gradient (delta != raw there, and for a NaN); inside,
     // the slope is the ratio (> 0)
     const float ratio_slope = Level == kRatioToken ? (delta == raw ? ratio : 0.0f) : slope_lanes[j];
-    const TokenTerms term = surrogate<Surrogate>(ratio, lp, adv, w, c);
+    const TokenTerms term = surrogate<Surrogate>(ratio, lp, adv, w, c, FastExp{});
     if constexpr (WithGrad) {
       if constexpr (Level == kRatioSequence) {
         ratio_grad[j] += valid ? term.d_ratio : 0.0f;

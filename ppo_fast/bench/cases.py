@@ -244,7 +244,7 @@ def fused_linear(device: torch.device, preset: str) -> list:
     return cases
 
 
-PPO_LOSS_ARGS = dict(kl_coef=0.04, kl_estimator="k3", clip_low=0.2, clip_high=0.2, agg="token-mean")
+PPO_LOSS_ARGS = dict(kl_coef=0.04, kl_estimator="k3", agg="token-mean")  # the objective: clip at its defaults (0.2)
 
 
 def two_op_path(hidden, weight, labels, old_log_prob, advantages, mask, *, ref_log_prob, kl_coef, kl_estimator,
@@ -367,12 +367,13 @@ def token_cases(op: str, device: torch.device, preset: str) -> list:
     return cases
 
 
-# The policy objectives users switch on beside vanilla PPO (ppo_fast.ops.policy_loss): name -> their
+# The policy objectives users switch on beside vanilla PPO (ppo_fast.ops.objectives): name -> their
 # keyword arguments ("is_weights" asks for per-token importance weights).
 OBJECTIVES = {
     "ppo": {}, "ppo+is": {"is_weights": "token"}, "gspo": {"ratio_level": "sequence"},
-    "gspo-token": {"ratio_level": "sequence-token"}, "cispo": {"surrogate": "cispo", "clip_low": 1.0, "clip_high": 4.0},
-    "gpg": {"surrogate": "gpg"}, "sapo": {"surrogate": "sapo"},
+    "gspo-token": {"ratio_level": "sequence-token"}, "cispo": {"objective": "cispo", "clip_low": 1.0, "clip_high": 4.0},
+    "gpg": {"objective": "gpg"}, "sapo": {"objective": "sapo"},
+    "dro (generic)": {"objective": "dro", "beta": 0.1},  # the registry's generic path: autograd on [B, T]
 }
 
 

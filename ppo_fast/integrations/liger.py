@@ -78,6 +78,10 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- fused linear GRPO loss
+LUSPO_PADDING = ("Liger's luspo sums its per-token losses over padding positions too once they are per token "
+                 "(token level, a KL term or an importance ratio)")
+
+
 class LigerFusedLinearGRPOLoss(torch.nn.Module):
     """liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (Liger 0.8) on fused_linear_ppo_loss: the same
     constructor and call, forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T],
@@ -85,15 +89,16 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
     ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch) -> (loss, (kl mean if beta, clip fraction)).
 
     loss_type grpo / sapo (mean over the batch's sequences of their token means), bnpo (over the
-    batch's tokens), dr_grpo (over B x max_completion_length), dapo / cispo (over num_items_in_batch,
-    else the batch's tokens); importance_sampling_level token / sequence; epsilon_low / high (cispo:
-    epsilon_high is the weight's absolute cap, as Liger and TRL); delta (two-sided clipping) as the
-    dual clip; beta with ref_per_token_logps, or the reference's log-probs from ref_input / ref_weight;
+    batch's tokens), dr_grpo (over B x max_completion_length), luspo (sequence level: mean of the
+    sequences' token sums), dapo / cispo / vespo (over num_items_in_batch, else the batch's tokens); importance_sampling_level token / sequence; epsilon_low / high (cispo:
+    epsilon_high is the weight's absolute cap, as Liger and TRL, below 1 too); delta (two-sided
+    clipping) as the dual clip where delta >= 1 + epsilon_high, else the objective clip_delta; beta with ref_per_token_logps, or the reference's log-probs from ref_input / ref_weight;
     vllm_is_ratio as the importance weights (the policy term only, before the KL). `compiled` and
     `chunk_size` are accepted and have no effect (ppo_fast chunks by its own rule). The clip fraction
     counts the tokens whose clipped term won (Liger's definition) except for cispo, where it counts
-    the capped weights of either advantage sign (Liger: positive ones only). Refused: loss_type luspo
-    / vespo, use_bias_correction_kl, delta < 1 + epsilon_high (not the dual clip then)."""
+    the capped weights of either advantage sign (Liger: positive ones only). Refused:
+    use_bias_correction_kl; luspo at token level, with beta or with vllm_is_ratio (Liger sums it over
+    padding positions then)."""
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
                  epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
@@ -111,9 +116,14 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             raise unsupported("liger", "use_bias_correction_kl=True", "the KL is not importance-weighted")
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"Unknown importance sampling level: {importance_sampling_level}")
-        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
+        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
             raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'")
-        grpo_loss_types.check("liger", loss_type, epsilon_high, delta)
+        grpo_loss_types.check("liger", loss_type)
+        if loss_type == "luspo" and importance_sampling_level == "token":
+            raise unsupported("liger", "loss_type='luspo' at importance_sampling_level='token'", LUSPO_PADDING)
+        if loss_type == "luspo" and beta != 0.0:
+            raise unsupported("liger", "luspo with beta != 0", LUSPO_PADDING)
+        self.vespo = dict(k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
         self.beta, self.use_ref_model, self.loss_type = beta, use_ref_model, loss_type
         self.epsilon_low, self.epsilon_high, self.delta = epsilon_low, epsilon_high, delta
         self.max_completion_length, self.importance_sampling_level = max_completion_length, importance_sampling_level
@@ -123,7 +133,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
     def _objective(self) -> dict:
         return grpo_loss_types.objective(self.loss_type, self.importance_sampling_level, self.epsilon_low,
                                          self.epsilon_high, self.delta, self.sapo_temperature_pos,
-                                         self.sapo_temperature_neg)
+                                         self.sapo_temperature_neg, self.vespo)
 
     def _aggregation(self, mask, num_items_in_batch) -> dict:
         def token_count():  # num_items_in_batch (else every rank's valid tokens) per rank, as Liger
@@ -148,6 +158,8 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             with torch.no_grad():
                 ref_per_token_logps = ops.fused_linear_logprobs(ref_input, ref_weight, selected_token_ids,
                                                                 bias=ref_bias, temperature=self.temperature)
+        if vllm_is_ratio is not None and self.loss_type == "luspo":
+            raise unsupported("liger", "luspo with vllm_is_ratio", LUSPO_PADDING)
         if vllm_is_ratio is not None and vllm_is_ratio.dim() == 1:
             vllm_is_ratio = vllm_is_ratio.unsqueeze(-1)
         loss, stats = ops.fused_linear_ppo_loss(

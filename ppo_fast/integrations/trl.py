@@ -162,7 +162,7 @@ class ChunkedLogProbFunction:
 def _refuse_unsupported(trainer, inputs) -> None:
     """A GRPOTrainer option the fused loss cannot follow is refused, never computed differently."""
     args = trainer.args
-    grpo_loss_types.check("trl", trainer.loss_type, trainer.epsilon_high, args.delta)
+    grpo_loss_types.check("trl", trainer.loss_type)
     checks = [
         (trainer.top_entropy_quantile < 1.0, f"top_entropy_quantile={trainer.top_entropy_quantile}",
          "no high-entropy token mask"),
@@ -195,10 +195,15 @@ def _aggregation(trainer, mask, inputs, train: bool) -> dict:
                                        accumulation=trainer.current_gradient_accumulation_steps if train else 1.0)
 
 
+VESPO_PARAMS = ("k_pos", "lambda_pos", "k_neg", "lambda_neg")
+
+
 def _objective(trainer) -> dict:
+    args = trainer.args
     return grpo_loss_types.objective(trainer.loss_type, trainer.importance_sampling_level, trainer.epsilon_low,
-                                     trainer.epsilon_high, trainer.args.delta, trainer.args.sapo_temperature_pos,
-                                     trainer.args.sapo_temperature_neg)
+                                     trainer.epsilon_high, args.delta, args.sapo_temperature_pos,
+                                     args.sapo_temperature_neg,
+                                     {key: getattr(args, f"vespo_{key}") for key in VESPO_PARAMS})
 
 
 def completion_hidden_states(model, input_ids, attention_mask, logits_to_keep):
@@ -225,7 +230,7 @@ def grpo_compute_loss(trainer, model, inputs):
     """GRPOTrainer._compute_loss on fused_linear_ppo_loss: the completion's hidden states and the LM
     head go into one op (its gradient formed in the forward, no [B, L, V] logits, no per-token
     log-probs kept), with TRL's loss_type normalisation, importance_sampling_level, epsilon_low/high,
-    delta (as the dual clip), beta (TRL's k3 KL to the reference: k3_raw), and its vLLM importance-sampling
+    delta (the dual clip, or clip_delta below 1 + epsilon_high), beta (TRL's k3 KL to the reference: k3_raw), and its vLLM importance-sampling
     correction; metrics: kl, entropy and, at token level, clip_ratio/region_mean (TRL's low/high
     splits and its sequence-level clipped fraction are not computed). Refuses what it cannot follow (_refuse_unsupported)."""
     _refuse_unsupported(trainer, inputs)

@@ -61,22 +61,29 @@ def _config_get(config, key, default=None):
     return getter(key, default) if callable(getter) else getattr(config, key, default)
 
 
-def _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-                 metrics=("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), **objective):
-    """One of verl's policy losses on ppo_policy_loss: (pg_loss, metrics as Python floats, one sync)."""
-    if config is None:
-        raise ValueError("config: verl's policy loss needs the actor config (clip_ratio, clip_ratio_low/high/c)")
+def _clip_range(config) -> dict:
+    """verl's clip_ratio / clip_ratio_low / clip_ratio_high as ppo_fast's clip_low / clip_high."""
     clip = _config_get(config, "clip_ratio", 0.2)
     low, high = _config_get(config, "clip_ratio_low"), _config_get(config, "clip_ratio_high")
+    return dict(clip_low=clip if low is None else low, clip_high=clip if high is None else high)
+
+
+def _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                 metrics=("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), objective="clip",
+                 aggregation=None, **params):
+    """One of verl's policy losses on ppo_policy_loss: (pg_loss, metrics as Python floats, one sync);
+    metrics names clipfrac, approx_kl, clipfrac_lower (None: not reported); aggregation, where given,
+    replaces verl's loss_agg_mode and global batch info."""
+    if config is None:
+        raise ValueError("config: verl's policy loss needs the actor config (clip_ratio, clip_ratio_low/high/c)")
     info = dict(_config_get(config, "global_batch_info", None) or {})
-    loss, stats = ops.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask,
-                                      clip_low=clip if low is None else low, clip_high=clip if high is None else high,
-                                      is_weights=rollout_is_weights, **objective,
-                                      **_agg_kwargs(response_mask, loss_agg_mode, **info))
+    loss, stats = ops.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask, objective=objective,
+                                      is_weights=rollout_is_weights, **params,
+                                      **(aggregation or _agg_kwargs(response_mask, loss_agg_mode, **info)))
     if not metrics:
         return loss, {}
     values = torch.stack([stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]]).tolist()
-    return loss, dict(zip(metrics, values))
+    return loss, {name: value for name, value in zip(metrics, values) if name is not None}
 
 
 def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
@@ -85,7 +92,7 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_
     with metrics actor/pg_clipfrac, actor/ppo_kl, actor/pg_clipfrac_lower as Python floats;
     rollout_is_weights (verl's rollout correction, [B, T]) multiply each token's loss."""
     return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-                        dual_clip=_config_get(config, "clip_ratio_c", 3.0))
+                        dual_clip=_config_get(config, "clip_ratio_c", 3.0), **_clip_range(config))
 
 
 compute_policy_loss_vanilla = compute_policy_loss
@@ -96,7 +103,7 @@ def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, 
     """verl's `gspo`: the GSPO-token ratio sg[s] pi_t / sg[pi_t] (ratio_level="sequence-token"), clipped,
     no dual clip; pg_clipfrac_lower is 0."""
     return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-                        ratio_level="sequence-token")
+                        ratio_level="sequence-token", **_clip_range(config))
 
 
 def compute_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
@@ -104,14 +111,14 @@ def compute_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask,
     """verl's `cispo`: -sg[clamp(r, 1 - clip_ratio_low, 1 + clip_ratio_high)] A log_prob; pg_clipfrac
     counts r != its clamp."""
     return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-                        surrogate="cispo")
+                        objective="cispo", **_clip_range(config))
 
 
 def compute_policy_loss_gpg(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                             config=None, rollout_is_weights=None):
     """verl's `gpg`: -A log_prob; no metrics (verl returns none)."""
     return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-                        metrics=(), surrogate="gpg")
+                        metrics=(), objective="gpg")
 
 
 def compute_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
@@ -119,14 +126,81 @@ def compute_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, 
     """verl's `sapo`: the soft gate with config.tau_pos / tau_neg, aggregated seq-mean-token-mean
     whatever loss_agg_mode says (as verl does); pg_clipfrac and pg_clipfrac_lower are 0."""
     return _policy_loss(old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
-                        rollout_is_weights, surrogate="sapo", tau_pos=float(_config_get(config, "tau_pos", 1.0)),
+                        rollout_is_weights, objective="sapo", tau_pos=float(_config_get(config, "tau_pos", 1.0)),
                         tau_neg=float(_config_get(config, "tau_neg", 1.05)))
+
+
+def _policy_loss_config(config, key, default):
+    """config.policy_loss.<key>, or `default` where it is absent or None (as verl reads them)."""
+    value = _config_get(_config_get(config, "policy_loss"), key)
+    return default if value is None else value
+
+
+def compute_policy_loss_dro(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                            config=None, rollout_is_weights=None):
+    """verl's `dro`: -(A log_prob - dro_beta / 2 (log_prob - old)^2), config.policy_loss.dro_beta > 0;
+    metric actor/ppo_kl."""
+    beta = _policy_loss_config(config, "dro_beta", None)
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+    return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                        metrics=(None, "actor/ppo_kl", None), objective="dro", beta=float(beta))
+
+
+def _dppo(objective):
+    def compute(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                rollout_is_weights=None):
+        return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                            rollout_is_weights, objective=objective, **_clip_range(config),
+                            ratio_cap=float(_config_get(config, "clip_ratio_c", 20.0)))
+
+    compute.__doc__ = (f"verl's `{objective}`: clip_ratio_low / high are the divergence bounds, clip_ratio_c the "
+                       f"truncation of the detached ratio; metrics as verl's.")
+    return compute
+
+
+compute_policy_loss_dppo_tv, compute_policy_loss_dppo_kl = _dppo("dppo_tv"), _dppo("dppo_kl")
+
+
+def compute_policy_loss_geo_mean(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                 config=None, rollout_is_weights=None):
+    """verl's `geo_mean` (GMPO): the mean over the micro-batch's sequences whatever loss_agg_mode says
+    (as verl); rollout_is_weights enter as each row's geometric mean."""
+    return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                        objective="geo_mean", **_clip_range(config),
+                        aggregation=dict(agg="seq-mean-token-sum", num_seqs=float(response_mask.shape[0])))
+
+
+def compute_policy_loss_clip_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                 config=None, rollout_is_weights=None):
+    """verl's `clip_cov`: policy_loss.clip_cov_ratio / clip_cov_lb / clip_cov_ub; the same random cut as
+    verl's under the same torch seed; metrics actor/pg_clipfrac, actor/ppo_kl."""
+    return _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                        metrics=("actor/pg_clipfrac", "actor/ppo_kl", None), objective="clip_cov",
+                        **_clip_range(config), cov_ratio=float(_policy_loss_config(config, "clip_cov_ratio", 0.0002)),
+                        cov_lower=float(_policy_loss_config(config, "clip_cov_lb", 1.0)),
+                        cov_upper=float(_policy_loss_config(config, "clip_cov_ub", 5.0)))
+
+
+def compute_policy_loss_kl_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                               config=None, rollout_is_weights=None):
+    """verl's `kl_cov`: policy_loss.kl_cov_ratio / ppo_kl_coef; metric actor/ppo_kl = mean |log-ratio|
+    (verl's, for this loss)."""
+    loss, _ = _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                           rollout_is_weights, metrics=(), objective="kl_cov",
+                           cov_ratio=float(_policy_loss_config(config, "kl_cov_ratio", 0.0002)),
+                           kl_coef=float(_policy_loss_config(config, "ppo_kl_coef", 1.0)))
+    abs_kl = ops.masked_mean((log_prob - old_log_prob).detach().abs(), response_mask)
+    return loss, {"actor/ppo_kl": abs_kl.item()}
 
 
 # loss_mode -> verl policy loss, as register() adds them to verl's registry
 POLICY_LOSSES = {"ppo_fast": compute_policy_loss, "ppo_fast_gspo": compute_policy_loss_gspo,
                  "ppo_fast_cispo": compute_policy_loss_cispo, "ppo_fast_gpg": compute_policy_loss_gpg,
-                 "ppo_fast_sapo": compute_policy_loss_sapo}
+                 "ppo_fast_sapo": compute_policy_loss_sapo, "ppo_fast_dro": compute_policy_loss_dro,
+                 "ppo_fast_dppo_tv": compute_policy_loss_dppo_tv, "ppo_fast_dppo_kl": compute_policy_loss_dppo_kl,
+                 "ppo_fast_geo_mean": compute_policy_loss_geo_mean, "ppo_fast_clip_cov": compute_policy_loss_clip_cov,
+                 "ppo_fast_kl_cov": compute_policy_loss_kl_cov}
 
 
 def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean", dp_size=1,
@@ -202,8 +276,9 @@ class FusedLinearForPPO(torch.nn.Module):
 
 def register() -> None:
     """Make ppo_fast's implementations nameable in verl configs: the policy losses of POLICY_LOSSES
-    (actor.policy_loss.loss_mode: ppo_fast, ppo_fast_gspo, ppo_fast_cispo, ppo_fast_gpg,
-    ppo_fast_sapo; each takes verl's rollout_is_weights) and the advantage estimators
+    (actor.policy_loss.loss_mode: ppo_fast, ppo_fast_gspo, ppo_fast_cispo, ppo_fast_gpg, ppo_fast_sapo,
+    ppo_fast_dro, ppo_fast_dppo_tv, ppo_fast_dppo_kl, ppo_fast_geo_mean, ppo_fast_clip_cov,
+    ppo_fast_kl_cov; each takes verl's rollout_is_weights) and the advantage estimators
     "ppo_fast_grpo", "ppo_fast_rloo" (verl must be importable; its GAE has a path of its own, with
     the values, so use compute_gae_advantage_return directly)."""
     from verl.trainer.ppo import core_algos

@@ -9,9 +9,8 @@ forward, so dL/dlogits is known inside it. With w_b the aggregation weight of ro
     L        = sum_bt w_b m_bt (is_bt pg_bt - c_H H_bt + c_KL kl_bt)
     dL/dy_bt = w_b (m_bt is_bt dpg/dy + c_KL m_bt dkl/dy),   dL/dH_bt = -c_H w_b m_bt
 
-with pg the policy objective of ppo_fast.ops.policy_loss (any surrogate, token or sequence ratio)
-and is the importance weights (1 without them; they weigh the policy term only, as in verl, TRL
-and Liger).
+with pg the policy objective (ppo_fast.ops.objectives) and is the importance weights (1 without
+them; they weigh the policy term only, as in verl, TRL and Liger).
 
 Per chunk of whole rows: logits = h W^T + b (GEMM 1); one pass of the log-probs kernel for y,
 H and the row normaliser; the policy-loss kernel for the row sums of pg and m is dpg/dy (a sequence ratio's
@@ -20,6 +19,12 @@ backward turns dL/dy and dL/dH into dL/dlogits, written into the logits buffer i
 grad_h = g W (GEMM 2), grad_W += g^T h (GEMM 3, fp32, in place). The autograd backward only
 scales the saved gradients by the upstream scalar: three GEMMs in all (fused_linear_logprobs
 followed by ppo_policy_loss recomputes the logits: four), O(chunk x V) extra memory.
+
+That is the path of the compiled objectives (clip, cispo, gpg, sapo). Any other registered
+objective takes the generic path, that composition: fused_linear_logprobs's kernels give the
+log-probs and entropy, autograd gives the objective's gradient to them (its definition on [B, T]
+tensors, which may look at the whole batch), and the head's backward takes it, recomputing the
+logits chunk by chunk (four GEMMs; still no [N, V] tensor kept).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from ppo_fast.ops.checks import (
     require_per_token,
     require_same_device,
 )
+from ppo_fast.ops.fused_linear import FUSED_LINEAR_LOGPROBS as FUSED_HEAD
 from ppo_fast.ops.fused_linear import (
     accumulate_fp32,
     check_linear_inputs,
@@ -47,6 +53,7 @@ from ppo_fast.ops.fused_linear import (
     require_chunk_size,
 )
 from ppo_fast.ops.logprobs import LAUNCHERS, LogitTransform, require_logit_transform
+from ppo_fast.ops.objectives import Objective, kernel_constants, resolve
 from ppo_fast.ops.reference import blocked_linear, masked_max_abs, valid_only
 from ppo_fast.ops.rows import POLICY_ROW_STATS, ROW_LOSS, agg_row_weights, require_agg, row_token_means
 
@@ -58,7 +65,7 @@ ROW_ENTROPY, ROW_KL = len(POLICY_ROW_STATS), len(POLICY_ROW_STATS) + 1
 class Hyper:
     transform: LogitTransform
     ignore_index: int
-    objective: policy_ops.Objective
+    objective: Objective
     kl_coef: float
     kl_estimator: str
     entropy_coef: float
@@ -111,7 +118,8 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
         old_rows = logp if old is None else old[rows]
         max_abs_log_ratio = torch.maximum(max_abs_log_ratio, masked_max_abs(logp - old_rows, m))
         policy_rows, dloss = policy_forward(logp, old_rows, adv[rows], m,
-                                            None if is_weights is None else is_weights[rows], hp.objective, needs_grad)
+                                            None if is_weights is None else is_weights[rows],
+                                            kernel_constants(hp.objective), needs_grad)
         row_stats[rows, :ROW_ENTROPY] = policy_rows
         row_stats[rows, ROW_ENTROPY] = valid_only(entropy, m).sum(-1)
         w = row_weights[rows, None]
@@ -146,16 +154,14 @@ def fused_ppo_loss_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     old: Optional[torch.Tensor], adv: torch.Tensor, mask: torch.Tensor, ref: Optional[torch.Tensor],
     is_weights: Optional[torch.Tensor], row_weights: torch.Tensor, inv_temperature: float, scale: float,
-    softcap: Optional[float], ignore_index: int,
-    surrogate: str, ratio_level: str, clip_low: float, clip_high: float, dual_clip: Optional[float], tau_pos: float,
-    tau_neg: float, kl_coef: float, kl_estimator: str, entropy_coef: float, chunk_tokens: int, want_hidden: bool,
-    want_weight: bool, want_bias: bool, backend: str,
+    softcap: Optional[float], ignore_index: int, objective: str, objective_params: str, kl_coef: float,
+    kl_estimator: str, entropy_coef: float, chunk_tokens: int, want_hidden: bool, want_weight: bool, want_bias: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, policy_loss, stats [6], grad_hidden, grad_weight (fp32), grad_bias (fp32)), the
     gradients of the loss itself, empty where not wanted; chunk_tokens 0 = from the memory budget."""
-    objective = policy_ops.Objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
-    hp = Hyper(LogitTransform(inv_temperature, scale, softcap), ignore_index, objective, kl_coef, kl_estimator,
-               entropy_coef,
+    hp = Hyper(LogitTransform(inv_temperature, scale, softcap), ignore_index,
+               Objective.from_op_args(objective, objective_params), kl_coef, kl_estimator, entropy_coef,
                chunk_tokens or chunk_budget_rows(weight.shape[0], hidden.device))
     want = (want_hidden, want_weight, want_bias)
     loss, policy_loss, stats, grads = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights,
@@ -165,8 +171,8 @@ def fused_ppo_loss_forward(
 
 @fused_ppo_loss_forward.register_fake
 def _(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, inv_temperature, scale, softcap,
-      ignore_index, surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
-      chunk_tokens, want_hidden, want_weight, want_bias, backend):
+      ignore_index, objective, objective_params, kl_coef, kl_estimator, entropy_coef, chunk_tokens, want_hidden,
+      want_weight, want_bias, backend):
     def f32(*shape):
         return hidden.new_empty(shape, dtype=torch.float32)
 
@@ -206,9 +212,14 @@ fused_ppo_loss_forward.register_autograd(_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------- public
 def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
                   ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", entropy_coef=0.0,
-                  clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None,
-                  is_weights=None, ratio_level="token", surrogate="clip", tau_pos=1.0, tau_neg=1.05, chunk_size=None,
-                  logit_scale=1.0, softcap=None, backend):
+                  agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None, objective: Objective,
+                  chunk_size=None, logit_scale=1.0, softcap=None, backend):
+    if not objective.compiled:
+        return _generic_loss(hidden, weight, labels, old_log_prob, advantages, mask, bias=bias, temperature=temperature,
+                             ignore_index=ignore_index, ref_log_prob=ref_log_prob, kl_coef=kl_coef,
+                             kl_estimator=kl_estimator, entropy_coef=entropy_coef, agg=agg, num_tokens=num_tokens,
+                             num_seqs=num_seqs, is_weights=is_weights, objective=objective, chunk_size=chunk_size,
+                             logit_scale=logit_scale, softcap=softcap, backend=backend)
     mask = mask.to(torch.float32)
     old, adv, ref, is_w = (None if t is None else t.detach().float()
                            for t in (old_log_prob, advantages, ref_log_prob, is_weights))
@@ -219,15 +230,23 @@ def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bia
     tr = LogitTransform.of(temperature, logit_scale, softcap)
     loss, policy_loss, stats, *_ = fused_ppo_loss_forward(
         hidden, weight, bias, labels, old, adv, mask, ref, is_w, row_weights, tr.inv_t, tr.scale, tr.softcap,
-        ignore_index,
-        surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator,
-        entropy_coef, chunk_size or 0, *want, backend)
+        ignore_index, *objective.to_op_args(), kl_coef, kl_estimator, entropy_coef, chunk_size or 0, *want, backend)
     clipfrac, approx_kl, clipfrac_lower, entropy, kl, max_abs_log_ratio = stats.detach().unbind()
     stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,
              "policy_loss": policy_loss.detach(), "entropy": entropy, "max_abs_log_ratio": max_abs_log_ratio}
     if ref_log_prob is not None:
         stats["kl"] = kl
     return loss, stats
+
+
+def _generic_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias, temperature, ignore_index,
+                  chunk_size, logit_scale, softcap, backend, **loss_args):
+    """The generic path (module docstring): the backend's fused head, then the objective's definition
+    and the loss terms under autograd on the [B, T] log-probs and entropy."""
+    logp, entropy = FUSED_HEAD[backend](hidden, weight, labels, bias=bias, temperature=temperature,
+                                        ignore_index=ignore_index, return_entropy=True, chunk_size=chunk_size,
+                                        logit_scale=logit_scale, softcap=softcap)
+    return reference.ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, **loss_args)
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
@@ -252,9 +271,8 @@ def _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_p
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
                           ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
-                          entropy_coef=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean",
-                          num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token", surrogate="clip",
-                          tau_pos=1.0, tau_neg=1.05, chunk_size=None, logit_scale=1.0, softcap=None):
+                          entropy_coef=0.0, agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None,
+                          objective="clip", chunk_size=None, logit_scale=1.0, softcap=None, **params):
     """PPO policy loss from the last hidden states and the LM head, never holding [N, V] logits:
 
         ppo_policy_loss(logp, ...) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
@@ -267,8 +285,9 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
         hidden: [B, T, H] float32/bfloat16/float16; weight: [V, H] (lm_head.weight); bias: [V].
         labels: [B, T] integer ids; old_log_prob, advantages, mask (bool or 0/1), ref_log_prob:
             [B, T]; old_log_prob None: on-policy, the ratio against the log-probs computed here
-            (detached), so every ratio is 1 in the forward (TRL's and Liger's GRPO without old log-probs). clip_low/clip_high/dual_clip/agg/num_tokens/num_seqs and the objective
-            (is_weights, ratio_level, surrogate, tau_pos, tau_neg) as in ppo_policy_loss (pass the
+            (detached), so every ratio is 1 in the forward (TRL's and Liger's GRPO without old
+            log-probs). objective and **params (its parameters: clip_low, clip_high, dual_clip,
+            ratio_level, ...), is_weights, agg, num_tokens, num_seqs as in ppo_policy_loss (pass the
             global counts when accumulating micro-batches: the gradients then add up to the big
             batch's). A KL term needs ref_log_prob; given without kl_coef its mean is still reported.
         chunk_size: tokens per chunk (whole rows, at least one); default from V and free memory.
@@ -288,12 +307,12 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     kl_coef, entropy_coef = require_finite("kl_coef", kl_coef), require_finite("entropy_coef", entropy_coef)
     if kl_coef != 0 and ref_log_prob is None:
         raise ValueError(f"ref_log_prob: required when kl_coef != 0 (got kl_coef={kl_coef})")
-    objective = policy_ops.require_objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
+    objective = resolve(objective, **params)
     policy_ops.check_is_weights(is_weights, advantages, mask)
 
     return dispatch("fused_linear_ppo_loss", FUSED_LINEAR_PPO_LOSS, hidden.device, hidden, weight, labels, old_log_prob,
                     advantages, mask, bias=bias, temperature=float(temperature), ignore_index=ignore_index,
                     ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                    agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights,
+                    agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights, objective=objective,
                     chunk_size=chunk_size, logit_scale=float(logit_scale),
-                    softcap=None if softcap is None else float(softcap), **objective.as_dict())
+                    softcap=None if softcap is None else float(softcap))

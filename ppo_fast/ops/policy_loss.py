@@ -1,6 +1,7 @@
-"""The policy objective per token — the clipped PPO surrogate (asymmetric, dual clip), CISPO,
-GPG / REINFORCE and SAPO, on a token or a sequence ratio (GSPO), with rollout importance
-weights — forward and backward in one kernel launch.
+"""The compiled policy objectives (ppo_fast/ops/objectives.py: clip with its dual clip, CISPO,
+GPG / REINFORCE and SAPO) on a token, sequence (GSPO) or sequence-token ratio, with rollout
+importance weights — forward and backward in one kernel launch; every other registered objective
+runs its definition under autograd (the generic path).
 
 Per token, with delta = clamp(log_prob - old, -20, 20), A the advantage, w the importance weight
 (1 without is_weights) and rho the ratio (ppo_fast.ops.reference.policy_ratio):
@@ -9,18 +10,13 @@ Per token, with delta = clamp(log_prob - old, -20, 20), A the advantage, w the i
     sequence        rho_t = s = exp(clamp(mean_t' (log_prob - old), +-20)), d s / d log_prob_t = s / n
     sequence-token  rho_t = s, d rho_t / d log_prob_t = s (GSPO-token)
 
-the surrogates, c(x) = clamp(x, 1 - c_low, 1 + c_high), are
-
-    clip   L = max(-A rho, -A c(rho)), capped at -A c_dual where A < 0    dL/drho = -A where unclipped
-    cispo  L = -sg[c(rho)] A log_prob                                      dL/dlog_prob = -c(rho) A
-    gpg    L = -A log_prob                                                 dL/dlog_prob = -A
-    sapo   L = -A (4/tau) sigmoid(z), z = tau (rho - 1)                    dL/drho = -4 A sigmoid(z) sigmoid(-z)
-
-and a row's loss is sum_t m w L. Its gradient to log_prob_t is m w (dL/drho rho + dL/dlog_prob)
-for the token and sequence-token ratios, and for the sequence ratio m (s / n) sum_t' m w dL/drho
-(+ the token's own dL/dlog_prob): a second pass over the row (a third for that sum). No gradient
-flows where the clamp of the log-ratio bites. The surrogate and the ratio level are compile-time
-switches (constexpr in Triton, template parameters in C++).
+the surrogates (the registry's definitions; their per-token derivatives for the kernels are in
+_surrogate below and in csrc/policy_math.h, each tested equal to the definition) give a row's loss
+sum_t m w L. Its gradient to log_prob_t is m w (dL/drho rho + dL/dlog_prob) for the token and
+sequence-token ratios, and for the sequence ratio m (s / n) sum_t' m w dL/drho (+ the token's own
+dL/dlog_prob): a second pass over the row (a third for that sum). No gradient flows where the clamp
+of the log-ratio bites. The surrogate and the ratio level are compile-time switches (constexpr in
+Triton, template parameters in C++).
 
 The kernel writes per-row masked sums of L and of the statistics (the columns POLICY_ROW_STATS of
 the row protocol, ppo_fast/ops/rows.py), and m dL/dlog_prob for the backward, which only scales it
@@ -28,25 +24,15 @@ by the aggregation weight of its row.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
 
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import backend_table, dispatch, native_module
-from ppo_fast.ops.checks import (
-    native_rows,
-    per_token_inputs,
-    require_choice,
-    require_dual_clip,
-    require_float,
-    require_nonnegative,
-    require_positive,
-    require_same_device,
-    require_values,
-    value_checks_enabled,
-)
+from ppo_fast.ops.checks import native_rows, per_token_inputs, require_float, require_same_device, require_values, \
+    value_checks_enabled
+from ppo_fast.ops.objectives import Objective, kernel_constants, resolve
 from ppo_fast.ops.constants import LOG_RATIO_CLAMP, RATIO_LEVEL_CODES, SURROGATE_CODES
 from ppo_fast.ops.rows import (
     POLICY_ROW_STATS,
@@ -68,46 +54,6 @@ _LOSS, _TOKENS, _CLIPPED = tl.constexpr(ROW_LOSS), tl.constexpr(ROW_TOKENS), tl.
 _NEG_LOG_RATIO, _LOWER = tl.constexpr(ROW_NEG_LOG_RATIO), tl.constexpr(ROW_LOWER_CLIPPED)
 _CLIP, _CISPO, _GPG = (tl.constexpr(SURROGATE_CODES[k]) for k in ("clip", "cispo", "gpg"))
 _TOKEN, _SEQUENCE = tl.constexpr(RATIO_LEVEL_CODES["token"]), tl.constexpr(RATIO_LEVEL_CODES["sequence"])
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """The per-token policy objective: a surrogate on a ratio, and its constants (validated)."""
-
-    surrogate: str = "clip"
-    ratio_level: str = "token"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
-
-    @property
-    def codes(self) -> tuple:
-        return SURROGATE_CODES[self.surrogate], RATIO_LEVEL_CODES[self.ratio_level]
-
-    def as_dict(self) -> dict:
-        """The fields by name (dataclasses.asdict deep-copies: tens of microseconds per call)."""
-        return dict(vars(self))
-
-    def as_tuple(self) -> tuple:
-        return tuple(vars(self).values())
-
-
-def require_objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg) -> Objective:
-    """An Objective, or a clear error for an unknown surrogate or level, a bad constant, or a
-    combination that has no meaning (a kernel never falls back to another objective)."""
-    require_choice("surrogate", surrogate, reference.SURROGATES)
-    require_choice("ratio_level", ratio_level, reference.RATIO_LEVELS)
-    objective = Objective(surrogate, ratio_level, require_nonnegative("clip_low", clip_low),
-                          require_nonnegative("clip_high", clip_high), require_dual_clip(dual_clip),
-                          require_positive("tau_pos", tau_pos), require_positive("tau_neg", tau_neg))
-    if dual_clip is not None and surrogate != "clip":
-        raise ValueError(f"dual_clip: only the clip surrogate has a dual clip, got surrogate={surrogate!r} with "
-                         f"dual_clip={dual_clip}")
-    if surrogate == "gpg" and ratio_level != "token":
-        raise ValueError(f"ratio_level: the gpg surrogate has no ratio, so only 'token' applies, got {ratio_level!r}")
-    return objective
 
 
 def check_is_weights(is_weights, log_prob, mask) -> None:
@@ -253,31 +199,31 @@ def _policy_loss_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def _forward_triton(log_prob, old_log_prob, advantages, mask, is_weights, objective: Objective, needs_grad):
+# Each takes the kernel's constants (objectives.kernel_constants): surrogate, ratio_level, clip_low,
+# clip_high, dual_clip (None: none), tau_pos, tau_neg.
+def _forward_triton(log_prob, old_log_prob, advantages, mask, is_weights, constants, needs_grad):
+    surrogate, level, clip_low, clip_high, dual_clip, tau_pos, tau_neg = constants
     B, T = log_prob.shape
     row_stats = torch.empty(B, len(POLICY_ROW_STATS), device=log_prob.device, dtype=torch.float32)
     dloss = torch.empty(B, T, device=log_prob.device, dtype=torch.float32) if needs_grad else None
     if B:
-        surrogate, level = objective.codes
         per_token = is_weights is not None and is_weights.shape[-1] == T  # else [B, 1]: one weight per row
         _policy_loss_fwd_kernel[(B,)](
             log_prob, old_log_prob, advantages, mask, is_weights, dloss, row_stats, T, T if per_token else 1,
             1 if per_token else 0,
-            objective.clip_low, objective.clip_high, 1.0 if objective.dual_clip is None else objective.dual_clip,
-            objective.tau_pos, objective.tau_neg,
-            SURROGATE=surrogate, RATIO_LEVEL=level, HAS_IS=is_weights is not None,
-            HAS_DUAL_CLIP=objective.dual_clip is not None, NEEDS_GRAD=needs_grad, BLOCK_T=block_t(T),
+            clip_low, clip_high, 1.0 if dual_clip is None else dual_clip, tau_pos, tau_neg,
+            SURROGATE=SURROGATE_CODES[surrogate], RATIO_LEVEL=RATIO_LEVEL_CODES[level], HAS_IS=is_weights is not None,
+            HAS_DUAL_CLIP=dual_clip is not None, NEEDS_GRAD=needs_grad, BLOCK_T=block_t(T),
         )
     return row_stats, dloss
 
 
-def _forward_cpp(log_prob, old_log_prob, advantages, mask, is_weights, objective: Objective, needs_grad):
+def _forward_cpp(log_prob, old_log_prob, advantages, mask, is_weights, constants, needs_grad):
+    surrogate, level, *values = constants
     inputs = native_rows(log_prob, old_log_prob, advantages, mask=mask)
     weights = None if is_weights is None else is_weights.float().contiguous()
-    surrogate, level = objective.codes
-    return native_module("_C").policy_loss_forward(*inputs, weights, surrogate, level, objective.clip_low,
-                                                   objective.clip_high, objective.dual_clip, objective.tau_pos,
-                                                   objective.tau_neg, needs_grad)
+    return native_module("_C").policy_loss_forward(*inputs, weights, SURROGATE_CODES[surrogate],
+                                                   RATIO_LEVEL_CODES[level], *values, needs_grad)
 
 
 # ----------------------------------------------------------------------------- custom op
@@ -285,12 +231,12 @@ KERNELS = {"triton": _forward_triton, "cpp": _forward_cpp}
 
 
 def _policy_rows(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                 is_weights: Optional[torch.Tensor], surrogate: str, ratio_level: str, clip_low: float,
-                 clip_high: float, dual_clip: Optional[float], tau_pos: float, tau_neg: float, needs_grad: bool,
+                 is_weights: Optional[torch.Tensor], objective: str, objective_params: str, needs_grad: bool,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_stats [B, len(POLICY_ROW_STATS)], m dL/dlog_prob [B, T] or empty), float32."""
-    objective = Objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
-    row_stats, dloss = KERNELS[backend](log_prob, old_log_prob, advantages, mask, is_weights, objective, needs_grad)
+    """(row_stats [B, len(POLICY_ROW_STATS)], m dL/dlog_prob [B, T] or empty), float32; the objective
+    as Objective.to_op_args gives it (a compiled one)."""
+    constants = kernel_constants(Objective.from_op_args(objective, objective_params))
+    row_stats, dloss = KERNELS[backend](log_prob, old_log_prob, advantages, mask, is_weights, constants, needs_grad)
     return row_stats, log_prob.new_empty(0, dtype=torch.float32) if dloss is None else dloss
 
 
@@ -298,8 +244,7 @@ policy_loss_rows = torch.library.custom_op("ppo_fast::policy_loss_rows", _policy
 
 
 @policy_loss_rows.register_fake
-def _(log_prob, old_log_prob, advantages, mask, is_weights, surrogate, ratio_level, clip_low, clip_high, dual_clip,
-      tau_pos, tau_neg, needs_grad, backend):
+def _(log_prob, old_log_prob, advantages, mask, is_weights, objective, objective_params, needs_grad, backend):
     row_stats = log_prob.new_empty(log_prob.shape[0], len(POLICY_ROW_STATS), dtype=torch.float32)
     return row_stats, log_prob.new_empty(log_prob.shape if needs_grad else (0,), dtype=torch.float32)
 
@@ -308,17 +253,21 @@ policy_rows = register_loss_rows_autograd(policy_loss_rows, _policy_rows)
 
 
 def rows_for(log_prob, old_log_prob, advantages, mask, is_weights, objective: Objective, needs_grad, backend):
-    """The kernel's (row_stats, dloss) on an Objective; the fused PPO loss calls it per chunk."""
-    return policy_rows(log_prob, old_log_prob, advantages, mask, is_weights, *objective.as_tuple(), needs_grad,
+    """The kernel's (row_stats, dloss) for a compiled Objective; ppo_policy_loss and the fused PPO
+    loss's chunks call it."""
+    return policy_rows(log_prob, old_log_prob, advantages, mask, is_weights, *objective.to_op_args(), needs_grad,
                        backend)
 
 
 # ----------------------------------------------------------------------------- public
-def _loss_from_rows(log_prob, old_log_prob, advantages, mask, *, agg, num_tokens, num_seqs, is_weights, backend,
-                    **objective):
+def _loss_from_rows(log_prob, old_log_prob, advantages, mask, *, objective: Objective, agg, num_tokens, num_seqs,
+                    is_weights, backend):
+    """A compiled objective through its kernel; any other through its definition (the generic path)."""
+    if not objective.compiled:
+        return reference.ppo_policy_loss(log_prob, old_log_prob, advantages, mask, objective=objective, agg=agg,
+                                         num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights)
     needs_grad = torch.is_grad_enabled() and log_prob.requires_grad
-    row_stats, _ = rows_for(log_prob, old_log_prob, advantages, mask, is_weights, Objective(**objective), needs_grad,
-                            backend)
+    row_stats, _ = rows_for(log_prob, old_log_prob, advantages, mask, is_weights, objective, needs_grad, backend)
     clipfrac, approx_kl, lower = row_token_means(row_stats.detach()).unbind()
     loss = weighted_row_total(row_stats, agg, num_tokens, num_seqs)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}
@@ -329,32 +278,32 @@ PPO_POLICY_LOSS = backend_table(_loss_from_rows, KERNELS, reference.ppo_policy_l
 IMPLEMENTATIONS = {"ppo_policy_loss": PPO_POLICY_LOSS}
 
 
-def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                    agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token",
-                    surrogate="clip", tau_pos=1.0, tau_neg=1.05):
+def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, objective="clip", agg="token-mean", num_tokens=None,
+                    num_seqs=None, is_weights=None, **params):
     """The policy objective over [B, T] tokens: PPO's clipped surrogate by default (verl / OpenRLHF
-    conventions), or CISPO / GPG / SAPO, on a token or sequence (GSPO) ratio (see the module
-    docstring and ppo_fast.ops.reference.ppo_policy_loss).
+    conventions), or any objective of the registry (ppo_fast.ops.objectives), aggregated by `agg`.
 
     Args:
+        objective: a registered name — clip (clip_low, clip_high, dual_clip, ratio_level: "token",
+            "sequence" (GSPO: s = exp(mean log-ratio), differentiated through the mean) or
+            "sequence-token" (GSPO-token: the value s, each token's own gradient)), cispo (clip_low /
+            clip_high bound the weight: TRL's absolute cap C is clip_low=1, clip_high=C-1), gpg,
+            sapo (tau_pos, tau_neg), the peers' objectives (objectives.REGISTRY) — or an Objective.
+        **params: the objective's parameters; one it does not take, or a value out of range, is
+            refused before any kernel runs.
         is_weights: None, or importance weights >= 0 per token [B, T] or per sequence [B, 1]
             (rollout_correction's): constants multiplying each token's loss and gradient, never
             the token or sequence counts of the aggregation.
-        ratio_level: "token", "sequence" (GSPO: s = exp(mean log-ratio), differentiated through
-            the mean) or "sequence-token" (GSPO-token: the value s, each token's own gradient).
-        surrogate: "clip", "cispo" (clip_low/clip_high bound the weight: TRL's absolute cap C is
-            clip_low=1, clip_high=C-1), "gpg" or "sapo" (tau_pos / tau_neg, the gate's temperatures).
         agg, num_tokens, num_seqs: as in agg_loss.
 
     Returns (loss, stats): a float32 scalar differentiable to `log_prob` only, and detached
     float32 scalars `clipfrac`, `approx_kl`, `clipfrac_lower` (masked token means; what clipfrac
-    counts depends on the surrogate). A fully masked batch gives 0s.
+    counts depends on the objective). A fully masked batch gives 0s.
     """
     inputs = per_token_inputs({"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages}, mask)
-    objective = require_objective(surrogate, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg)
+    objective = resolve(objective, **params)
     check_is_weights(is_weights, log_prob, mask)
     require_agg(agg, num_tokens, num_seqs)
     weights = None if is_weights is None else is_weights.detach().contiguous()
-    return dispatch("ppo_policy_loss", PPO_POLICY_LOSS, log_prob.device, *inputs, agg=agg, num_tokens=num_tokens,
-                    num_seqs=num_seqs, is_weights=weights, **objective.as_dict())
-
+    return dispatch("ppo_policy_loss", PPO_POLICY_LOSS, log_prob.device, *inputs, objective=objective, agg=agg,
+                    num_tokens=num_tokens, num_seqs=num_seqs, is_weights=weights)

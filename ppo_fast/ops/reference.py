@@ -233,7 +233,6 @@ def masked_whiten(x, mask, *, shift_mean=True):
 
 
 # ----------------------------------------------------------------------------- losses
-SURROGATES = ("clip", "cispo", "gpg", "sapo")
 RATIO_LEVELS = ("token", "sequence", "sequence-token")
 
 
@@ -259,53 +258,31 @@ def policy_ratio(log_prob, old_log_prob, mask, ratio_level="token"):
     return torch.exp(log_s), delta
 
 
-def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                    agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token",
-                    surrogate="clip", tau_pos=1.0, tau_neg=1.05):
-    """The policy objective per token, aggregated by `agg`; gradient to log_prob only. With rho the
-    ratio of `ratio_level` (policy_ratio), A the advantage and c(x) = clamp(x, 1 - clip_low, 1 + clip_high):
+def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, objective="clip", agg="token-mean", num_tokens=None,
+                    num_seqs=None, is_weights=None, **params):
+    """The policy objective per token, aggregated by `agg`; gradient to log_prob only.
 
-        clip   max(-A rho, -A c(rho)), and for A < 0 at most -A dual_clip (PPO, dual clip; GSPO)
-        cispo  -sg[c(rho)] A log_prob                 (CISPO: the clipped weight carries no gradient)
-        gpg    -A log_prob                            (GPG / REINFORCE: no ratio)
-        sapo   -A (4 / tau) sigmoid(tau (rho - 1)),   tau = tau_pos if A > 0 else tau_neg (SAPO)
-
-    `is_weights` ([B, T] or [B, 1], constants: rollout importance weights) multiply each token's loss,
-    never the counts of the aggregation. Returns (loss, stats): clipfrac (clip: the clipped term won;
-    cispo: rho outside [1 - clip_low, 1 + clip_high]; gpg, sapo: 0), approx_kl (mean -delta) and
-    clipfrac_lower (dual clip), masked token means over the local valid tokens.
+    `objective` names a definition of ppo_fast.ops.objectives (clip: PPO's clipped surrogate with an
+    optional dual clip, on a token, sequence (GSPO) or sequence-token ratio; cispo; gpg; sapo; and
+    the peers' objectives), `params` its parameters (e.g. clip_low, clip_high, dual_clip,
+    ratio_level), or it is an Objective already resolved. `is_weights` ([B, T] or [B, 1],
+    constants: rollout importance weights) multiply each token's loss, never the counts of the
+    aggregation. Returns (loss, stats): clipfrac and clipfrac_lower (what the objective counts;
+    0 where it counts nothing) and approx_kl (mean -delta, delta the clamped token log-ratio),
+    masked token means over the local valid tokens.
     """
-    log_prob = valid_only(_upcast(log_prob), mask)
-    old_log_prob = valid_only(_upcast(old_log_prob).detach(), mask)
-    advantages = valid_only(_upcast(advantages).detach(), mask)
-    ratio, delta = policy_ratio(log_prob, old_log_prob, mask, ratio_level)
-    clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    clipped = torch.zeros_like(ratio, dtype=torch.bool)
-    lower_clipped = torch.zeros_like(ratio, dtype=torch.bool)
-    if surrogate == "clip":
-        loss_unclipped, loss_clipped = -advantages * ratio, -advantages * clipped_ratio
-        per_token = torch.maximum(loss_unclipped, loss_clipped)
-        clipped = loss_clipped > loss_unclipped
-        if dual_clip is not None:
-            loss_dual = -advantages * dual_clip
-            lower_clipped = (per_token > loss_dual) & (advantages < 0)
-            per_token = torch.where(advantages < 0, torch.minimum(loss_dual, per_token), per_token)
-    elif surrogate == "cispo":
-        per_token = -clipped_ratio.detach() * advantages * log_prob
-        clipped = ratio.detach() != clipped_ratio.detach()
-    elif surrogate == "gpg":
-        per_token = -advantages * log_prob
-    else:  # sapo
-        tau = torch.where(advantages > 0, advantages.new_tensor(tau_pos), advantages.new_tensor(tau_neg))
-        per_token = -advantages * torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
-    if is_weights is not None:
-        per_token = per_token * valid_only(_upcast(is_weights).detach().expand_as(per_token), mask)
-    loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    from ppo_fast.ops.objectives import resolve, token_terms  # the registry's definitions import this module
+
+    terms = token_terms(resolve(objective, **params), log_prob, old_log_prob, advantages, mask, is_weights)
+    loss = agg_loss(terms.loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
     with torch.no_grad():
+        delta = torch.clamp(valid_only(_upcast(log_prob) - _upcast(old_log_prob), mask), -LOG_RATIO_CLAMP,
+                            LOG_RATIO_CLAMP)
+        zero = torch.zeros_like(delta)
         stats = {
-            "clipfrac": masked_mean(clipped.to(loss.dtype), mask),
+            "clipfrac": masked_mean(zero if terms.clipped is None else terms.clipped.to(loss.dtype), mask),
             "approx_kl": masked_mean(-delta, mask),
-            "clipfrac_lower": masked_mean(lower_clipped.to(loss.dtype), mask),
+            "clipfrac_lower": masked_mean(zero if terms.lower is None else terms.lower.to(loss.dtype), mask),
         }
     return loss, stats
 
@@ -503,9 +480,8 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
                           ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
-                          entropy_coef=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean",
-                          num_tokens=None, num_seqs=None, is_weights=None, ratio_level="token", surrogate="clip",
-                          tau_pos=1.0, tau_neg=1.05, chunk_size=None, logit_scale=1.0, softcap=None):
+                          entropy_coef=0.0, agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None,
+                          objective="clip", chunk_size=None, logit_scale=1.0, softcap=None, **params):
     """The PPO policy objective from hidden states, composed of the ops above:
 
         loss = ppo_policy_loss(logp, ...) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
@@ -518,12 +494,22 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     logp, entropy = fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                           ignore_index=ignore_index, return_entropy=True, logit_scale=logit_scale,
                                           softcap=softcap)
+    return ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, ref_log_prob=ref_log_prob,
+                                kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, agg=agg,
+                                num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights, objective=objective,
+                                **params)
+
+
+def ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, *, ref_log_prob=None, kl_coef=0.0,
+                         kl_estimator="low_var_kl", entropy_coef=0.0, agg="token-mean", num_tokens=None,
+                         num_seqs=None, is_weights=None, objective="clip", **params):
+    """fused_linear_ppo_loss after its head: (loss, stats) from the log-probs and entropy [B, T]
+    (differentiable), as that docstring says. The generic path of the fused op calls it on the
+    fused head's outputs."""
     agg_args = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
     old_log_prob = logp.detach() if old_log_prob is None else old_log_prob  # on-policy: ratio 1
-    policy_loss, stats = ppo_policy_loss(logp, old_log_prob, advantages, mask, clip_low=clip_low,
-                                         clip_high=clip_high, dual_clip=dual_clip, is_weights=is_weights,
-                                         ratio_level=ratio_level, surrogate=surrogate, tau_pos=tau_pos,
-                                         tau_neg=tau_neg, **agg_args)
+    policy_loss, stats = ppo_policy_loss(logp, old_log_prob, advantages, mask, is_weights=is_weights,
+                                         objective=objective, **params, **agg_args)
     loss = policy_loss - entropy_coef * agg_loss(entropy, mask, **agg_args)
     stats = {**stats, "policy_loss": policy_loss.detach(), "entropy": masked_mean(entropy.detach(), mask),
              "max_abs_log_ratio": masked_max_abs(logp.detach() - old_log_prob, mask)}

@@ -40,15 +40,23 @@ class ConfigFile:
     @classmethod
     def check_keys(cls, values: dict) -> None:
         """Every key names a field (a ConfigError listing the known keys otherwise)."""
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        unknown = sorted({key.partition(".")[0] for key in values} - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(f.name for f in dataclasses.fields(cls))}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ConfigFile":
+        """The config of a mapping; a mapping field's entries may also come as `field.key` (key=value
+        overrides), merged over its mapping."""
         cls.check_keys(values)
         hints = typing.get_type_hints(cls)
-        return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
+        plain = {key: value for key, value in values.items() if "." not in key}
+        for key, value in values.items():
+            if "." in key:
+                field, _, entry = key.partition(".")
+                _require(hints[field] is dict and entry != "", f"{key}: {field} is not a mapping of entries")
+                plain[field] = {**(plain.get(field) or {}), entry: value}
+        return cls(**{key: _coerce(key, value, hints[key]) for key, value in plain.items()})
 
     @classmethod
     def from_file(cls, path: str) -> "ConfigFile":
@@ -171,15 +179,11 @@ class PPOConfig(ConfigFile):
     ppo_epochs: int = 4
     mini_batch_size: int = 32  # sequences per optimiser step
     micro_batch_size: Optional[int] = None  # sequences per forward/backward; None: a rank's share of a minibatch
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    # the policy objective (ppo_fast.ops.ppo_policy_loss): clip (PPO) / cispo / gpg / sapo, on a token,
-    # sequence (GSPO) or sequence-token ratio; tau_pos / tau_neg: SAPO's temperatures
-    surrogate: str = "clip"
-    ratio_level: str = "token"
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
+    # the policy objective: a name of ppo_fast.ops.objectives.REGISTRY (clip = PPO, cispo, gpg, sapo, the
+    # peers' objectives) and its parameters, e.g. {clip_low: 0.2, clip_high: 0.28, dual_clip: 3.0,
+    # ratio_level: sequence} (YAML), objective_params.clip_high=0.28 (key=value); defaults: the objective's
+    objective: str = "clip"
+    objective_params: dict = dataclasses.field(default_factory=dict)
     value_clip: float = 0.2
     loss_agg: str = "token-mean"
     entropy_coef: float = 0.0
@@ -231,7 +235,7 @@ class PPOConfig(ConfigFile):
             _require(getattr(self, key) > 0, f"{key}: expected a value > 0, got {getattr(self, key)}")
         _require(self.micro_batch_size is None or self.micro_batch_size > 0,
                  f"micro_batch_size: expected None or a value > 0, got {self.micro_batch_size}")
-        for key in ("top_k", "kl_coef", "clip_low", "clip_high", "value_clip", "entropy_coef", "kl_loss_coef",
+        for key in ("top_k", "kl_coef", "value_clip", "entropy_coef", "kl_loss_coef",
                     "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "lora_rank", "save_every",
                     "keep_checkpoints", "max_consecutive_skips", "overlong_buffer_len", "overlong_penalty_factor",
                     "cpu_threads"):
@@ -263,14 +267,18 @@ class PPOConfig(ConfigFile):
             self._validate_sources()
         return self
 
+    def policy_objective(self):
+        """The policy objective as one object (ppo_fast.ops.objectives.Objective), checked."""
+        from ppo_fast.ops.objectives import resolve
+
+        return resolve(self.objective, **self.objective_params)
+
     def _validate_objective(self) -> None:
         """The op's own rules for the objective and the correction's bounds, as config errors."""
-        from ppo_fast.ops.policy_loss import require_objective
         from ppo_fast.ops.rollout_correction import require_bounds
 
         try:
-            require_objective(self.surrogate, self.ratio_level, self.clip_low, self.clip_high, self.dual_clip,
-                              self.tau_pos, self.tau_neg)
+            self.policy_objective()
             if self.rollout_correction != "off":
                 require_bounds(self.rollout_correction_low, self.rollout_correction_high)
         except (TypeError, ValueError) as err:
@@ -347,6 +355,10 @@ def _coerce(key: str, value, hint):
     """`value` (from YAML or a key=value string) as the field's type, or a ConfigError."""
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if base is dict:  # a mapping of entries (objective_params): strings from key=value read as YAML scalars
+        _require(isinstance(value, dict) and all(isinstance(k, str) for k in value),
+                 f"{key}: expected a mapping of names to values, got {value!r}")
+        return {k: _scalar(v) for k, v in value.items()}
     if isinstance(value, str) and value.strip().lower() in ("none", "null", "~"):
         value = None
     if value is None:
@@ -363,6 +375,16 @@ def _coerce(key: str, value, hint):
         return base(value)
     except ValueError:
         raise ConfigError(f"{key}: expected {base.__name__}, got {value!r}") from None
+
+
+def _scalar(value):
+    """A mapping entry: a string from key=value read as YAML reads a scalar (0.28 -> float, none -> None)."""
+    if not isinstance(value, str):
+        return value
+    import yaml
+
+    text = value.strip()
+    return None if text.lower() in ("none", "null", "~") else yaml.safe_load(text) if text else text
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -65,6 +65,7 @@ class PPOTrainer:
         self.data_generator = torch.Generator().manual_seed(cfg.seed)  # prompts: the same stream on every rank
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1 + self.world.rank)  # minibatch rows
         self.ops = reference if cfg.ops == "reference" else fused_ops
+        self.objective = cfg.policy_objective()  # the policy objective and its parameters, one object
         self.packed = padding_free(cfg.padding_free, self.device)
         self._load_models(policy, tokenizer, reward_fn, reward_model, prompts)
         self.kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
@@ -355,7 +356,7 @@ class PPOTrainer:
     def micro_batch_loss(self, batch: Experience, num_tokens: float, num_seqs: float):
         """Loss of a micro-batch as its share of the minibatch mean, and its statistics.
 
-        The policy objective (clipped surrogate - entropy bonus + KL loss) comes straight from the
+        The policy objective (cfg.objective - entropy bonus + KL loss) comes straight from the
         hidden states (`fused_linear_ppo_loss`: its gradient is formed in the forward)."""
         cfg, ops = self.config, self.ops
         agg = self.loss_aggregation(num_tokens, num_seqs)
@@ -366,8 +367,7 @@ class PPOTrainer:
             hidden, head.weight, batch.labels, batch.old_logp, batch.advantages, batch.mask, bias=head.bias,
             temperature=cfg.temperature, ref_log_prob=batch.ref_logp if with_kl else None,
             kl_coef=cfg.kl_loss_coef, kl_estimator=cfg.kl_loss_estimator, entropy_coef=cfg.entropy_coef,
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, is_weights=batch.is_weights,
-            surrogate=cfg.surrogate, ratio_level=cfg.ratio_level, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, **agg)
+            is_weights=batch.is_weights, objective=self.objective, **agg)
         if self.critic is None:
             value_loss = value_clipfrac = torch.zeros((), device=loss.device)
         else:

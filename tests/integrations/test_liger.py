@@ -108,14 +108,42 @@ def test_liger_options_ppo_fast_lacks_are_refused():
         pf_liger.LigerFusedLinearCrossEntropyLoss(return_z_loss=True)
     with pytest.raises(ValueError, match="softcap: expected None or a number > 0, got 0.0"):
         pf_liger.LigerCrossEntropyLoss(softcap=0.0)
-    with pytest.raises(UnsupportedOption, match="loss_type='luspo'"):
+    with pytest.raises(UnsupportedOption, match="loss_type='luspo' at importance_sampling_level='token'"):
         pf_liger.LigerFusedLinearGRPOLoss(loss_type="luspo")
+    with pytest.raises(UnsupportedOption, match="loss_type='ppo'"):
+        pf_liger.LigerFusedLinearGRPOLoss(loss_type="ppo")
     with pytest.raises(UnsupportedOption, match="use_bias_correction_kl"):
         pf_liger.LigerFusedLinearGRPOLoss(use_bias_correction_kl=True)
-    with pytest.raises(UnsupportedOption, match="delta=1.1"):
-        pf_liger.LigerFusedLinearGRPOLoss(delta=1.1, epsilon_high=0.28)
     with pytest.raises(ValueError, match="Sequence-level importance sampling is not supported for loss_type='sapo'"):
         pf_liger.LigerFusedLinearGRPOLoss(loss_type="sapo", importance_sampling_level="sequence")
+
+
+@pytest.mark.op("fused_linear_ppo_loss")
+def test_luspo_matches_liger_where_liger_keeps_it_per_sequence(backend):
+    """Liger's luspo (sequence level, no KL, no importance ratio: its per-token loss stays [B, 1]) is
+    the mean of the sequences' token sums, as TRL's; the door refuses what would broadcast it."""
+    B, T, H = 4, 9, 16
+    hidden, weight = randn(B, T, H, seed=41), randn(V, H, seed=42, scale=0.25)
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(43)).to(DEVICE)
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(44)).to(DEVICE) > 0.25
+    mask[-1] = False
+    old = randn(B, T, seed=45, scale=0.3) - 4.0
+    init = dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.0, use_ref_model=False)
+    results = []
+    for module in (pf_liger.LigerFusedLinearGRPOLoss(**init), grpo_liger().LigerFusedLinearGRPOLoss(compiled=False,
+                                                                                                     **init)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, _ = module(h, w, labels, mask.long(), randn(B, seed=46), old_per_token_logps=old)
+        results.append((loss, torch.autograd.grad(loss, (h, w))))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(UnsupportedOption, match="luspo with beta != 0"):
+        pf_liger.LigerFusedLinearGRPOLoss(**{**init, "beta": 0.04})
+    with pytest.raises(UnsupportedOption, match="luspo with vllm_is_ratio"):
+        pf_liger.LigerFusedLinearGRPOLoss(**init)(hidden, weight, labels, mask.long(), randn(B, seed=46),
+                                                  old_per_token_logps=old, vllm_is_ratio=torch.ones(B, T))
 
 
 def grpo_liger():
@@ -126,12 +154,12 @@ def grpo_liger():
 
 
 GRPO_CASES = [(t, level) for t in grpo_loss_types.LOSS_TYPES for level in ("token", "sequence")
-              if not (level == "sequence" and t in ("cispo", "sapo"))]
+              if not (level == "sequence" and t in ("cispo", "sapo", "vespo")) and t != "luspo"]
 
 
 @pytest.mark.op("fused_linear_ppo_loss")
 @pytest.mark.parametrize("loss_type, level", GRPO_CASES)
-@pytest.mark.parametrize("extras", ["old+ref", "none", "ref_model+is+delta"])
+@pytest.mark.parametrize("extras", ["old+ref", "none", "ref_model+is+delta", "below the range"])
 def test_grpo_loss_class_matches_liger_for_every_loss_type(backend, loss_type, level, extras):
     """The drop-in LigerFusedLinearGRPOLoss against Liger's own (compiled=False: its chunked torch
     code): loss, gradients to the hidden states and the head, the KL metric and the clip fraction
@@ -152,9 +180,14 @@ def test_grpo_loss_class_matches_liger_for_every_loss_type(backend, loss_type, l
             B, T, seed=27), num_items_in_batch=torch.tensor(40.0))
     elif extras == "none":  # on-policy (no old log-probs), no KL, no reference model
         init.update(beta=0.0, use_ref_model=False)
+    elif extras == "below the range":  # delta < 1 + epsilon_high (clip_delta), a CISPO cap below 1
+        kwargs = dict(old_per_token_logps=logp + 0.3 * randn(B, T, seed=32))
+        init.update(delta=None if loss_type in ("cispo", "sapo") else 1.1, beta=0.0, use_ref_model=False,
+                    epsilon_high=0.8 if loss_type == "cispo" else 0.28)
     else:
         kwargs = dict(old_per_token_logps=logp + 0.3 * randn(B, T, seed=28), ref_input=randn(B, T, H, seed=29),
-                      ref_weight=randn(V, H, seed=30, scale=0.25), vllm_is_ratio=randn(B, T, seed=31).abs() + 0.5)
+                      ref_weight=randn(V, H, seed=30, scale=0.25),
+                      vllm_is_ratio=torch.where(mask, randn(B, T, seed=31).abs() + 0.5, 1.0))  # 1 at padding, as TRL's
         if loss_type not in ("cispo", "sapo"):
             init["delta"] = 2.0
     theirs = grpo_liger().LigerFusedLinearGRPOLoss(compiled=False, **init)

@@ -244,7 +244,9 @@ def grpo_inputs(trainer, level, with_is, seed=0):
            "ref_per_token_logps": logps + 0.2 * torch.randn(B, L, generator=g),
            "num_items_in_batch": completion_mask.sum() * 3}
     if with_is:
-        out["importance_sampling_ratio"] = torch.rand((B, L) if level == "token" else (B, 1), generator=g) + 0.5
+        ratio = torch.rand((B, L) if level == "token" else (B, 1), generator=g) + 0.5
+        # 1 at padding, as TRL makes them (exp of a masked log-ratio difference)
+        out["importance_sampling_ratio"] = torch.where(completion_mask.bool(), ratio, 1.0) if level == "token" else ratio
     return out
 
 
@@ -284,6 +286,21 @@ def test_grpo_loss_door_matches_trls_own_compute_loss(tmp_path, backend, loss_ty
             assert got_metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.op("fused_linear_ppo_loss")
+@pytest.mark.parametrize("loss_type, extra", [("dapo", dict(delta=1.1)), ("grpo", dict(delta=1.25)),
+                                              ("cispo", dict(epsilon_high=0.8))])
+def test_grpo_loss_door_follows_delta_below_the_range_and_a_cispo_cap_below_one(tmp_path, backend, loss_type, extra):
+    """TRL's two-sided clipping with delta < 1 + epsilon_high (objective clip_delta, the generic path)
+    and a CISPO cap below 1 (TRL's own default for cispo): loss and gradients equal to TRL's. (TRL's
+    region clip metric reads the ratio after delta's clamp, Liger's before; ppo_fast's is Liger's.)"""
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, loss_type=loss_type, beta=0.0, **extra)
+    trainer.current_gradient_accumulation_steps = 1
+    (want, want_grads, _), (got, got_grads, _) = loss_door_results(trainer, grpo_inputs(trainer, "token", False))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_grpo_loss_door_under_trls_default_bf16_autocast(tmp_path):
     """TRL's default (bf16 autocast): the same loss, and gradients within bf16 rounding of TRL's."""
     trainer = tiny_grpo_trainer(tmp_path, steps=1, bf16=True, beta=0.04, use_bias_correction_kl=False)
@@ -297,13 +314,8 @@ def test_grpo_loss_door_under_trls_default_bf16_autocast(tmp_path):
 
 
 def test_grpo_loss_door_refuses_what_it_cannot_follow(tmp_path):
-    trainer = tiny_grpo_trainer(tmp_path, steps=1, loss_type="luspo", importance_sampling_level="sequence")
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, importance_sampling_level="sequence")
     batch = grpo_inputs(trainer, "sequence", False)
-    with pytest.raises(UnsupportedOption, match="loss_type='luspo'"):
-        pf_trl.grpo_compute_loss(trainer, trainer.model, batch)
-    trainer = tiny_grpo_trainer(tmp_path, steps=1, delta=1.1)
-    with pytest.raises(UnsupportedOption, match="delta=1.1"):
-        pf_trl.grpo_compute_loss(trainer, trainer.model, batch)
     trainer = tiny_grpo_trainer(tmp_path, steps=1, beta=0.04)  # TRL's default use_bias_correction_kl=True
     with pytest.raises(UnsupportedOption, match="use_bias_correction_kl=True with beta > 0"):
         pf_trl.grpo_compute_loss(trainer, trainer.model, batch)

@@ -98,8 +98,8 @@ def value_loss(d):
     return (grad_of(loss, d["values"]),)
 
 
-OBJECTIVES = [dict(ratio_level=level, surrogate=s) for level in ("token", "sequence", "sequence-token")
-              for s in ("clip", "cispo", "sapo")] + [dict(surrogate="gpg")]
+OBJECTIVES = [dict(ratio_level=level, objective=s) for level in ("token", "sequence", "sequence-token")
+              for s in ("clip", "cispo", "sapo")] + [dict(objective="gpg")]
 CASES = {  # name -> (op, per-row outputs of a batch dict)
     "logprobs_from_logits": ("logprobs_from_logits", logprobs),
     "entropy_from_logits": ("entropy_from_logits", lambda d: (ops.entropy_from_logits(d["logits"]),)),
@@ -108,7 +108,7 @@ CASES = {  # name -> (op, per-row outputs of a batch dict)
     **{f"fused_linear_ppo_loss {o['ratio_level']}": ("fused_linear_ppo_loss", lambda d, o=o: fused_ppo_loss(d, **o))
        for o in OBJECTIVES[:9:3]},
     "fused_linear_ppo_loss chunk 13": ("fused_linear_ppo_loss", lambda d: fused_ppo_loss(d, 13)),
-    **{f"ppo_policy_loss {o.get('ratio_level', 'token')} {o['surrogate']}":
+    **{f"ppo_policy_loss {o.get('ratio_level', 'token')} {o['objective']}":
        ("ppo_policy_loss", lambda d, o=o: policy_loss(d, **o)) for o in OBJECTIVES},
     "value_loss": ("value_loss", value_loss),
     **{f"kl_penalty {e}": ("kl_penalty", lambda d, e=e: (ops.kl_penalty(d["log_prob"], d["ref"], estimator=e),))

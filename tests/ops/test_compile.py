@@ -5,6 +5,7 @@ import torch
 from support import DEVICE, backends_for, on_backend, ragged_mask, randn
 
 from ppo_fast import ops
+from ppo_fast.ops.objectives import resolve
 
 B, T, V, H = 3, 6, 11, 8
 LIB = torch.ops.ppo_fast
@@ -48,7 +49,8 @@ def _fused_backward(backend):
 
 def _policy_rows(backend):
     return (grad(per_token(9)), per_token(10), randn(B, T, seed=11), ragged_mask(B, T, seed=12),
-            randn(B, 1, seed=13).abs(), "clip", "sequence", 0.2, 0.28, 3.0, 1.0, 1.05, True, backend)
+            randn(B, 1, seed=13).abs(),
+            *resolve("clip", ratio_level="sequence", clip_high=0.28, dual_clip=3.0).to_op_args(), True, backend)
 
 
 def _value_rows(backend):
@@ -85,8 +87,7 @@ def _fused_ppo(backend):
     row_weights = mask.sum(-1).gt(0).float() / mask.sum().clamp(min=1)
     return (grad(randn(B, T, H, seed=32)), grad(randn(V, H, seed=33, scale=0.3)), None, labels(), per_token(34) - 1,
             randn(B, T, seed=35), mask, per_token(36) - 1, randn(B, T, seed=37).abs(), row_weights, 1.0, 1.0, None,
-            -100, "sapo",
-            "token", 0.2, 0.2, None, 1.0, 1.05, 0.1, "k3", 0.01, 7, True, True, False, backend)
+            -100, *resolve("sapo").to_op_args(), 0.1, "k3", 0.01, 7, True, True, False, backend)
 
 
 CUSTOM_OPS = {

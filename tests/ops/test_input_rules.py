@@ -72,13 +72,13 @@ CASES = {
         lambda: {"log_prob": per_token(35), "old": per_token(36), "adv": randn(B, T, seed=37),
                  "mask": ragged_mask(B, T, seed=38), "is": randn(B, 1, seed=39).abs()},
         lambda f, x: f(x["log_prob"], x["old"], x["adv"], x["mask"], is_weights=x["is"], ratio_level="sequence",
-                       surrogate="sapo", agg="token-mean"),
+                       objective="sapo", agg="token-mean"),
         ["log_prob"], ["log_prob", "old", "adv"]),
     "ppo_policy_loss[sequence-token,cispo,is]": (
         lambda: {"log_prob": per_token(40), "old": per_token(41), "adv": randn(B, T, seed=42),
                  "mask": ragged_mask(B, T, seed=43), "is": randn(B, T, seed=44).abs()},
         lambda f, x: f(x["log_prob"], x["old"], x["adv"], x["mask"], is_weights=x["is"], ratio_level="sequence-token",
-                       surrogate="cispo", agg="seq-mean-token-sum"),
+                       objective="cispo", agg="seq-mean-token-sum"),
         ["log_prob"], ["log_prob", "old", "adv", "is"]),
     "ppo_policy_loss[sequence,clip]": (
         lambda: {"log_prob": per_token(45), "old": per_token(46), "adv": randn(B, T, seed=47),
@@ -89,7 +89,7 @@ CASES = {
     "ppo_policy_loss[gpg,is]": (
         lambda: {"log_prob": per_token(49), "old": per_token(50), "adv": randn(B, T, seed=51),
                  "mask": ragged_mask(B, T, seed=52), "is": randn(B, T, seed=53).abs()},
-        lambda f, x: f(x["log_prob"], x["old"], x["adv"], x["mask"], is_weights=x["is"], surrogate="gpg"),
+        lambda f, x: f(x["log_prob"], x["old"], x["adv"], x["mask"], is_weights=x["is"], objective="gpg"),
         ["log_prob"], ["log_prob", "old", "adv", "is"]),
     "fused_linear_ppo_loss[sequence,clip,is]": (
         lambda: {"hidden": randn(B, T, H, seed=54), "weight": randn(V, H, seed=55, scale=0.3),

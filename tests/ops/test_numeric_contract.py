@@ -336,10 +336,10 @@ LIMITS = {  # every objective option at the ends of its range
     "clip, ratio bound at 0 and 1e30": dict(clip_low=1.0, clip_high=1e30),
     "clip, dual clip just above 1": dict(dual_clip=1.0 + 2**-20),
     "clip, dual clip 1e30": dict(dual_clip=1e30),
-    "cispo, cap range [0, 1e30]": dict(surrogate="cispo", clip_low=1.0, clip_high=1e30),
-    "cispo, no range": dict(surrogate="cispo", clip_low=0.0, clip_high=0.0),
-    "sapo, tiny temperatures": dict(surrogate="sapo", tau_pos=1e-30, tau_neg=1e-30),
-    "sapo, huge temperatures": dict(surrogate="sapo", tau_pos=1e30, tau_neg=1e30),
+    "cispo, cap range [0, 1e30]": dict(objective="cispo", clip_low=1.0, clip_high=1e30),
+    "cispo, no range": dict(objective="cispo", clip_low=0.0, clip_high=0.0),
+    "sapo, tiny temperatures": dict(objective="sapo", tau_pos=1e-30, tau_neg=1e-30),
+    "sapo, huge temperatures": dict(objective="sapo", tau_pos=1e30, tau_neg=1e30),
     "sequence ratio, no clipping range": dict(ratio_level="sequence", clip_low=0.0, clip_high=0.0),
     "sequence-token, dual clip 1e30": dict(ratio_level="sequence-token", dual_clip=1e30),
 }
@@ -361,4 +361,4 @@ def test_importance_weights_at_their_range_limits(backend, surrogate, value):
     log_prob[0, :4] = old[0, :4] + torch.tensor([1.0, -1.0, 0.05, 30.0], device=DEVICE)  # clipped, inside, past the clamp
     weights = torch.ones_like(log_prob)
     weights[0, :4] = value
-    policy_case(backend, log_prob, old, adv, mask, surrogate=surrogate, is_weights=weights, agg="seq-mean-token-sum")
+    policy_case(backend, log_prob, old, adv, mask, objective=surrogate, is_weights=weights, agg="seq-mean-token-sum")

@@ -7,12 +7,12 @@ import pytest
 import torch
 from support import DEVICE, assert_close_f64, backends_for, check_loss, on_backend, ragged_mask, randn
 
-from ppo_fast.ops import fused_linear_ppo_loss, ppo_policy_loss, reference, rollout_correction
+from ppo_fast.ops import fused_linear_ppo_loss, objectives, ppo_policy_loss, reference, rollout_correction
 
 OP = "ppo_policy_loss"
 STATS = ("clipfrac", "approx_kl", "clipfrac_lower")
-MODES = [(s, level) for s in reference.SURROGATES for level in reference.RATIO_LEVELS
-         if not (s == "gpg" and level != "token")]
+COMPILED = [name for name, definition in objectives.REGISTRY.items() if definition.kernel]
+MODES = [(s, level) for s in COMPILED for level in reference.RATIO_LEVELS if not (s == "gpg" and level != "token")]
 WEIGHTS = ["none", "token", "sequence"]
 AGGS = reference.AGG_MODES
 
@@ -31,11 +31,15 @@ def weights_for(kind, B, T, seed=9):
     return (randn(B, T if kind == "token" else 1, seed=seed).abs() + 0.1)
 
 
-def objective(surrogate, level, clip_high=0.28):
-    kwargs = dict(surrogate=surrogate, ratio_level=level, clip_low=0.2, clip_high=clip_high, tau_pos=1.0, tau_neg=1.05)
-    if surrogate == "clip":
-        kwargs["dual_clip"] = 3.0
-    return kwargs
+def objective(name, level, clip_high=0.28):
+    """The objective's keywords: each compiled objective with the parameters it takes."""
+    return {"clip": dict(clip_low=0.2, clip_high=clip_high, dual_clip=3.0, ratio_level=level),
+            "cispo": dict(clip_low=0.2, clip_high=clip_high, ratio_level=level), "gpg": {},
+            "sapo": dict(tau_pos=1.0, tau_neg=1.05, ratio_level=level)}[name] | {"objective": name}
+
+
+def level_of(name, level):
+    return {} if name == "gpg" else {"ratio_level": level}
 
 
 @pytest.mark.parametrize("surrogate, level", MODES)
@@ -63,8 +67,8 @@ def closed_form_case(backend, surrogate, level, adv_per_row):
     log_prob, _, adv, mask = inputs(B, T, seed=5, adv_per_row=adv_per_row)
     w = weights_for("token", B, T, seed=6)
     x = log_prob.detach().clone().requires_grad_()
-    loss, stats = ppo_policy_loss(x, log_prob.detach(), adv, mask, is_weights=w, surrogate=surrogate,
-                                  ratio_level=level)
+    loss, stats = ppo_policy_loss(x, log_prob.detach(), adv, mask, is_weights=w, objective=surrogate,
+                                  **level_of(surrogate, level))
     (grad,) = torch.autograd.grad(loss, x)
     m = mask.float()
     return loss, grad, stats, adv, m, w, x.detach(), m.sum()
@@ -108,7 +112,7 @@ def test_cispo_clips_the_weight_and_counts_it(backend):
     log_prob = old + torch.tensor([[1.0, -1.0, 0.0, 0.01]] * B, device=DEVICE)
     adv, mask = torch.ones(B, T, device=DEVICE), torch.ones(B, T, dtype=torch.bool, device=DEVICE)
     x = log_prob.clone().requires_grad_()
-    loss, stats = ppo_policy_loss(x, old, adv, mask, surrogate="cispo", clip_low=0.2, clip_high=0.3)
+    loss, stats = ppo_policy_loss(x, old, adv, mask, objective="cispo", clip_low=0.2, clip_high=0.3)
     (grad,) = torch.autograd.grad(loss, x)
     c = torch.tensor([1.3, 0.8, 1.0, math.exp(0.01)], device=DEVICE)
     torch.testing.assert_close(grad, -c.expand(B, T) / (B * T))
@@ -135,22 +139,25 @@ def test_fully_masked_and_empty_batches(backend):
         mask = torch.zeros(3, 9, dtype=torch.bool, device=DEVICE)
         x = log_prob.clone().requires_grad_()
         loss, stats = ppo_policy_loss(x, old, adv, mask, is_weights=weights_for("sequence", 3, 9),
-                                      surrogate=surrogate, ratio_level=level)
+                                      objective=surrogate, **level_of(surrogate, level))
         loss.backward()
         assert loss.item() == 0 and all(v.item() == 0 for v in stats.values()) and torch.all(x.grad == 0)
         empty = torch.zeros(0, 9, device=DEVICE)
-        loss, _ = ppo_policy_loss(empty, empty, empty, empty.bool(), surrogate=surrogate, ratio_level=level)
+        loss, _ = ppo_policy_loss(empty, empty, empty, empty.bool(), objective=surrogate, **level_of(surrogate, level))
         assert loss.item() == 0
 
 
 def test_bad_objectives_give_clear_errors():
     log_prob, old, adv, mask = inputs(3, 5)
     cases = [
-        (dict(surrogate="ppo2"), ValueError, r"surrogate: expected one of \('clip', 'cispo', 'gpg', 'sapo'\), got 'ppo2'"),
+        (dict(objective="ppo2"), ValueError, r"objective: expected one of \('clip', 'cispo', 'gpg', 'sapo', .*\), got 'ppo2'"),
         (dict(ratio_level="seq"), ValueError, r"ratio_level: expected one of \('token', 'sequence', 'sequence-token'\)"),
-        (dict(surrogate="gpg", ratio_level="sequence"), ValueError, r"ratio_level: the gpg surrogate has no ratio"),
-        (dict(surrogate="cispo", dual_clip=3.0), ValueError, r"dual_clip: only the clip surrogate has a dual clip"),
-        (dict(surrogate="sapo", tau_neg=0.0), ValueError, r"tau_neg: expected a finite value > 0, got 0.0"),
+        (dict(objective="gpg", ratio_level="sequence"), ValueError,
+         r"ratio_level: objective 'gpg' takes no parameter 'ratio_level' \(it takes: none\)"),
+        (dict(objective="cispo", dual_clip=3.0), ValueError,
+         r"dual_clip: objective 'cispo' takes no parameter 'dual_clip' \(it takes: clip_low, clip_high, ratio_level\)"),
+        (dict(objective="sapo", tau_neg=0.0), ValueError, r"tau_neg: expected a finite value > 0, got 0.0"),
+        (dict(surrogate="cispo"), TypeError, r"surrogate: renamed `objective`"),
         (dict(is_weights=torch.ones(3, 4, device=DEVICE)), ValueError,
          r"is_weights: expected shape \(3, 5\) \(per token\) or \(3, 1\) \(per sequence\), got \(3, 4\)"),
         (dict(is_weights=torch.ones(3, 5, dtype=torch.long, device=DEVICE)), TypeError, r"is_weights: expected dtype"),
@@ -210,7 +217,7 @@ def test_fused_micro_batches_add_up_with_an_objective(backend):
     hidden, weight, labels, old, adv, mask, ref = fused_inputs(B, T, H, V, seed=13)
     w = weights_for("token", B, T)
     n_tokens, n_seqs = int(mask.sum()), int((mask.sum(-1) > 0).sum())
-    kwargs = dict(ratio_level="sequence", surrogate="sapo", agg="seq-mean-token-mean", num_tokens=n_tokens,
+    kwargs = dict(ratio_level="sequence", objective="sapo", agg="seq-mean-token-mean", num_tokens=n_tokens,
                   num_seqs=n_seqs, ref_log_prob=ref, kl_coef=0.1)
 
     def grads(rows):

@@ -88,7 +88,7 @@ ON_POLICY_SETTINGS = {
     "lora": dict(lora_rank=4),
     "gradient checkpointing": dict(gradient_checkpointing=True),
     "critic-free grpo": dict(advantage_estimator="grpo", samples_per_prompt=4),
-    "sequence ratio": dict(ratio_level="sequence"),
+    "sequence ratio": dict(objective_params={"ratio_level": "sequence"}),
 }
 
 
@@ -241,18 +241,29 @@ def test_dr_grpo_centres_without_std_and_sums_over_a_constant(tmp_path, monkeypa
     assert {(k["agg"], k["num_tokens"]) for k in seen} == {("token-mean", 8.0 * 7)}
 
 
-@pytest.mark.parametrize("objective", [dict(surrogate="cispo", clip_high=4.0), dict(surrogate="gpg"),
-                                       dict(surrogate="sapo", tau_pos=1.0, tau_neg=1.05),
-                                       dict(ratio_level="sequence"), dict(ratio_level="sequence-token")])
-def test_the_objectives_run_through_the_config(tmp_path, objective, monkeypatch):
+@pytest.mark.parametrize("name, params", [("cispo", dict(clip_high=4.0)), ("gpg", {}),
+                                          ("sapo", dict(tau_pos=1.0, tau_neg=1.05)), ("clip", dict(ratio_level="sequence")),
+                                          ("clip", dict(ratio_level="sequence-token")), ("dro", dict(beta=0.5))])
+def test_the_objectives_run_through_the_config(tmp_path, name, params, monkeypatch):
     from ppo_fast import ops
 
     seen = []
     real = ops.fused_linear_ppo_loss
     monkeypatch.setattr(ops, "fused_linear_ppo_loss", lambda *a, **k: seen.append(k) or real(*a, **k))
-    history = PPOTrainer(config(tmp_path, steps=1, **objective)).train()
-    assert all(k[key] == value for k in seen for key, value in objective.items())
+    history = PPOTrainer(config(tmp_path, steps=1, objective=name, objective_params=params)).train()
+    assert seen and all(k["objective"].name == name and all(k["objective"][key] == value for key, value in params.items())
+                        for k in seen)
     assert math.isfinite(history[0]["policy_loss"])
+
+
+def test_objective_params_from_key_value_overrides():
+    """`objective_params.clip_high=0.28` on the command line: typed as YAML reads it, merged."""
+    from ppo_fast.ppo.config import parse_overrides
+
+    cfg = PPOConfig().replace(parse_overrides(["objective=clip", "objective_params.clip_high=0.28",
+                                               "objective_params.dual_clip=3", "objective_params.ratio_level=sequence"]))
+    objective = cfg.validate().policy_objective()
+    assert (objective["clip_high"], objective["dual_clip"], objective["ratio_level"]) == (0.28, 3.0, "sequence")
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -266,9 +277,11 @@ def test_the_objectives_run_through_the_config(tmp_path, objective, monkeypatch)
     (dict(use_rollout_log_prob=True, critic="shared"), "critic='shared' needs it for the values"),
     (dict(dynamic_sampling=True), "samples_per_prompt must be >= 2, got 1"),
     (dict(overlong_buffer_len=8), "overlong_buffer_len (8) must be below max_new_tokens (8)"),
-    (dict(surrogate="gpg", ratio_level="sequence"), "ratio_level: the gpg surrogate has no ratio"),
-    (dict(surrogate="ppo"), "surrogate: expected one of"),
-    (dict(tau_neg=0.0), "tau_neg"),
+    (dict(objective="gpg", objective_params={"ratio_level": "sequence"}),
+     "ratio_level: objective 'gpg' takes no parameter 'ratio_level'"),
+    (dict(objective="ppo"), "objective: expected one of"),
+    (dict(objective="sapo", objective_params={"tau_neg": 0.0}), "tau_neg"),
+    (dict(objective_params={"clip_high": "wide"}), "clip_high: expected a Python float"),
 ])
 def test_bad_recipe_settings_are_config_errors_before_any_model_loads(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
