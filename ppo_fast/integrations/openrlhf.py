@@ -44,8 +44,9 @@ class PolicyLoss(torch.nn.Module):
     (token | seq) / is_correction_mode (clip | mask) / is_correction_threshold, or the earlier
     enable_vllm_is_correction / vllm_is_truncated_threshold / vllm_is_correction_type (tis | icepop |
     seq-mask-tis). forward -> (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio); ppo_kl is the
-    masked mean of the raw (unclamped) old - new log-ratio, as OpenRLHF reports it. A keyword
-    OpenRLHF does not have, or a gating other than the ratio, is refused (UnsupportedOption)."""
+    masked mean of the raw (unclamped) old - new log-ratio, as OpenRLHF reports it. Gating on the
+    ratio, or (mask mode) on the sampled token's binary KL or total variation. A keyword OpenRLHF
+    does not have is refused (UnsupportedOption)."""
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float = None,
                  token_level_loss: bool = True, policy_loss_type: str = "ppo", is_correction_level: str = "off",
@@ -73,11 +74,13 @@ class PolicyLoss(torch.nn.Module):
             raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level}")
         if is_correction_mode not in ("mask", "clip"):
             raise ValueError(f"is_correction_mode must be mask/clip, got {is_correction_mode}")
-        if is_correction_level != "off" and is_correction_gating != "ratio":
-            raise unsupported("openrlhf", f"is_correction_gating={is_correction_gating!r}",
-                              "ppo_fast gates on the importance ratio only")
-        if is_correction_mode == "clip" and is_correction_level == "seq":
+        if is_correction_gating not in ("ratio", "binary_kl", "tv"):
+            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating}")
+        if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
             raise ValueError("is_correction_mode=clip requires is_correction_level=token and is_correction_gating=ratio")
+        if is_correction_gating != "ratio" and is_correction_level != "off" and is_correction_threshold[0] > 0:
+            raise ValueError(f"is_correction_gating={is_correction_gating} takes an upper bound only (a single delta)")
+        self.gating = is_correction_gating
         self.clip_eps_low, self.clip_eps_high, self.dual_clip = clip_eps_low, clip_eps_high, dual_clip
         self.policy_loss_type = policy_loss_type
         self.token_level_loss = token_level_loss and policy_loss_type != "gspo"  # GSPO: per-sequence mean
@@ -87,6 +90,8 @@ class PolicyLoss(torch.nn.Module):
     def _importance_weights(self, old_log_probs, rollout_log_probs, mask):
         """(is_weights, vllm_kl, is_filter_ratio) of the correction, as OpenRLHF computes them."""
         level, mode, low, high = self.correction
+        if self.gating != "ratio":
+            return self._divergence_gated_weights(old_log_probs, rollout_log_probs, mask)
         if level == "token":
             weights, _, stats = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token",
                                                        mode="truncate" if mode == "clip" else "mask", low=low,
@@ -99,6 +104,28 @@ class PolicyLoss(torch.nn.Module):
                                             low=low, high=high)
         kept = gate != 0  # a sequence outside the band, or without tokens (OpenRLHF's 0/0), is dropped
         return token_ratio * kept, stats["rollout_k1"], 1.0 - kept.float().mean()
+
+    def _divergence_gated_weights(self, old_log_probs, rollout_log_probs, mask):
+        """Gating on a divergence of the sampled token's probability (OpenRLHF 0.11, mask mode): with
+        p, q = the rollout's and the trainer's probabilities clamped to [1e-6, 1 - 1e-6], binary_kl =
+        p log(p / q) + (1 - p) log((1 - p) / (1 - q)) or tv = |p - q|, per token or its mean over a
+        sequence; units at or below the bound keep their token's ratio pi_old / pi_rollout, the
+        others get 0 (O(tokens), detached: the weights are constants)."""
+        level, _, low, high = self.correction
+        p = rollout_log_probs.exp().clamp(1e-6, 1 - 1e-6)
+        q = old_log_probs.exp().clamp(1e-6, 1 - 1e-6)
+        if self.gating == "binary_kl":
+            stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+        else:
+            stat = (p - q).abs()
+        m = mask.to(stat.dtype)
+        if level == "seq":  # a sequence without tokens: 0 / 0, dropped (as OpenRLHF's masked mean)
+            stat = ((stat * m).sum(-1) / m.sum(-1))[:, None]
+        keep = (stat >= low) & (stat <= high)
+        weights = torch.where(keep, (old_log_probs - rollout_log_probs).exp(), 0.0) * m
+        filtered = (~keep).float()
+        filter_ratio = filtered.mean() if level == "seq" else ops.masked_mean(filtered, mask)
+        return weights, ops.masked_mean(rollout_log_probs - old_log_probs, mask), filter_ratio
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                 batch_num_tokens=None, global_batch_size=None):

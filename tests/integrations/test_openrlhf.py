@@ -51,7 +51,10 @@ def test_policy_loss_matches_openrlhf(name, dual_clip, token_level_loss, counts,
 
 CORRECTIONS = [dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.8, 1.25)),
                dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=(0.8, 1.25)),
-               dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=(0.9, 1.1))]
+               dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=(0.9, 1.1))] + [
+    dict(is_correction_level=level, is_correction_mode="mask", is_correction_gating=gating,
+         is_correction_threshold=(0.0, bound))  # the divergence gates: an upper bound only
+    for gating, bound in (("binary_kl", 0.002), ("tv", 0.02)) for level in ("token", "seq")]  # some units dropped, not all
 LEGACY = {"tis": CORRECTIONS[0], "icepop": CORRECTIONS[1], "seq-mask-tis": CORRECTIONS[2]}
 
 
@@ -110,8 +113,10 @@ def test_policy_loss_refuses_what_it_lacks():
         pf.PolicyLoss(enable_vllm_is_correction=True, vllm_is_truncation=2.0)
     with pytest.raises(UnsupportedOption, match="policy_loss_type='cispo'"):
         pf.PolicyLoss(policy_loss_type="cispo")
-    with pytest.raises(UnsupportedOption, match="is_correction_gating='binary_kl'"):
-        pf.PolicyLoss(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=(0, 1))
+    with pytest.raises(ValueError, match="is_correction_gating=binary_kl takes an upper bound only"):
+        pf.PolicyLoss(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=(0.1, 1))
+    with pytest.raises(ValueError, match="is_correction_gating must be ratio/binary_kl/tv"):
+        pf.PolicyLoss(is_correction_level="token", is_correction_gating="k3")
     with pytest.raises(ValueError, match="is_correction_mode=clip requires is_correction_level=token"):
         pf.PolicyLoss(is_correction_level="seq", is_correction_mode="clip")
     with pytest.raises(ValueError, match="given twice"):
