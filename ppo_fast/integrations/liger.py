@@ -93,12 +93,15 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
     sequences' token sums), dapo / cispo / vespo (over num_items_in_batch, else the batch's tokens); importance_sampling_level token / sequence; epsilon_low / high (cispo:
     epsilon_high is the weight's absolute cap, as Liger and TRL, below 1 too); delta (two-sided
     clipping) as the dual clip where delta >= 1 + epsilon_high, else the objective clip_delta; beta with ref_per_token_logps, or the reference's log-probs from ref_input / ref_weight;
-    vllm_is_ratio as the importance weights (the policy term only, before the KL). `compiled` and
-    `chunk_size` are accepted and have no effect (ppo_fast chunks by its own rule). The clip fraction
-    counts the tokens whose clipped term won (Liger's definition) except for cispo, where it counts
-    the capped weights of either advantage sign (Liger: positive ones only). Refused:
-    use_bias_correction_kl; luspo at token level, with beta or with vllm_is_ratio (Liger sums it over
-    padding positions then)."""
+    vllm_is_ratio as the importance weights (the policy term only, before the KL);
+    use_bias_correction_kl (the KL times the importance ratio: kl_ratio); use_ref_model=False: the
+    KL's reference is the policy itself, detached (Liger's rule), so the KL term and its metric are 0
+    whatever reference is passed. chunk_size (sequences per chunk) becomes the fused op's chunk of
+    chunk_size x T tokens; compiled (torch.compile of Liger's loss math) has nothing to compile here,
+    the kernels being compiled already — neither changes a result, in Liger or here (tested). The
+    clip fraction counts the tokens whose clipped term won (Liger's definition) except for cispo,
+    where it counts the capped weights of either advantage sign (Liger: positive ones only). Refused:
+    luspo at token level, with beta or with vllm_is_ratio (Liger sums it over padding positions then)."""
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
                  epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
@@ -112,8 +115,6 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                              f"{sapo_temperature_neg}")
         if delta is not None and delta <= 0:
             raise ValueError(f"delta must be positive, got {delta}")
-        if use_bias_correction_kl:
-            raise unsupported("liger", "use_bias_correction_kl=True", "the KL is not importance-weighted")
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"Unknown importance sampling level: {importance_sampling_level}")
         if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
@@ -128,7 +129,10 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         self.epsilon_low, self.epsilon_high, self.delta = epsilon_low, epsilon_high, delta
         self.max_completion_length, self.importance_sampling_level = max_completion_length, importance_sampling_level
         self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
-        self.temperature = temperature
+        self.temperature, self.use_bias_correction_kl = temperature, use_bias_correction_kl
+        if not (isinstance(chunk_size, int) and chunk_size >= 1):
+            raise ValueError(f"chunk_size: expected an int >= 1 (sequences per chunk), got {chunk_size!r}")
+        self.chunk_size, self.compiled = chunk_size, compiled
 
     def _objective(self) -> dict:
         return grpo_loss_types.objective(self.loss_type, self.importance_sampling_level, self.epsilon_low,
@@ -152,9 +156,10 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
                 vllm_is_ratio=None, num_items_in_batch=None):
         mask = attention_mask.bool()
-        if self.beta != 0.0 and ref_per_token_logps is None:
-            if not (self.use_ref_model and ref_input is not None and ref_weight is not None):
-                raise ValueError("beta != 0 needs ref_per_token_logps, or use_ref_model with ref_input and ref_weight")
+        with_kl = self.beta != 0.0 and self.use_ref_model  # without a reference model: KL to sg[policy] = 0
+        if with_kl and ref_per_token_logps is None:
+            if ref_input is None or ref_weight is None:
+                raise ValueError("If use_ref_model is True, ref_per_token_logps or ref_input must be provided")
             with torch.no_grad():
                 ref_per_token_logps = ops.fused_linear_logprobs(ref_input, ref_weight, selected_token_ids,
                                                                 bias=ref_bias, temperature=self.temperature)
@@ -164,9 +169,11 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             vllm_is_ratio = vllm_is_ratio.unsqueeze(-1)
         loss, stats = ops.fused_linear_ppo_loss(
             _input, lin_weight, selected_token_ids, old_per_token_logps, advantages[:, None].expand(mask.shape).float(),
-            mask, bias=bias, temperature=self.temperature,
-            ref_log_prob=ref_per_token_logps if self.beta != 0.0 else None, kl_coef=float(self.beta),
-            kl_estimator="k3_raw", is_weights=vllm_is_ratio, **self._objective(),
+            mask, bias=bias, temperature=self.temperature, ref_log_prob=ref_per_token_logps if with_kl else None,
+            kl_coef=float(self.beta) if with_kl else 0.0, kl_estimator="k3_raw",
+            kl_ratio=self.importance_sampling_level if with_kl and self.use_bias_correction_kl else None,
+            is_weights=vllm_is_ratio, chunk_size=self.chunk_size * max(mask.shape[1], 1), **self._objective(),
             **self._aggregation(mask, num_items_in_batch))
         clip_fraction = torch.zeros_like(stats["clipfrac"]) if self.loss_type == "sapo" else stats["clipfrac"]
-        return loss, ((stats["kl"],) if self.beta != 0.0 else ()) + (clip_fraction,)
+        kl = stats["kl"] if with_kl else torch.zeros_like(stats["clipfrac"])
+        return loss, ((kl,) if self.beta != 0.0 else ()) + (clip_fraction,)

@@ -27,7 +27,8 @@ import torch
 
 from ppo_fast import ops
 from ppo_fast.integrations import grpo_loss_types, unsupported
-from ppo_fast.ops import reference
+from ppo_fast.ops import objectives, reference
+from ppo_fast.ops.fused_linear import compute_dtype_of
 
 IGNORE = -100
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's
@@ -91,6 +92,12 @@ def selective_log_softmax_and_entropy(logits, index, entropy_requires_grad: bool
     return logp.to(logits.dtype), entropy.to(logits.dtype)
 
 
+def kernels_selective_log_softmax_and_entropy(logits, index, temperature: float = 1.0, row_mask=None):
+    """trl.kernels.selective_log_softmax_and_entropy (TRL's fused kernel, a different signature from
+    trl.trainer.utils's: temperature third, the entropy always differentiable)."""
+    return selective_log_softmax_and_entropy(logits, index, True, temperature, row_mask)
+
+
 # ----------------------------------------------------------------------------- the fused LM head
 class _Capture(threading.local):
     """While active, ChunkedLogProbFunction records its inputs instead of scoring them (the loss door
@@ -124,32 +131,30 @@ class ChunkedLogProbFunction:
     weight [V, H], bias, targets [N], temperature, chunk_size, final_logit_softcapping, logit_scale,
     outputs) -> (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), float32 (is_top1 bool),
     None for the outputs not asked for; gradients to hidden, weight and bias through log_probs and
-    entropy. The GEMM runs in the autocast dtype where autocast is on (TRL's compute dtype).
+    entropy. The GEMM runs in the autocast dtype where autocast is on (TRL's compute dtype); fp32
+    inputs get fp32 gradients, accumulated in fp32 (mixed precision inside the op, no cast here).
     chunk_size is TRL's vocabulary tile; ppo_fast chunks rows by its own rule."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
-              outputs=("log_probs",) + OPTIONAL_OUTPUTS):
+              outputs=OPTIONAL_OUTPUTS):
         unknown = sorted(set(outputs) - {"log_probs", *OPTIONAL_OUTPUTS})
         if unknown:
             raise unsupported("trl", f"ChunkedLogProbFunction outputs {unknown}", f"expected some of {OPTIONAL_OUTPUTS}")
         if not logit_scale > 0:
             raise unsupported("trl", f"logit_scale={logit_scale}", "ppo_fast takes a logit scale > 0")
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
         transform = dict(temperature=float(temperature), logit_scale=float(logit_scale),
                          softcap=None if final_logit_softcapping is None else float(final_logit_softcapping))
         if _capture.active:  # the loss door scores these itself: record, and give placeholder log-probs
-            _capture.calls.append(dict(hidden=hidden, weight=weight, bias=bias, targets=targets, **transform))
+            _capture.calls.append(dict(hidden=hidden, weight=weight, bias=bias, targets=targets,
+                                       compute_dtype=compute_dtype_of(hidden), **transform))
             zeros = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
             return (zeros, zeros if "entropy" in outputs else None, None, None, None)
         CALLS["ChunkedLogProbFunction"] += 1
         want_stats = any(name in outputs for name in OPTIONAL_OUTPUTS[1:])
-        fn = reference.fused_linear_logprobs if dtype == torch.float64 else ops.fused_linear_logprobs
-        with torch.autocast(device_type, enabled=False):
-            out = fn(hidden, weight, targets, bias=bias, return_entropy=True, return_stats=want_stats, **transform)
+        # the op runs its GEMMs in autocast's dtype where it is on and keeps fp32 gradients in fp32
+        fn = reference.fused_linear_logprobs if hidden.dtype == torch.float64 else ops.fused_linear_logprobs
+        out = fn(hidden, weight, targets, bias=bias, return_entropy=True, return_stats=want_stats, **transform)
         logp, entropy = out[0], out[1]
         stats = out[2] if want_stats else {}
         return (logp, entropy if "entropy" in outputs else None,
@@ -168,8 +173,6 @@ def _refuse_unsupported(trainer, inputs) -> None:
          "no high-entropy token mask"),
         (getattr(trainer, "off_policy_mask_threshold", None) is not None, "off_policy_mask_threshold",
          "no off-policy sequence mask"),
-        (trainer.beta != 0.0 and getattr(args, "use_bias_correction_kl", False), "use_bias_correction_kl=True with beta > 0",
-         "the KL term is not weighted by the ratio; set use_bias_correction_kl=False"),
         (getattr(trainer, "_entropy_bonus_enabled", False), "entropy_coef (entropy bonus)",
          "TRL normalises it apart from the policy loss"),
         (getattr(trainer, "aux_loss_enabled", False), "router auxiliary loss (MoE)", ""),
@@ -207,8 +210,9 @@ def _objective(trainer) -> dict:
 
 
 def completion_hidden_states(model, input_ids, attention_mask, logits_to_keep):
-    """(hidden [B, L, H] of the positions that predict the completion, lm_head weight, bias, transform)
-    from the model's own fused-head forward (so wrappers such as DDP see a normal forward)."""
+    """(hidden [B, L, H] of the positions that predict the completion, lm_head weight, bias, transform
+    and the compute dtype the head ran in: autocast's inside the model's forward) from the model's own
+    fused-head forward (so wrappers such as DDP see a normal forward)."""
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
     labels[:, :-logits_to_keep] = IGNORE
     with capturing_lm_head() as calls:
@@ -222,17 +226,18 @@ def completion_hidden_states(model, input_ids, attention_mask, logits_to_keep):
         hidden = rows.view(B, T - 1, rows.shape[-1])
     else:  # only the scored positions (compact)
         hidden = rows.new_zeros(B, T - 1, rows.shape[-1]).index_put((*scored.nonzero(as_tuple=True),), rows)
-    transform = {k: got[k] for k in ("temperature", "logit_scale", "softcap")}
+    transform = {k: got[k] for k in ("temperature", "logit_scale", "softcap", "compute_dtype")}
     return hidden[:, -logits_to_keep:], got["weight"], got["bias"], transform
 
 
 def grpo_compute_loss(trainer, model, inputs):
     """GRPOTrainer._compute_loss on fused_linear_ppo_loss: the completion's hidden states and the LM
-    head go into one op (its gradient formed in the forward, no [B, L, V] logits, no per-token
-    log-probs kept), with TRL's loss_type normalisation, importance_sampling_level, epsilon_low/high,
-    delta (the dual clip, or clip_delta below 1 + epsilon_high), beta (TRL's k3 KL to the reference: k3_raw), and its vLLM importance-sampling
-    correction; metrics: kl, entropy and, at token level, clip_ratio/region_mean (TRL's low/high
-    splits and its sequence-level clipped fraction are not computed). Refuses what it cannot follow (_refuse_unsupported)."""
+    head go into one op (its gradient formed in the forward for the compiled objectives, no [B, L, V]
+    logits), with TRL's loss_type normalisation, importance_sampling_level, epsilon_low/high, delta
+    (the dual clip, or clip_delta below 1 + epsilon_high), beta (TRL's k3 KL to the reference: k3_raw;
+    use_bias_correction_kl, TRL's default, as kl_ratio), and its vLLM importance-sampling correction;
+    the metrics TRL's own logs, by its formulas (_log_metrics). Refuses what it cannot follow
+    (_refuse_unsupported)."""
     _refuse_unsupported(trainer, inputs)
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
@@ -247,35 +252,98 @@ def grpo_compute_loss(trainer, model, inputs):
                                                              trainer.vllm_importance_sampling_correction) else None
     train = model.training
     labels = completion_ids.masked_fill(completion_mask == 0, IGNORE)
-    loss, stats = ops.fused_linear_ppo_loss(
-        hidden, weight.to(hidden.dtype), labels, inputs.get("old_per_token_logps"), advantages, mask,
-        bias=None if bias is None else bias.to(hidden.dtype), ref_log_prob=inputs.get("ref_per_token_logps")
-        if trainer.beta != 0.0 else None, kl_coef=float(trainer.beta), kl_estimator="k3_raw", is_weights=is_weights,
-        **transform, **_objective(trainer), **_aggregation(trainer, mask, inputs, train))
-    _log_metrics(trainer, stats, mask, train)
+    compute_dtype = transform.pop("compute_dtype")  # the head's GEMMs in TRL's dtype; fp32 masters stay fp32
+    with torch.autocast(hidden.device.type, dtype=compute_dtype, enabled=compute_dtype != hidden.dtype):
+        loss, stats = ops.fused_linear_ppo_loss(
+            hidden, weight, labels, inputs.get("old_per_token_logps"), advantages, mask, bias=bias,
+            ref_log_prob=inputs.get("ref_per_token_logps") if trainer.beta != 0.0 else None,
+            kl_coef=float(trainer.beta), kl_estimator="k3_raw", kl_ratio=_kl_ratio(trainer), is_weights=is_weights,
+            return_log_prob=True, **transform, **_objective(trainer), **_aggregation(trainer, mask, inputs, train))
+    _log_metrics(trainer, stats, inputs, advantages, mask, is_weights, train)
     return loss
 
 
-def _log_metrics(trainer, stats, mask, train: bool) -> None:
-    metrics = trainer._metrics["train" if train else "eval"]
-    n = mask.sum().float()
+def _kl_ratio(trainer):
+    """TRL's use_bias_correction_kl: the KL term times the importance ratio at its level (its default)."""
+    if trainer.beta == 0.0 or not getattr(trainer.args, "use_bias_correction_kl", False):
+        return None
+    return trainer.importance_sampling_level
 
-    def global_mean(value):  # token means over every process, as TRL's global_masked_mean
-        totals = trainer.accelerator.reduce(torch.stack([value * n, n]), reduction="sum")
+
+def _log_metrics(trainer, stats, inputs, advantages, mask, is_weights, train: bool) -> None:
+    """The metrics TRL's _compute_loss logs, by TRL's formulas, from the log-probs the op returned:
+    kl (weighted as TRL's loss weighs it), entropy, and per loss type the clip ratios (low / high /
+    region means, the low min and high max over sequences), cispo_clip_ratio or vespo/phi_seq_mean."""
+    from trl.trainer.utils import nanmax, nanmin
+
+    metrics = trainer._metrics["train" if train else "eval"]
+    accelerator = trainer.accelerator
+    mask = mask.float()
+    logp = stats["log_prob"]
+    old = inputs.get("old_per_token_logps")
+    old = logp if old is None else old
+    log_ratio = logp - old
+    if trainer.importance_sampling_level == "token":
+        coef = torch.exp(log_ratio)
+    else:
+        coef = torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+
+    def masked_seq_mean(x):
+        return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+    def global_masked_mean(x):
+        if x.shape[1] == 1:
+            local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+        else:
+            local = torch.stack([(x * mask).sum(), mask.sum()])
+        totals = accelerator.reduce(local, reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
     if trainer.beta != 0.0:
-        metrics["kl"].append(global_mean(stats["kl"]))
-    metrics["entropy"].append(global_mean(stats["entropy"]))
-    # TRL's clipped fraction: a token mean at token level, a sequence mean at sequence level (the
-    # fused op reports token means only, so the sequence-level one is not logged)
-    if trainer.loss_type in grpo_loss_types.CLIP_TYPES and trainer.importance_sampling_level == "token":
-        metrics["clip_ratio/region_mean"].append(global_mean(stats["clipfrac"]))
+        ref = inputs["ref_per_token_logps"]
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        metrics["kl"].append(global_masked_mean(kl * coef if _kl_ratio(trainer) else kl))
+    n = mask.sum()
+    totals = accelerator.reduce(torch.stack([stats["entropy"] * n, n]), reduction="sum")
+    metrics["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+    adv = advantages[:, :1] if coef.shape[1] == 1 else advantages
+    if trainer.loss_type in grpo_loss_types.CLIP_TYPES:
+        if trainer.args.delta is not None:  # TRL's metrics read the ratio after delta's clamp
+            coef = torch.clamp(coef, max=trainer.args.delta)
+        low = ((coef < 1 - trainer.epsilon_low) & (adv < 0)).float()
+        high = ((coef > 1 + trainer.epsilon_high) & (adv > 0)).float()
+        metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+        metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+        metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+        metrics["clip_ratio/low_min"].append(nanmin(accelerator.gather(masked_seq_mean(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(accelerator.gather(masked_seq_mean(high))).item())
+    elif trainer.loss_type == "cispo":
+        metrics["cispo_clip_ratio"].append(global_masked_mean(((coef > trainer.epsilon_high) & (adv > 0)).float()))
+    elif trainer.loss_type == "vespo":
+        phi = objectives.vespo_weights(logp, old, advantages, mask, is_weights,
+                                       *(float(getattr(trainer.args, f"vespo_{k}")) for k in VESPO_PARAMS))
+        metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi[:, :1]))
 
 
 # ----------------------------------------------------------------------------- patch
 HELPERS = {"selective_log_softmax": selective_log_softmax, "entropy_from_logits": entropy_from_logits,
            "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy}
+# TRL has two functions of that last name: trl.trainer.utils's (entropy_requires_grad third) and
+# trl.kernels's (temperature third). Each replacement takes the signature of what it replaces,
+# read off the original, so a positional argument keeps its meaning.
+SIGNATURE_TWINS = {"selective_log_softmax_and_entropy": (kernels_selective_log_softmax_and_entropy,)}
+
+
+def _replacement_for(name: str, theirs):
+    """The replacement whose parameters (names, order, defaults) are theirs; None if none is."""
+    import inspect
+
+    want = [(p.name, p.default) for p in inspect.signature(theirs).parameters.values()]
+    for ours in (HELPERS[name], *SIGNATURE_TWINS.get(name, ())):
+        if [(p.name, p.default) for p in inspect.signature(ours).parameters.values()] == want:
+            return ours
+    return None
+_REPLACEMENTS = (*HELPERS.values(), *(f for twins in SIGNATURE_TWINS.values() for f in twins))
 _ORIGINALS = {}  # (object, attribute) -> what patch() replaced there, for unpatch()
 _watched = set()
 
@@ -302,9 +370,15 @@ def patch(loss: bool = False) -> list:
     for name, module in list(sys.modules.items()):
         if not name.startswith("trl") or module is None:
             continue
-        for fn_name, ours in HELPERS.items():
-            if callable(getattr(module, fn_name, None)):
-                _replace(module, fn_name, ours, f"{name}.{fn_name}", replaced)
+        for fn_name in HELPERS:
+            theirs = getattr(module, fn_name, None)
+            if not callable(theirs) or theirs in _REPLACEMENTS:
+                continue
+            ours = _replacement_for(fn_name, theirs)
+            if ours is None:  # a TRL whose helper changed its signature: left alone, said once
+                log.warning("ppo_fast did not replace %s.%s: its signature is not one ppo_fast follows", name, fn_name)
+                continue
+            _replace(module, fn_name, ours, f"{name}.{fn_name}", replaced)
     if loss:
         from trl import GRPOTrainer
 
@@ -327,6 +401,11 @@ def _grpo_method(self, model, inputs):
     return grpo_compute_loss(self, model, inputs)
 
 
+def _is_trls(trainer_class) -> bool:
+    """A TRL trainer (or a user's subclass of one): the only trainers patch() speaks to."""
+    return any(c.__module__.startswith("trl.") for c in trainer_class.__mro__)
+
+
 def _watch_training_steps() -> None:
     """After a trainer's first training step, warn if none of the replacements was called."""
     from transformers import Trainer
@@ -339,7 +418,7 @@ def _watch_training_steps() -> None:
     def training_step(self, *args, **kwargs):
         before = sum(CALLS.values())
         out = original(self, *args, **kwargs)
-        if id(self) not in _watched:
+        if id(self) not in _watched and _is_trls(type(self)):
             _watched.add(id(self))
             if sum(CALLS.values()) == before:
                 warnings.warn(f"ppo_fast.integrations.trl.patch(): {type(self).__name__} finished a training step "
@@ -351,5 +430,6 @@ def _watch_training_steps() -> None:
     Trainer.training_step = training_step
 
 
-__all__ = ["CALLS", "ChunkedLogProbFunction", "entropy_from_logits", "grpo_compute_loss", "patch",
-           "selective_log_softmax", "selective_log_softmax_and_entropy", "unpatch"]
+__all__ = ["CALLS", "ChunkedLogProbFunction", "entropy_from_logits", "grpo_compute_loss",
+           "kernels_selective_log_softmax_and_entropy", "patch", "selective_log_softmax",
+           "selective_log_softmax_and_entropy", "unpatch"]

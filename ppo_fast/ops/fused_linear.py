@@ -10,13 +10,21 @@ log-probs backward gives grad_logits_c, and
     grad_h_c = grad_logits_c W,   grad_W += grad_logits_c^T h_c,   grad_b += sum_n grad_logits_c
 
 with grad_W and grad_b accumulated in fp32, in place (grad_W += on CUDA is one GEMM with an
-fp32 output into the accumulator, no [V, H] temporary per chunk). Extra memory is O(chunk x V)
+fp32 output into the accumulator, no [V, H] temporary per chunk).
+
+Mixed precision: the GEMMs run in the compute dtype, hidden's, or under autocast the autocast
+dtype (as autocast would run `hidden @ weight.T`); inputs of another dtype (fp32 master weights
+beside bf16 activations, fp32 hidden states under autocast) are cast to it inside the op, chunk by
+chunk or once per pass, and their gradients, accumulated in fp32 (the hidden states' with an fp32
+GEMM output), come back in their own dtype: an fp32 input's gradient is never rounded through
+bf16 (a cast by the caller, `weight.to(bf16)`, would round it in the cast's backward). Extra memory is O(chunk x V)
 in both passes: forward chunks make a chunk of logits about the size of the hidden states,
 backward chunks are as large as the memory budget allows, so the weight gradient is read and
 written as few times as possible.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -60,6 +68,30 @@ def default_chunk_size(n_rows: int, vocab: int, hidden_size: int, budget_rows: i
     return whole_blocks(min(rows, budget_rows))
 
 
+def in_compute_dtype(dtype, weight, bias):
+    """(weight, bias) in the dtype the GEMMs run in (no copy where they have it)."""
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def compute_dtype_of(hidden) -> torch.dtype:
+    """The dtype the head's GEMMs run in: autocast's where it is on for hidden's device, else hidden's."""
+    kind = hidden.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return hidden.dtype
+
+
+@contextlib.contextmanager
+def autocast_off(device: torch.device):
+    """Autocast disabled for the block where it is on (the ops choose their GEMMs' dtype themselves)."""
+    kind = device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        with torch.autocast(kind, enabled=False):
+            yield
+    else:
+        yield
+
+
 def accumulate_fp32(acc, a, b):
     """acc += a @ b in place, acc float32, whatever the dtype of a and b."""
     if a.dtype == torch.float32:
@@ -77,10 +109,12 @@ def accumulate_fp32(acc, a, b):
 def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          labels: torch.Tensor, inv_temperature: float, scale: float, softcap: Optional[float],
                          ignore_index: int, with_entropy: bool, with_stats: bool, chunk_size: int,
+                         compute_dtype: torch.dtype,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], entropy [N] or empty, norm [N, 2] (logprobs.py), stats [N, 3] or empty), float32."""
     launch_forward = LAUNCHERS[backend][0]
     tr = LogitTransform(inv_temperature, scale, softcap)
+    weight, bias = in_compute_dtype(compute_dtype, weight, bias)
     (N, H), V = hidden.shape, weight.shape[0]
     chunk = chunk_size or default_chunk_size(N, V, H, chunk_budget_rows(V, hidden.device))
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -89,7 +123,7 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     stats = torch.empty((N, 3) if with_stats else (0,), **f32)
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
-        logits = blocked_linear(hidden[rows], weight, bias)
+        logits = blocked_linear(hidden[rows].to(compute_dtype), weight, bias)
         logp[rows], entropy_c, norm[rows], stats_c = launch_forward(logits, labels[rows], tr, ignore_index,
                                                                    with_entropy, with_stats)
         if with_entropy:
@@ -101,7 +135,7 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
 
 @fused_linear_forward.register_fake
 def _(hidden, weight, bias, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats,
-      chunk_size, backend):
+      chunk_size, compute_dtype, backend):
     N = hidden.shape[0]
     return (*(hidden.new_empty(n, dtype=torch.float32) for n in (N, N if with_entropy else 0)),
             hidden.new_empty(N, 2, dtype=torch.float32),
@@ -113,11 +147,13 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
                           labels: torch.Tensor, norm: torch.Tensor, entropy: Optional[torch.Tensor],
                           grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                           inv_temperature: float, scale: float, softcap: Optional[float], ignore_index: int,
-                          chunk_size: int, want_hidden: bool, want_weight: bool, want_bias: bool,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          chunk_size: int, compute_dtype: torch.dtype, want_hidden: bool, want_weight: bool,
+                          want_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden, grad_weight, grad_bias), each empty where not wanted; chunks recompute the logits."""
     launch_backward = LAUNCHERS[backend][1]
     tr = LogitTransform(inv_temperature, scale, softcap)
+    weight_dtype, bias_dtype = weight.dtype, None if bias is None else bias.dtype
+    weight, bias = in_compute_dtype(compute_dtype, weight, bias)
     N, V = hidden.shape[0], weight.shape[0]
     chunk = chunk_size or chunk_budget_rows(V, hidden.device)
     grad_h = torch.empty_like(hidden) if want_hidden else hidden.new_empty(0)
@@ -125,36 +161,36 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
     grad_b = torch.zeros(V, device=weight.device, dtype=torch.float32) if want_bias else None
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
-        h = hidden[rows]
+        h = hidden[rows].to(compute_dtype)
         grad_logits = launch_backward(
             blocked_linear(h, weight, bias), labels[rows], norm[rows], None if entropy is None else entropy[rows],
             None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
             tr, ignore_index,
         )
         if want_hidden:
-            grad_h[rows] = blocked_linear(grad_logits, weight.t())
+            grad_h[rows] = blocked_linear(grad_logits, weight.t(), out_dtype=hidden.dtype)
         if want_weight:
             accumulate_fp32(grad_w, grad_logits.t(), h)
         if want_bias:
             grad_b += grad_logits.sum(0, dtype=torch.float32)
-    grad_w = weight.new_empty(0) if grad_w is None else grad_w.to(weight.dtype)
-    grad_b = weight.new_empty(0) if grad_b is None else grad_b.to(weight.dtype)
+    grad_w = weight.new_empty(0) if grad_w is None else grad_w.to(weight_dtype)
+    grad_b = weight.new_empty(0) if grad_b is None else grad_b.to(bias_dtype)
     return grad_h, grad_w, grad_b
 
 
 @fused_linear_backward.register_fake
 def _(hidden, weight, bias, labels, norm, entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap,
-      ignore_index, chunk_size, want_hidden, want_weight, want_bias, backend):
+      ignore_index, chunk_size, compute_dtype, want_hidden, want_weight, want_bias, backend):
     return (torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if want_weight else weight.new_empty(0),
-            weight.new_empty(weight.shape[0]) if want_bias else weight.new_empty(0))
+            bias.new_empty(weight.shape[0]) if want_bias else weight.new_empty(0))
 
 
 def _fused_linear_setup(ctx, inputs, output):
     (hidden, weight, bias, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats,
-     chunk_size, backend) = inputs
+     chunk_size, compute_dtype, backend) = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[2], output[1] if with_entropy else None)
-    ctx.args = (inv_temperature, scale, softcap, ignore_index, chunk_size)
+    ctx.args = (inv_temperature, scale, softcap, ignore_index, chunk_size, compute_dtype)
     ctx.backend, ctx.n_inputs = backend, len(inputs)
     ctx.set_materialize_grads(False)
 
@@ -165,8 +201,9 @@ def _fused_linear_backward(ctx, grad_logp, grad_entropy, _grad_norm, _grad_stats
     want = ctx.needs_input_grad[:3]
     if (grad_logp is None and grad_entropy is None) or not any(want):
         return (None,) * ctx.n_inputs
-    grads = fused_linear_backward(hidden, weight, bias, labels, norm, entropy, grad_logp, grad_entropy, *ctx.args,
-                                  *want, ctx.backend)
+    with autocast_off(hidden.device):  # the backward may run where autocast is on: the op picks its dtypes
+        grads = fused_linear_backward(hidden, weight, bias, labels, norm, entropy, grad_logp, grad_entropy,
+                                      *ctx.args, *want, ctx.backend)
     return (*(g if w else None for g, w in zip(grads, want)),) + (None,) * (ctx.n_inputs - 3)
 
 
@@ -176,13 +213,16 @@ fused_linear_forward.register_autograd(_fused_linear_backward, setup_context=_fu
 # ----------------------------------------------------------------------------- public
 def _fused_kernels(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
                    chunk_size=None, logit_scale=1.0, softcap=None, return_stats=False, backend):
-    """The custom op on hidden flattened to [N, H] and labels to [N] (int64, contiguous)."""
+    """The custom op on hidden flattened to [N, H] and labels to [N] (int64, contiguous), its GEMMs in
+    the compute dtype (compute_dtype_of), autocast off inside (the op casts what it needs)."""
     tr = LogitTransform.of(temperature, logit_scale, softcap)
     flat_labels = labels.reshape(-1).long().contiguous()  # chunks index it by flat row
     flat_hidden = hidden.reshape(flat_labels.numel(), hidden.shape[-1])  # explicit N: H may be 0
-    logp, entropy, _, stats = fused_linear_forward(flat_hidden, weight, bias, flat_labels, tr.inv_t, tr.scale,
-                                                   tr.softcap, ignore_index, return_entropy or return_stats,
-                                                   return_stats, chunk_size or 0, backend)
+    compute_dtype = compute_dtype_of(hidden)
+    with autocast_off(hidden.device):
+        logp, entropy, _, stats = fused_linear_forward(flat_hidden, weight, bias, flat_labels, tr.inv_t, tr.scale,
+                                                       tr.softcap, ignore_index, return_entropy or return_stats,
+                                                       return_stats, chunk_size or 0, compute_dtype, backend)
     logp = logp.view(labels.shape)
     if return_stats:
         return logp, entropy.view(labels.shape), split_stats(stats.view(*labels.shape, 3))
@@ -195,9 +235,10 @@ IMPLEMENTATIONS = {"fused_linear_logprobs": FUSED_LINEAR_LOGPROBS}
 
 
 def check_linear_inputs(hidden, weight, bias, labels, ignore_index) -> int:
-    """hidden [..., H], weight [V, H] and bias [V] of one float dtype, integer labels shaped
-    hidden.shape[:-1] in [0, V) or ignore_index, all on one device. Returns V. H = 0 is defined
-    (the logits are the bias, or 0: a uniform distribution); V = 0 is refused (no distribution)."""
+    """hidden [..., H], weight [V, H] and bias [V] of float dtypes (the weight's and bias's may differ
+    from hidden's: see the module docstring), integer labels shaped hidden.shape[:-1] in [0, V) or
+    ignore_index, all on one device. Returns V. H = 0 is defined (the logits are the bias, or 0: a
+    uniform distribution); V = 0 is refused (no distribution)."""
     require_float("hidden", hidden)
     require_float("weight", weight)
     if hidden.dim() < 1:
@@ -208,14 +249,10 @@ def check_linear_inputs(hidden, weight, bias, labels, ignore_index) -> int:
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight: expected shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: expected the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     V = weight.shape[0]
     if bias is not None:
         require_float("bias", bias)
         require_shape("bias", bias, (V,), "[V] = [weight.shape[0]]")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias: expected the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
     require_integer("labels", labels)
     require_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
     require_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
@@ -235,8 +272,11 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     `logprobs_from_logits(hidden @ weight.T + bias, labels, ...)` without the logits.
 
     Args:
-        hidden: [..., H] float32/bfloat16/float16 (the last hidden states).
-        weight: [V, H], the `lm_head.weight` layout, same dtype as hidden; bias: [V] or None.
+        hidden: [..., H] float32/bfloat16/float16 (the last hidden states); the GEMMs run in its dtype
+            (under autocast, autocast's).
+        weight: [V, H], the `lm_head.weight` layout; bias: [V] or None. Of hidden's dtype, or another
+            (fp32 master weights): cast inside, their gradients accumulated in fp32 and returned in
+            their own dtype.
         labels: [...] integer ids (`ignore_index` positions give logp 0, no gradient via logp).
         chunk_size: rows per chunk in both passes; default from V, H and free memory.
         logit_scale, softcap, return_stats: as in logprobs_from_logits (the statistics from the

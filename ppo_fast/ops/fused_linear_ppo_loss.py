@@ -48,13 +48,16 @@ from ppo_fast.ops.checks import (
 from ppo_fast.ops.fused_linear import FUSED_LINEAR_LOGPROBS as FUSED_HEAD
 from ppo_fast.ops.fused_linear import (
     accumulate_fp32,
+    autocast_off,
+    compute_dtype_of,
+    in_compute_dtype,
     check_linear_inputs,
     chunk_budget_rows,
     require_chunk_size,
 )
 from ppo_fast.ops.logprobs import LAUNCHERS, LogitTransform, require_logit_transform
 from ppo_fast.ops.objectives import Objective, kernel_constants, resolve
-from ppo_fast.ops.reference import blocked_linear, masked_max_abs, valid_only
+from ppo_fast.ops.reference import blocked_linear, masked_max_abs, policy_ratio_vjp, valid_only
 from ppo_fast.ops.rows import POLICY_ROW_STATS, ROW_LOSS, agg_row_weights, require_agg, row_token_means
 
 # Per-row sums the forward keeps: the policy loss kernel's columns, then entropy and KL.
@@ -70,6 +73,8 @@ class Hyper:
     kl_estimator: str
     entropy_coef: float
     chunk_tokens: int
+    compute_dtype: torch.dtype
+    kl_ratio: Optional[str] = None  # the KL term times the policy ratio at this level (None: plain)
 
 
 # ----------------------------------------------------------------------------- per-token parts
@@ -86,7 +91,7 @@ IN_PLACE_BACKWARD = ("triton", "cpp")
 
 # ----------------------------------------------------------------------------- forward with gradients
 def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, hp: Hyper, backend,
-                   want):
+                   want, return_log_prob=False):
     """(loss, policy_loss, stats [6]: the token means of the row statistics after the token column,
     then max |logp - old| over valid tokens; grads (hidden, weight, bias) or None where not wanted).
 
@@ -97,6 +102,7 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
     """
     launch_forward, launch_backward = LAUNCHERS[backend]
     policy_forward, kl_backend = TOKEN_PARTS[backend]
+    weight, bias = in_compute_dtype(hp.compute_dtype, weight, bias)
     needs_grad = any(want)
     B, T, H = hidden.shape
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -105,15 +111,18 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
     grad_h = torch.empty_like(hidden) if want[0] else None
     grad_w = torch.zeros(weight.shape, **f32) if want[1] else None
     grad_b = torch.zeros(weight.shape[0], **f32) if want[2] else None
+    token_logp = torch.empty(B, T, **f32) if return_log_prob else None
     rows_per_chunk = max(1, hp.chunk_tokens // max(T, 1))
     for start in range(0, B if T else 0, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, B))
         k = rows.stop - rows.start
-        h = hidden[rows].reshape(k * T, H)
+        h = hidden[rows].reshape(k * T, H).to(hp.compute_dtype)
         chunk_labels = labels[rows].reshape(-1)
         logits = blocked_linear(h, weight, bias)
         logp, entropy, norm, _ = launch_forward(logits, chunk_labels, hp.transform, hp.ignore_index, True)
         logp, entropy = logp.view(k, T), entropy.view(k, T)
+        if token_logp is not None:
+            token_logp[rows] = logp
         m = mask[rows]
         old_rows = logp if old is None else old[rows]
         max_abs_log_ratio = torch.maximum(max_abs_log_ratio, masked_max_abs(logp - old_rows, m))
@@ -126,6 +135,8 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
         grad_logp = w * dloss if needs_grad else None  # dloss = m is dpg/dy
         if ref is not None:
             kl, dkl = kl_ops.kl_and_grad(valid_only(logp, m), valid_only(ref[rows], m), hp.kl_estimator, kl_backend)
+            if hp.kl_ratio is not None:
+                kl, dkl = ratio_weighted_kl(kl, dkl, logp, old_rows, m, hp.kl_ratio)
             row_stats[rows, ROW_KL] = valid_only(kl, m).sum(-1)
             if needs_grad and hp.kl_coef != 0:
                 grad_logp = grad_logp + (hp.kl_coef * w) * valid_only(dkl, m)
@@ -136,7 +147,7 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
                                       grad_entropy, hp.transform, hp.ignore_index,
                                       out=logits if backend in IN_PLACE_BACKWARD else None)
         if want[0]:
-            grad_h[rows] = blocked_linear(grad_logits, weight.t()).view(k, T, H)
+            grad_h[rows] = blocked_linear(grad_logits, weight.t(), out_dtype=hidden.dtype).view(k, T, H)
         if want[1]:
             accumulate_fp32(grad_w, grad_logits.t(), h)
         if want[2]:
@@ -145,7 +156,15 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
     policy_loss, entropy_agg, kl_agg = (row_weights @ row_stats[:, [ROW_LOSS, ROW_ENTROPY, ROW_KL]]).unbind()
     loss = policy_loss - hp.entropy_coef * entropy_agg + hp.kl_coef * kl_agg
     stats = torch.cat([row_token_means(row_stats), max_abs_log_ratio[None]])
-    return loss, policy_loss, stats, (grad_h, grad_w, grad_b)
+    return loss, policy_loss, stats, (grad_h, grad_w, grad_b), token_logp
+
+
+def ratio_weighted_kl(kl, dkl, logp, old, mask, level):
+    """(rho kl, its derivative to logp) for the KL term weighted by the policy ratio rho at `level`
+    (reference.policy_ratio): rho dkl + (d rho / d logp)^T (m kl) (reference.policy_ratio_vjp: no
+    autograd inside a custom op)."""
+    rho, through_ratio = policy_ratio_vjp(logp, old, mask, level, valid_only(kl, mask))
+    return rho * kl, rho * dkl + through_ratio
 
 
 # ----------------------------------------------------------------------------- custom op
@@ -155,30 +174,33 @@ def fused_ppo_loss_forward(
     old: Optional[torch.Tensor], adv: torch.Tensor, mask: torch.Tensor, ref: Optional[torch.Tensor],
     is_weights: Optional[torch.Tensor], row_weights: torch.Tensor, inv_temperature: float, scale: float,
     softcap: Optional[float], ignore_index: int, objective: str, objective_params: str, kl_coef: float,
-    kl_estimator: str, entropy_coef: float, chunk_tokens: int, want_hidden: bool, want_weight: bool, want_bias: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, policy_loss, stats [6], grad_hidden, grad_weight (fp32), grad_bias (fp32)), the
-    gradients of the loss itself, empty where not wanted; chunk_tokens 0 = from the memory budget."""
+    kl_estimator: str, kl_ratio: Optional[str], entropy_coef: float, chunk_tokens: int, compute_dtype: torch.dtype,
+    want_hidden: bool, want_weight: bool, want_bias: bool, return_log_prob: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, policy_loss, stats [6], grad_hidden, grad_weight (fp32), grad_bias (fp32), log_prob [B, T]),
+    the gradients of the loss itself, empty where not wanted (log_prob too); chunk_tokens 0 = from
+    the memory budget."""
     hp = Hyper(LogitTransform(inv_temperature, scale, softcap), ignore_index,
                Objective.from_op_args(objective, objective_params), kl_coef, kl_estimator, entropy_coef,
-               chunk_tokens or chunk_budget_rows(weight.shape[0], hidden.device))
+               chunk_tokens or chunk_budget_rows(weight.shape[0], hidden.device), compute_dtype, kl_ratio)
     want = (want_hidden, want_weight, want_bias)
-    loss, policy_loss, stats, grads = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights,
-                                                     row_weights, hp, backend, want)
-    return loss, policy_loss, stats, *(hidden.new_empty(0) if g is None else g for g in grads)
+    loss, policy_loss, stats, grads, log_prob = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref,
+                                                               is_weights, row_weights, hp, backend, want,
+                                                               return_log_prob)
+    return (loss, policy_loss, stats, *(hidden.new_empty(0) if g is None else g for g in grads),
+            hidden.new_empty(0, dtype=torch.float32) if log_prob is None else log_prob)
 
 
 @fused_ppo_loss_forward.register_fake
 def _(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, inv_temperature, scale, softcap,
-      ignore_index, objective, objective_params, kl_coef, kl_estimator, entropy_coef, chunk_tokens, want_hidden,
-      want_weight, want_bias, backend):
+      ignore_index, objective, objective_params, kl_coef, kl_estimator, kl_ratio, entropy_coef, chunk_tokens,
+      compute_dtype, want_hidden, want_weight, want_bias, return_log_prob, backend):
     def f32(*shape):
         return hidden.new_empty(shape, dtype=torch.float32)
 
     return (f32(), f32(), f32(6), torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
             f32(*weight.shape) if want_weight else hidden.new_empty(0),
-            f32(weight.shape[0]) if want_bias else hidden.new_empty(0))
+            f32(weight.shape[0]) if want_bias else hidden.new_empty(0), f32(*labels.shape) if return_log_prob else f32(0))
 
 
 def _scaled(grad, factor):
@@ -189,8 +211,8 @@ def _scaled(grad, factor):
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[3:])
-    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, inputs[1].dtype)
+    ctx.save_for_backward(*output[3:6])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, inputs[1].dtype if inputs[2] is None else inputs[2].dtype)
     ctx.n_inputs, ctx.scaled = len(inputs), False
 
 
@@ -211,15 +233,17 @@ fused_ppo_loss_forward.register_autograd(_backward, setup_context=_setup)
 
 # ----------------------------------------------------------------------------- public
 def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
-                  ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", entropy_coef=0.0,
-                  agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None, objective: Objective,
-                  chunk_size=None, logit_scale=1.0, softcap=None, backend):
+                  ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", kl_ratio=None,
+                  entropy_coef=0.0, agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None,
+                  objective: Objective, chunk_size=None, logit_scale=1.0, softcap=None, return_log_prob=False,
+                  backend):
     if not objective.compiled:
         return _generic_loss(hidden, weight, labels, old_log_prob, advantages, mask, bias=bias, temperature=temperature,
                              ignore_index=ignore_index, ref_log_prob=ref_log_prob, kl_coef=kl_coef,
-                             kl_estimator=kl_estimator, entropy_coef=entropy_coef, agg=agg, num_tokens=num_tokens,
-                             num_seqs=num_seqs, is_weights=is_weights, objective=objective, chunk_size=chunk_size,
-                             logit_scale=logit_scale, softcap=softcap, backend=backend)
+                             kl_estimator=kl_estimator, kl_ratio=kl_ratio, entropy_coef=entropy_coef, agg=agg,
+                             num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights, objective=objective,
+                             chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap,
+                             return_log_prob=return_log_prob, backend=backend)
     mask = mask.to(torch.float32)
     old, adv, ref, is_w = (None if t is None else t.detach().float()
                            for t in (old_log_prob, advantages, ref_log_prob, is_weights))
@@ -228,25 +252,33 @@ def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bia
     grad_on = torch.is_grad_enabled()
     want = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     tr = LogitTransform.of(temperature, logit_scale, softcap)
-    loss, policy_loss, stats, *_ = fused_ppo_loss_forward(
-        hidden, weight, bias, labels, old, adv, mask, ref, is_w, row_weights, tr.inv_t, tr.scale, tr.softcap,
-        ignore_index, *objective.to_op_args(), kl_coef, kl_estimator, entropy_coef, chunk_size or 0, *want, backend)
+    compute_dtype = compute_dtype_of(hidden)
+    with autocast_off(hidden.device):
+        loss, policy_loss, stats, *_, log_prob = fused_ppo_loss_forward(
+            hidden, weight, bias, labels, old, adv, mask, ref, is_w, row_weights, tr.inv_t, tr.scale, tr.softcap,
+            ignore_index, *objective.to_op_args(), kl_coef, kl_estimator, kl_ratio, entropy_coef, chunk_size or 0,
+            compute_dtype, *want, return_log_prob, backend)
     clipfrac, approx_kl, clipfrac_lower, entropy, kl, max_abs_log_ratio = stats.detach().unbind()
     stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,
              "policy_loss": policy_loss.detach(), "entropy": entropy, "max_abs_log_ratio": max_abs_log_ratio}
     if ref_log_prob is not None:
         stats["kl"] = kl
+    if return_log_prob:
+        stats["log_prob"] = log_prob.detach()
     return loss, stats
 
 
 def _generic_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias, temperature, ignore_index,
-                  chunk_size, logit_scale, softcap, backend, **loss_args):
+                  chunk_size, logit_scale, softcap, backend, return_log_prob, **loss_args):
     """The generic path (module docstring): the backend's fused head, then the objective's definition
     and the loss terms under autograd on the [B, T] log-probs and entropy."""
     logp, entropy = FUSED_HEAD[backend](hidden, weight, labels, bias=bias, temperature=temperature,
                                         ignore_index=ignore_index, return_entropy=True, chunk_size=chunk_size,
                                         logit_scale=logit_scale, softcap=softcap)
-    return reference.ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, **loss_args)
+    loss, stats = reference.ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, **loss_args)
+    if return_log_prob:
+        stats["log_prob"] = logp.detach()
+    return loss, stats
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
@@ -270,9 +302,10 @@ def _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_p
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
-                          ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
+                          ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", kl_ratio=None,
                           entropy_coef=0.0, agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None,
-                          objective="clip", chunk_size=None, logit_scale=1.0, softcap=None, **params):
+                          objective="clip", chunk_size=None, logit_scale=1.0, softcap=None, return_log_prob=False,
+                          **params):
     """PPO policy loss from the last hidden states and the LM head, never holding [N, V] logits:
 
         ppo_policy_loss(logp, ...) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
@@ -282,7 +315,9 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     (`ppo_fast.ops.reference.fused_linear_ppo_loss`).
 
     Args:
-        hidden: [B, T, H] float32/bfloat16/float16; weight: [V, H] (lm_head.weight); bias: [V].
+        hidden: [B, T, H] float32/bfloat16/float16; weight: [V, H] (lm_head.weight); bias: [V]; of
+            hidden's dtype or another (fp32 masters: cast inside, gradients accumulated and returned
+            in fp32), as in fused_linear_logprobs (autocast too).
         labels: [B, T] integer ids; old_log_prob, advantages, mask (bool or 0/1), ref_log_prob:
             [B, T]; old_log_prob None: on-policy, the ratio against the log-probs computed here
             (detached), so every ratio is 1 in the forward (TRL's and Liger's GRPO without old
@@ -290,6 +325,12 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
             ratio_level, ...), is_weights, agg, num_tokens, num_seqs as in ppo_policy_loss (pass the
             global counts when accumulating micro-batches: the gradients then add up to the big
             batch's). A KL term needs ref_log_prob; given without kl_coef its mean is still reported.
+        kl_ratio: None, or "token" / "sequence" / "sequence-token": each token's KL times the policy
+            ratio at that level (reference.policy_ratio), its gradient included — the
+            importance-sampling-corrected KL (DeepSeek-V3.2; TRL's use_bias_correction_kl). The kl
+            statistic is then the weighted one.
+        return_log_prob: also return the per-token log-probs, detached [B, T], as stats["log_prob"]
+            (for a trainer's own metrics).
         chunk_size: tokens per chunk (whole rows, at least one); default from V and free memory.
         logit_scale, softcap: the logits' scale and final-logit softcap, as in logprobs_from_logits.
 
@@ -304,15 +345,16 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     require_chunk_size(chunk_size)
     require_agg(agg, num_tokens, num_seqs)
     require_choice("kl_estimator", kl_estimator, kl_ops.ESTIMATORS)
+    if kl_ratio is not None:
+        require_choice("kl_ratio", kl_ratio, reference.RATIO_LEVELS)
     kl_coef, entropy_coef = require_finite("kl_coef", kl_coef), require_finite("entropy_coef", entropy_coef)
     if kl_coef != 0 and ref_log_prob is None:
         raise ValueError(f"ref_log_prob: required when kl_coef != 0 (got kl_coef={kl_coef})")
     objective = resolve(objective, **params)
     policy_ops.check_is_weights(is_weights, advantages, mask)
-
     return dispatch("fused_linear_ppo_loss", FUSED_LINEAR_PPO_LOSS, hidden.device, hidden, weight, labels, old_log_prob,
                     advantages, mask, bias=bias, temperature=float(temperature), ignore_index=ignore_index,
-                    ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                    agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights, objective=objective,
-                    chunk_size=chunk_size, logit_scale=float(logit_scale),
-                    softcap=None if softcap is None else float(softcap))
+                    ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_ratio=kl_ratio,
+                    entropy_coef=entropy_coef, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights,
+                    objective=objective, chunk_size=chunk_size, logit_scale=float(logit_scale),
+                    softcap=None if softcap is None else float(softcap), return_log_prob=bool(return_log_prob))

@@ -410,17 +410,22 @@ def vespo(log_prob, old_log_prob, advantages, mask, *, k_pos, lambda_pos, k_neg,
     non-finite phi -> 0). is_weights (the sampler's importance ratios) enter w in log space, each
     clamped to [log 1e-8, 20]: per token summed over the valid tokens (TRL also reads them at padding,
     where its ratios are 1), per sequence [B, 1] once."""
-    m = mask.to(log_prob.dtype)
-    with torch.no_grad():
-        floor = math.log(1e-8)
-        seq_log_ratio = (log_ratio(log_prob, old_log_prob) * m).sum(-1, keepdim=True)
-        if is_weights is not None:  # per token: summed over the valid ones; per sequence [B, 1]: once
-            log_is = torch.clamp(torch.log(is_weights), floor, LOG_RATIO_CLAMP)
-            per_token = log_is.shape[-1] != 1 or log_prob.shape[-1] == 1
-            seq_log_ratio = seq_log_ratio + (valid_only(log_is, mask).sum(-1, keepdim=True) if per_token else log_is)
-        log_w = torch.clamp(seq_log_ratio, floor, LOG_RATIO_CLAMP)
-        nonneg = advantages >= 0  # A is per sequence in these trainers; per token here, as theirs broadcast
-        k = torch.where(nonneg, k_pos, k_neg)
-        lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
-        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    phi = vespo_weights(log_prob, old_log_prob, advantages, mask, is_weights, k_pos, lambda_pos, k_neg, lambda_neg)
     return Terms(-phi * advantages * log_prob)
+
+
+@torch.no_grad()
+def vespo_weights(log_prob, old_log_prob, advantages, mask, is_weights, k_pos, lambda_pos, k_neg, lambda_neg):
+    """VESPO's gamma weights phi [B, T] (constant along a row; the docstring of vespo)."""
+    m = mask.to(log_prob.dtype)
+    floor = math.log(1e-8)
+    seq_log_ratio = (log_ratio(log_prob, old_log_prob) * m).sum(-1, keepdim=True)
+    if is_weights is not None:  # per token: summed over the valid ones; per sequence [B, 1]: once
+        log_is = torch.clamp(torch.log(is_weights), floor, LOG_RATIO_CLAMP)
+        per_token = log_is.shape[-1] != 1 or log_prob.shape[-1] == 1
+        seq_log_ratio = seq_log_ratio + (valid_only(log_is, mask).sum(-1, keepdim=True) if per_token else log_is)
+    log_w = torch.clamp(seq_log_ratio, floor, LOG_RATIO_CLAMP)
+    nonneg = advantages >= 0  # A is per sequence in these trainers; per token here, as theirs broadcast
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)

@@ -66,14 +66,22 @@ GEMM_BLOCK_ROWS = 128  # every LM-head GEMM multiplies blocks of this many rows
 ROW_SUM_BLOCK = 128  # row sums reduce blocks of this many entries
 
 
-def blocked_linear(x, weight, bias=None):
+def blocked_linear(x, weight, bias=None, out_dtype=None):
     """x [N, K] @ weight.T + bias as GEMMs of one shape, [GEMM_BLOCK_ROWS, K] x [K, M], the last
     block zero-padded: a row's result never depends on N or on the rows beside it. Differentiable
-    (blocks concatenated) when autograd records; otherwise written block by block into one output."""
+    (blocks concatenated) when autograd records; otherwise written block by block into one output.
+    out_dtype (no autograd, no bias): the product accumulated in fp32 and written in that dtype
+    (fp32 for fp32 master parameters), not rounded to x's dtype first: one GEMM with an fp32 output
+    on CUDA, fp32 copies of the operands on a CPU."""
     N, B = x.shape[0], GEMM_BLOCK_ROWS
     full = N - N % B
+    widen = out_dtype is not None and out_dtype != x.dtype
+    if widen and not x.is_cuda:
+        x, weight, widen = x.to(out_dtype), weight.to(out_dtype), False
 
     def gemm(rows, out=None):
+        if widen:
+            return torch.mm(rows, weight.t(), out_dtype=out_dtype, out=out)
         if bias is None:
             return torch.mm(rows, weight.t(), out=out)
         return torch.addmm(bias, rows, weight.t(), out=out)
@@ -86,7 +94,7 @@ def blocked_linear(x, weight, bias=None):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         parts = [gemm(x[i:i + B]) for i in range(0, full, B)] + ([tail()] if full < N else [])
         return torch.cat(parts) if parts else gemm(x)  # N = 0: an empty product, still in the graph
-    out = x.new_empty(N, weight.shape[0])
+    out = x.new_empty(N, weight.shape[0], dtype=out_dtype or x.dtype)
     for i in range(0, full, B):
         gemm(x[i:i + B], out=out[i:i + B])
     if full < N:
@@ -256,6 +264,26 @@ def policy_ratio(log_prob, old_log_prob, mask, ratio_level="token"):
         inside = ((mean >= -LOG_RATIO_CLAMP) & (mean <= LOG_RATIO_CLAMP))[:, None].to(log_prob.dtype)
         log_s = log_s.detach() + inside * (log_prob - log_prob.detach())
     return torch.exp(log_s), delta
+
+
+def policy_ratio_vjp(log_prob, old_log_prob, mask, ratio_level, v):
+    """(rho, v^T d rho / d log_prob) for policy_ratio's rho, where autograd cannot run (inside a custom
+    op): token: v rho [inside]; sequence: (s / n) sum_t' m v [mean inside] at every valid token;
+    sequence-token: v s [mean inside]. tests/ops/test_fused_linear_ppo_loss.py checks it against
+    autograd of policy_ratio."""
+    m = mask.to(log_prob.dtype)
+    if ratio_level == "token":
+        raw = log_prob - old_log_prob
+        rho = torch.exp(torch.clamp(raw, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        inside = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)
+        return rho, torch.where(inside, v * rho, 0.0)
+    n = m.sum(-1).clamp(min=1)
+    mean = row_sums((log_prob - old_log_prob) * m) / n
+    inside = ((mean >= -LOG_RATIO_CLAMP) & (mean <= LOG_RATIO_CLAMP))[:, None]
+    s = torch.exp(torch.clamp(mean, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))[:, None].expand_as(log_prob)
+    if ratio_level == "sequence-token":
+        return s, torch.where(inside, v * s, 0.0)
+    return s, torch.where(inside, s / n[:, None] * row_sums(valid_only(v, mask) * m)[:, None] * m, 0.0)
 
 
 def ppo_policy_loss(log_prob, old_log_prob, advantages, mask, *, objective="clip", agg="token-mean", num_tokens=None,
@@ -469,8 +497,10 @@ def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", m
 # ----------------------------------------------------------------------------- fused linear
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
                           return_entropy=False, chunk_size=None, logit_scale=1.0, softcap=None, return_stats=False):
-    """logprobs_from_logits(hidden @ weight.T + bias, labels, ...), materialising the logits
-    (`chunk_size` is accepted for the signature and ignored)."""
+    """logprobs_from_logits(hidden @ weight.T + bias, labels, ...), materialising the logits in
+    hidden's dtype (weight and bias cast to it, as autocast would; `chunk_size` is accepted for the
+    signature and ignored)."""
+    weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
     logits = blocked_linear(hidden.reshape(labels.numel(), hidden.shape[-1]), weight, bias)
     logits = logits.view(*labels.shape, weight.shape[0])
     return logprobs_from_logits(logits, labels, temperature=temperature, ignore_index=ignore_index,
@@ -479,9 +509,10 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
-                          ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl",
+                          ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", kl_ratio=None,
                           entropy_coef=0.0, agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None,
-                          objective="clip", chunk_size=None, logit_scale=1.0, softcap=None, **params):
+                          objective="clip", chunk_size=None, logit_scale=1.0, softcap=None, return_log_prob=False,
+                          **params):
     """The PPO policy objective from hidden states, composed of the ops above:
 
         loss = ppo_policy_loss(logp, ...) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
@@ -494,15 +525,18 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     logp, entropy = fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                           ignore_index=ignore_index, return_entropy=True, logit_scale=logit_scale,
                                           softcap=softcap)
-    return ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, ref_log_prob=ref_log_prob,
-                                kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, agg=agg,
-                                num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights, objective=objective,
-                                **params)
+    loss, stats = ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, ref_log_prob=ref_log_prob,
+                                       kl_coef=kl_coef, kl_estimator=kl_estimator, kl_ratio=kl_ratio,
+                                       entropy_coef=entropy_coef, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                                       is_weights=is_weights, objective=objective, **params)
+    if return_log_prob:
+        stats["log_prob"] = logp.detach()
+    return loss, stats
 
 
 def ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, *, ref_log_prob=None, kl_coef=0.0,
-                         kl_estimator="low_var_kl", entropy_coef=0.0, agg="token-mean", num_tokens=None,
-                         num_seqs=None, is_weights=None, objective="clip", **params):
+                         kl_estimator="low_var_kl", kl_ratio=None, entropy_coef=0.0, agg="token-mean",
+                         num_tokens=None, num_seqs=None, is_weights=None, objective="clip", **params):
     """fused_linear_ppo_loss after its head: (loss, stats) from the log-probs and entropy [B, T]
     (differentiable), as that docstring says. The generic path of the fused op calls it on the
     fused head's outputs."""
@@ -515,6 +549,9 @@ def ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, *, ref_l
              "max_abs_log_ratio": masked_max_abs(logp.detach() - old_log_prob, mask)}
     if ref_log_prob is not None:
         kl = kl_penalty(valid_only(logp, mask), valid_only(ref_log_prob.detach(), mask), estimator=kl_estimator)
+        if kl_ratio is not None:  # the importance-sampling-corrected KL: rho kl, rho's gradient included
+            kl = kl * policy_ratio(valid_only(_upcast(logp), mask), valid_only(_upcast(old_log_prob).detach(), mask),
+                                   mask, kl_ratio)[0]
         loss = loss + kl_coef * agg_loss(kl, mask, **agg_args)
         stats["kl"] = masked_mean(kl.detach(), mask)
     return loss, stats

@@ -112,8 +112,6 @@ def test_liger_options_ppo_fast_lacks_are_refused():
         pf_liger.LigerFusedLinearGRPOLoss(loss_type="luspo")
     with pytest.raises(UnsupportedOption, match="loss_type='ppo'"):
         pf_liger.LigerFusedLinearGRPOLoss(loss_type="ppo")
-    with pytest.raises(UnsupportedOption, match="use_bias_correction_kl"):
-        pf_liger.LigerFusedLinearGRPOLoss(use_bias_correction_kl=True)
     with pytest.raises(ValueError, match="Sequence-level importance sampling is not supported for loss_type='sapo'"):
         pf_liger.LigerFusedLinearGRPOLoss(loss_type="sapo", importance_sampling_level="sequence")
 
@@ -144,6 +142,51 @@ def test_luspo_matches_liger_where_liger_keeps_it_per_sequence(backend):
     with pytest.raises(UnsupportedOption, match="luspo with vllm_is_ratio"):
         pf_liger.LigerFusedLinearGRPOLoss(**init)(hidden, weight, labels, mask.long(), randn(B, seed=46),
                                                   old_per_token_logps=old, vllm_is_ratio=torch.ones(B, T))
+
+
+# Each constructor option of LigerFusedLinearGRPOLoss changed from a base setting: ppo_fast's class
+# must change its result exactly as Liger's does (compiled and chunk_size change none, in either).
+OPTION_CHANGES = {
+    "beta": dict(beta=0.2), "compiled": dict(compiled=False), "use_ref_model=False": dict(use_ref_model=False),
+    "use_ref_model=False, beta=0.1": dict(use_ref_model=False, beta=0.1), "chunk_size": dict(chunk_size=2),
+    "epsilon_low": dict(epsilon_low=0.05), "epsilon_high": dict(epsilon_high=0.5), "loss_type": dict(loss_type="bnpo"),
+    "max_completion_length": dict(loss_type="dr_grpo", max_completion_length=20),
+    "importance_sampling_level": dict(importance_sampling_level="sequence"),
+    "sapo temperatures": dict(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
+    "temperature": dict(temperature=0.7), "delta": dict(delta=1.5), "delta below the range": dict(delta=1.1),
+    "use_bias_correction_kl": dict(use_bias_correction_kl=True),
+    "use_bias_correction_kl, sequence": dict(use_bias_correction_kl=True, importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.0, vespo_k_neg=2.5, vespo_lambda_neg=1.0),
+}
+
+
+@pytest.mark.op("fused_linear_ppo_loss")
+@pytest.mark.parametrize("change", list(OPTION_CHANGES))
+def test_every_constructor_option_changes_the_result_as_liger_does(backend, change):
+    B, T, H = 4, 9, 16
+    hidden, weight = randn(B, T, H, seed=51), randn(V, H, seed=52, scale=0.25)
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(53)).to(DEVICE)
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(54)).to(DEVICE) > 0.25
+    with torch.no_grad():
+        logp = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, labels[..., None])[..., 0]
+    call = dict(old_per_token_logps=logp + 0.3 * randn(B, T, seed=55), ref_per_token_logps=logp + 0.2 * randn(
+        B, T, seed=56), num_items_in_batch=torch.tensor(30.0))
+    adv = randn(B, seed=57)
+
+    def run(cls, **init):
+        module = cls(**init) if cls is pf_liger.LigerFusedLinearGRPOLoss else cls(**{"compiled": False, **init})
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, metrics = module(h, w, labels, mask.long(), adv, **call)
+        return loss, metrics, torch.autograd.grad(loss, (h, w))
+
+    theirs_cls = grpo_liger().LigerFusedLinearGRPOLoss
+    for init in ({}, OPTION_CHANGES[change]):
+        got, want = run(pf_liger.LigerFusedLinearGRPOLoss, **init), run(theirs_cls, **init)
+        torch.testing.assert_close(got[0], want[0].float(), rtol=1e-5, atol=1e-6)
+        for a, b in zip(got[2], want[2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert len(got[1]) == len(want[1])
+        torch.testing.assert_close(got[1][0], want[1][0].float(), rtol=1e-5, atol=1e-6)  # the KL (or clip) metric
 
 
 def grpo_liger():

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from peers import load, trl_utils
-from support import DEVICE, assert_close_f64, randn
+from support import DEVICE, assert_close_f64, backends_for, on_backend, randn
 
 from ppo_fast.integrations import UnsupportedOption, grpo_loss_types
 from ppo_fast.integrations import trl as pf_trl
@@ -223,6 +223,56 @@ def test_a_trainer_that_calls_none_of_it_gets_a_warning(tmp_path, patched):
         trainer.train()
 
 
+def test_every_replacement_has_the_signature_of_what_it_replaced(patched):
+    """Positional parameters included: trl.kernels.selective_log_softmax_and_entropy takes temperature
+    third, trl.trainer.utils's takes entropy_requires_grad third; each gets its own."""
+    import inspect
+
+    patched(loss=True)
+    for (owner, attr), theirs in pf_trl._ORIGINALS.items():
+        if attr == "training_step":
+            continue
+        ours = getattr(owner, attr)
+        if attr == "_ChunkedLogProbFunction":  # an autograd Function: apply's parameters are forward's, less ctx
+            ours, theirs = ours.apply, theirs.forward
+        params = [(p.name, p.default) for p in inspect.signature(theirs).parameters.values() if p.name != "ctx"]
+        assert [(p.name, p.default) for p in inspect.signature(ours).parameters.values()] == params, attr
+    kernels = load("trl.kernels")
+    assert kernels.selective_log_softmax_and_entropy is pf_trl.kernels_selective_log_softmax_and_entropy
+    logits, index = randn(3, 5, 11, seed=30), torch.randint(0, 11, (3, 5), device=DEVICE)
+    got = kernels.selective_log_softmax_and_entropy(logits, index, 0.7)  # a positional temperature
+    want = pf_trl._ORIGINALS[(kernels, "selective_log_softmax_and_entropy")](logits, index, 0.7)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_plain_transformers_trainer_gets_no_warning(tmp_path, patched):
+    """The watch speaks only to TRL's trainers: a plain transformers Trainer calls none of ppo_fast's
+    replacements, rightly, and is not warned."""
+    import warnings
+
+    from transformers import Trainer, TrainingArguments
+
+    patched()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 1))
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, labels):
+            return {"loss": ((self.net(x).squeeze(-1) - labels) ** 2).mean()}
+
+    data = [{"x": torch.randn(4), "labels": torch.tensor(1.0)} for _ in range(4)]
+    trainer = Trainer(model=Wrapped(), args=TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[],
+                                                              use_cpu=True, per_device_train_batch_size=2,
+                                                              save_strategy="no", disable_tqdm=True), train_dataset=data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer.train()
+
+
 LOSS_CASES = [(t, level) for t in grpo_loss_types.LOSS_TYPES for level in ("token", "sequence")]
 
 
@@ -266,13 +316,14 @@ def loss_door_results(trainer, batch):
 
 @pytest.mark.op("fused_linear_ppo_loss")
 @pytest.mark.parametrize("loss_type, level", LOSS_CASES)
-@pytest.mark.parametrize("with_is", [False, True])
-def test_grpo_loss_door_matches_trls_own_compute_loss(tmp_path, backend, loss_type, level, with_is):
+@pytest.mark.parametrize("with_is, bias_correction", [(False, False), (True, False), (False, True)])
+def test_grpo_loss_door_matches_trls_own_compute_loss(tmp_path, backend, loss_type, level, with_is, bias_correction):
     """grpo_compute_loss against GRPOTrainer's own _compute_loss on the same micro-batch (fp32): the
-    loss, the gradients of every parameter, and the kl / entropy metrics."""
+    loss, the gradients of every parameter, and every metric it logs; with TRL's default
+    use_bias_correction_kl (the KL times the importance ratio) too."""
     extra = dict(epsilon_high=5.0) if loss_type == "cispo" else dict(delta=2.0) if loss_type == "dapo" else {}
     trainer = tiny_grpo_trainer(tmp_path, steps=1, loss_type=loss_type, importance_sampling_level=level, beta=0.04,
-                                use_bias_correction_kl=False, **extra)
+                                use_bias_correction_kl=bias_correction, **extra)
     trainer.current_gradient_accumulation_steps = 2
     trainer.use_vllm = trainer.vllm_importance_sampling_correction = with_is
     (want, want_grads, want_metrics), (got, got_grads, got_metrics) = loss_door_results(
@@ -281,9 +332,9 @@ def test_grpo_loss_door_matches_trls_own_compute_loss(tmp_path, backend, loss_ty
     assert got_grads.keys() == want_grads.keys()
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    for key in ("kl", "entropy", "clip_ratio/region_mean"):
-        if key in got_metrics:
-            assert got_metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), key
+    assert got_metrics.keys() == want_metrics.keys()  # every metric TRL's _compute_loss logs
+    for key in want_metrics:
+        assert got_metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 @pytest.mark.op("fused_linear_ppo_loss")
@@ -313,11 +364,73 @@ def test_grpo_loss_door_under_trls_default_bf16_autocast(tmp_path):
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=2e-2 * scale + 1e-6, msg=name)
 
 
+def grads_error(grads, exact):
+    """Relative error of a parameter-gradient dict against another, over all parameters."""
+    num = sum(((grads[n].double() - exact[n].double()) ** 2).sum() for n in exact)
+    return (num / sum((exact[n].double() ** 2).sum() for n in exact)).sqrt().item()
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_bf16_gradients_are_no_further_from_exact_than_trls_own(tmp_path, loss_type):
+    """TRL's default bf16 autocast, fp32 master parameters: the loss door's parameter gradients are no
+    further from the fp32 computation (TRL's own fp32 run of the same model, ~1e-7 from exact) than
+    TRL's own bf16 gradients are (the head's GEMMs in bf16 on both sides; ppo_fast accumulates the
+    fp32 masters' gradients in fp32 and never rounds them through bf16)."""
+    config = dict(steps=1, beta=0.04, use_bias_correction_kl=False, loss_type=loss_type)
+    exact_trainer = tiny_grpo_trainer(tmp_path / "fp32", **config)
+    bf16_trainer = tiny_grpo_trainer(tmp_path / "bf16", bf16=True, **config)
+    for trainer in (exact_trainer, bf16_trainer):
+        trainer.current_gradient_accumulation_steps = 1
+    batch = grpo_inputs(exact_trainer, "token", False)
+    (_, exact, _), _ = loss_door_results(exact_trainer, batch)
+    (_, theirs, _), (_, ours, _) = loss_door_results(bf16_trainer, batch)
+    assert exact.keys() == theirs.keys() == ours.keys()
+    assert all(g.dtype == torch.float32 for g in ours.values())
+    assert grads_error(ours, exact) <= grads_error(theirs, exact) * 1.05, (grads_error(ours, exact),
+                                                                            grads_error(theirs, exact))
+
+
+# The kernel backends that round to bf16 to nearest: Triton's interpreter truncates (compiled Triton
+# rounds to nearest), and the torch backend is the plain reference (a user's code under autocast,
+# whose hidden-state gradient autocast rounds to bf16).
+ROUNDING_BACKENDS = [b for b in backends_for("fused_linear_logprobs")
+                     if b in ("cpp", "cuda", "auto") or (b == "triton" and DEVICE.type == "cuda")]
+
+
+@pytest.mark.parametrize("backend", ROUNDING_BACKENDS)
+def test_the_fused_head_under_autocast_is_no_further_from_exact_than_trls_kernel(backend):
+    """ChunkedLogProbFunction under bf16 autocast with fp32 hidden states and weight (TRL's setting):
+    gradients to both no further from float64 than TRL's own kernel's."""
+    N, H = 64, 16
+    hidden, weight = randn(N, H, seed=16), randn(V, H, seed=17, scale=0.4)
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(18)).to(DEVICE)
+    up = randn(N, seed=19)
+
+    def grads(fn, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=h.dtype != torch.float64):
+            logp, entropy = fn(h, w, None, targets, 1.0, 256, None, 1.0, ("log_probs", "entropy"))[:2]
+        return torch.autograd.grad((logp * up.to(logp.dtype)).sum() + entropy.sum(), (h, w))
+
+    exact = grads(lambda h, w, *a: _float64_head(h, w, *a), hidden.double(), weight.double())
+    with on_backend(backend):
+        ours = grads(pf_trl.ChunkedLogProbFunction.apply, hidden, weight)
+    theirs = grads(trl_chunked().apply, hidden, weight)
+    for name, a, b, e in zip(("hidden", "weight"), ours, theirs, exact):
+        err = lambda g: ((g.double() - e).norm() / e.norm()).item()  # noqa: E731
+        assert a.dtype == torch.float32 and err(a) <= err(b) * 1.01 + 1e-7, (name, err(a), err(b))
+
+
+def _float64_head(hidden, weight, bias, targets, temperature, *_):
+    logits = (hidden @ weight.T / temperature).log_softmax(-1)
+    return logits.gather(-1, targets[:, None]).squeeze(-1), -(logits.exp() * logits).sum(-1)
+
+
 def test_grpo_loss_door_refuses_what_it_cannot_follow(tmp_path):
     trainer = tiny_grpo_trainer(tmp_path, steps=1, importance_sampling_level="sequence")
     batch = grpo_inputs(trainer, "sequence", False)
-    trainer = tiny_grpo_trainer(tmp_path, steps=1, beta=0.04)  # TRL's default use_bias_correction_kl=True
-    with pytest.raises(UnsupportedOption, match="use_bias_correction_kl=True with beta > 0"):
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, top_entropy_quantile=0.5)
+    with pytest.raises(UnsupportedOption, match="top_entropy_quantile=0.5"):
         pf_trl.grpo_compute_loss(trainer, trainer.model, batch)
 
 

@@ -36,15 +36,15 @@ def _logprobs_backward(backend):
 
 def _fused_forward(backend):
     return (grad(randn(B * T, H, seed=4)), grad(randn(V, H, seed=5)), grad(randn(V, seed=6)), labels().view(-1), 1.0,
-            1.0, None, -100, True, True, 5, backend)
+            1.0, None, -100, True, True, 5, torch.float32, backend)
 
 
 def _fused_backward(backend):
     hidden, weight, bias = randn(B * T, H, seed=4), randn(V, H, seed=5), randn(V, seed=6)
     _, entropy, norm, _ = LIB.fused_linear_logprobs_forward(hidden, weight, bias, labels().view(-1), 1.0, 0.5, 3.0, -100,
-                                                           True, False, 5, backend)
+                                                           True, False, 5, torch.float32, backend)
     return (hidden, weight, bias, labels().view(-1), norm, entropy, randn(B * T, seed=7), randn(B * T, seed=8), 1.0,
-            0.5, 3.0, -100, 5, True, True, True, backend)
+            0.5, 3.0, -100, 5, torch.float32, True, True, True, backend)
 
 
 def _policy_rows(backend):
@@ -87,7 +87,8 @@ def _fused_ppo(backend):
     row_weights = mask.sum(-1).gt(0).float() / mask.sum().clamp(min=1)
     return (grad(randn(B, T, H, seed=32)), grad(randn(V, H, seed=33, scale=0.3)), None, labels(), per_token(34) - 1,
             randn(B, T, seed=35), mask, per_token(36) - 1, randn(B, T, seed=37).abs(), row_weights, 1.0, 1.0, None,
-            -100, *resolve("sapo").to_op_args(), 0.1, "k3", 0.01, 7, True, True, False, backend)
+            -100, *resolve("sapo").to_op_args(), 0.1, "k3", "sequence", 0.01, 7, torch.float32, True, True, False, True,
+            backend)
 
 
 CUSTOM_OPS = {

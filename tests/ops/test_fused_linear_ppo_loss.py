@@ -171,7 +171,7 @@ def test_three_gemms_and_no_gradient_work_without_grad(backend, monkeypatch):
     real_linear, real_accumulate = fused_module.blocked_linear, fused_module.accumulate_fp32
 
     def count(name, fn):
-        return lambda *a: calls.__setitem__(name, calls[name] + 1) or fn(*a)
+        return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or fn(*a, **k)
 
     monkeypatch.setattr(fused_module, "blocked_linear", count("linear", real_linear))
     monkeypatch.setattr(fused_module, "accumulate_fp32", count("accumulate", real_accumulate))
@@ -246,5 +246,44 @@ def test_bad_inputs_give_clear_errors():
     raises(ValueError, r"num_tokens: expected None or a finite number > 0", num_tokens=0)
     raises(ValueError, r"chunk_size: expected None or an int >= 1, got 0", chunk_size=0)
     raises(ValueError, r"labels: values must be in \[0, 53\)", labels=torch.full_like(labels, 53))
-    raises(TypeError, r"weight: expected the dtype of hidden", weight=weight.bfloat16())
+    raises(TypeError, r"weight: expected dtype in", weight=weight.long())
     raises(TypeError, r"old_log_prob: expected dtype in", old_log_prob=old.long())
+
+
+# ----------------------------------------------------------------------------- the ratio-weighted KL
+@pytest.mark.parametrize("level", reference.RATIO_LEVELS)
+def test_policy_ratio_vjp_is_autograd_of_policy_ratio(level):
+    """The derivative the compiled path uses inside its custom op equals autograd's of the ratio."""
+    g = torch.Generator().manual_seed(3)
+    logp = (torch.randn(4, 9, generator=g, dtype=torch.float64) * 0.5 - 2).requires_grad_()
+    old = logp.detach() + torch.randn(4, 9, generator=g, dtype=torch.float64) * 0.4
+    old[0, 0] = logp[0, 0].item() - 25.0  # one token past the clamp
+    mask = ragged_mask(4, 9, seed=3, empty_rows=(3,)).cpu()
+    v = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    rho, _ = reference.policy_ratio(logp, old, mask, level)
+    (want,) = torch.autograd.grad(rho, logp, grad_outputs=reference.valid_only(v, mask))
+    got_rho, got = reference.policy_ratio_vjp(logp.detach(), old, mask, level, v)
+    torch.testing.assert_close(got_rho, rho.detach())
+    torch.testing.assert_close(reference.valid_only(got, mask), reference.valid_only(want, mask))
+
+
+@pytest.mark.parametrize("kl_ratio", reference.RATIO_LEVELS)
+@pytest.mark.parametrize("objective", ["clip", "dro"])  # compiled and generic paths
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_ratio_weighted_kl_matches_float64(backend, kl_ratio, objective, on_policy):
+    """kl_ratio: each token's KL times the policy ratio, its gradient included (TRL's
+    use_bias_correction_kl), on both paths and every backend; the kl statistic is the weighted one;
+    return_log_prob gives the per-token log-probs."""
+    inputs = make_inputs(4, 9, 8, 37, torch.float32, seed=21)
+    if on_policy:
+        inputs = (*inputs[:4], None, *inputs[5:])
+    kwargs = dict(kl_coef=0.3, kl_estimator="k3_raw", kl_ratio=kl_ratio, objective=objective,
+                  agg="seq-mean-token-mean", chunk_size=9, return_log_prob=True)
+    got = run(fused_linear_ppo_loss, inputs, 1.3, **kwargs)
+    want = oracle(inputs, 1.3, torch.float32, **kwargs)
+    assert_matches(got, want, torch.float32)
+    hidden, weight, bias, labels = inputs[:4]
+    logp = reference.fused_linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double())
+    assert_close_f64(got[1]["log_prob"], logp, "log_prob")
+    plain = run(fused_linear_ppo_loss, inputs, 1.3, **{**kwargs, "kl_ratio": None})
+    assert not torch.equal(got[2][0], plain[2][0])  # the weighting took effect (on-policy: in the gradient only)

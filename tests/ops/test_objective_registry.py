@@ -102,7 +102,7 @@ def test_every_generic_objective_through_the_fused_head_matches_float64(backend,
                   objective=name, agg="seq-mean-token-sum")
     gemm_rows = []
     real = fused_linear.blocked_linear
-    monkeypatch.setattr(fused_linear, "blocked_linear", lambda x, *a: gemm_rows.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setattr(fused_linear, "blocked_linear", lambda x, *a, **k: gemm_rows.append(x.shape[0]) or real(x, *a, **k))
 
     def run(fn, h, w, **extra):
         h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
