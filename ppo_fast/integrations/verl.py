@@ -1,9 +1,12 @@
 """verl's signatures and return types, computed by ppo_fast.ops (verl 0.9: verl.trainer.ppo.core_algos,
 verl.utils.torch_functional, verl.utils.experimental.torch_functional).
 
-    from ppo_fast.integrations import verl as pf_verl
-    pf_verl.register()          # verl configs can then say actor.policy_loss.loss_mode: ppo_fast,
-                                # algorithm.adv_estimator: ppo_fast_grpo / ppo_fast_rloo
+    # nothing to call: with ppo_fast installed, `import verl` loads its `verl.plugins` entry point,
+    # this module, which registers ppo_fast's loss modes and advantage estimators in verl's
+    # registries (in every process: Ray workers too). A verl config then says
+    #   actor_rollout_ref.actor.policy_loss.loss_mode=ppo_fast     (or ppo_fast_gspo, ppo_fast_dro, ...)
+    #   algorithm.adv_estimator=ppo_fast_grpo                      (or ppo_fast_rloo)
+    # (importing ppo_fast.integrations.verl, or register(), does the same by hand).
 
 Conventions that differ from verl's own code are listed in the README ("Drop-in for verl, ...").
 """
@@ -261,17 +264,54 @@ def entropy_from_logits(logits):
     return ops.entropy_from_logits(logits)
 
 
+def _whole(weight):
+    """The LM head's weight whole: an FSDP2 / tensor-parallel DTensor is gathered once per call
+    (full_tensor: an all-gather whose backward reduce-scatters the gradient back to the shards)."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
 class FusedLinearForPPO(torch.nn.Module):
     """verl.utils.experimental.torch_functional.FusedLinearForPPO: (log_probs, entropy) of
-    input_ids from hidden states and the LM head, never holding the logits."""
+    input_ids from hidden states and the LM head, never holding the logits. impl_backend "torch" and
+    "liger" (verl's two implementations, the same values) both run ppo_fast's kernels; another name is
+    refused, as verl refuses it. chunk_size: rows per chunk. A DTensor weight (FSDP2-sharded) is
+    gathered once per call."""
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
         super().__init__()
-        self.chunk_size = chunk_size
+        if impl_backend not in ("torch", "liger"):
+            raise ValueError(f"Unsupported FusedLinearForPPO backend: {impl_backend}. Choose 'torch' or 'liger'.")
+        self.chunk_size, self.impl_backend = chunk_size, impl_backend
 
     def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
-        return ops.fused_linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
-                                         temperature=temperature, return_entropy=True, chunk_size=self.chunk_size)
+        return ops.fused_linear_logprobs(hidden_states, _whole(vocab_weights), input_ids.to(torch.int64),
+                                         temperature=float(temperature), return_entropy=True,
+                                         chunk_size=self.chunk_size)
+
+
+def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+    """verl.utils.kernel.linear_cross_entropy (its Triton fused head): (log_probs, entropy) of labels from
+    hidden [..., H] and weight [V, H], flattened to [N] as verl returns them; reduction "none" (per
+    token), "sum" or "mean" (over the N tokens) of the log-probs, the entropy always per token; both
+    differentiable. A DTensor weight is gathered once per call. dist_process_group (verl's
+    vocab-parallel head): refused until ppo_fast's tensor-parallel head (issue 38) lands."""
+    if not isinstance(temperature, float):
+        raise TypeError(f"temperature: expected a float (as verl asserts), got {type(temperature).__name__}")
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"Invalid reduction: {reduction}")
+    if dist_process_group is not None:
+        raise unsupported("verl", "linear_cross_entropy(dist_process_group=...)",
+                          "the vocabulary-parallel head is not in ppo_fast yet; gather the weight instead")
+    logp, entropy = ops.fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), _whole(weight),
+                                              labels.reshape(-1).to(torch.int64), temperature=temperature,
+                                              return_entropy=True)
+    if reduction == "sum":
+        logp = logp.sum()
+    elif reduction == "mean":
+        logp = logp.mean()
+    return logp, entropy
 
 
 def register() -> None:
@@ -289,6 +329,22 @@ def register() -> None:
     core_algos.ADV_ESTIMATOR_REGISTRY.setdefault("ppo_fast_rloo", _registered_rloo)
 
 
+def _register_if_verl_is_here() -> None:
+    """Importing this module registers ppo_fast's loss modes and estimators in verl (so verl's
+    `external_lib=ppo_fast.integrations.verl` and the `verl.plugins` entry point both work, in
+    every process that imports verl, Ray workers included); nothing where verl is not installed."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("verl") is None:
+        return
+    try:
+        register()
+    except ImportError as err:  # verl present but its core_algos does not import here
+        logging.getLogger(__name__).warning("ppo_fast: verl is installed but its core_algos does not import (%s); "
+                                            "ppo_fast's loss modes are not registered", err)
+
+
 def _registered_grpo(token_level_rewards, response_mask, index, config=None, **_unused):
     norm = _config_get(config, "norm_adv_by_std_in_grpo", True)
     return compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, norm_adv_by_std_in_grpo=norm)
@@ -296,3 +352,6 @@ def _registered_grpo(token_level_rewards, response_mask, index, config=None, **_
 
 def _registered_rloo(token_level_rewards, response_mask, index, config=None, **_unused):
     return compute_rloo_outcome_advantage(token_level_rewards, response_mask, index)
+
+
+_register_if_verl_is_here()

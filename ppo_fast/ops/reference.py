@@ -460,9 +460,12 @@ def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", m
     k1 = mean(rollout - old) and k3 = mean(exp(old - rollout) - (old - rollout) - 1) (the KL from
     the rollout policy to the old one, per token), ppl_ratio = exp(mean(rollout - old)) (the old
     policy's perplexity over the rollout's, per token). Masked positions are read as 0 and get weight 0.
+    A NaN rollout log-prob (a token the sampler could not score: vLLM's convention) counts as a
+    log-ratio of 0, ratio 1, as TRL maps it; a NaN old log-prob stays NaN (the NaN rule).
     """
     old_log_prob = valid_only(_upcast(old_log_prob), mask)
     rollout_log_prob = valid_only(_upcast(rollout_log_prob), mask)
+    rollout_log_prob = torch.where(torch.isnan(rollout_log_prob), old_log_prob, rollout_log_prob)
     m = mask.to(old_log_prob.dtype)
     diff = old_log_prob - rollout_log_prob  # log(pi_old / pi_rollout), 0 at masked positions
     if level == "token":

@@ -44,7 +44,8 @@ def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", m
     their geometric mean), truncated to [low, high] (mode "truncate", TIS) or zeroed outside it
     (mode "mask", MIS / IcePop); keep_mask the valid tokens whose unit was kept; stats (detached
     float32 scalars) is_weight_mean, is_weight_max, is_outside_frac, rollout_k1, rollout_k3,
-    rollout_ppl_ratio (see ppo_fast.ops.reference.rollout_correction). No gradient."""
+    rollout_ppl_ratio (see ppo_fast.ops.reference.rollout_correction). A NaN rollout log-prob (a token
+    the sampler could not score) gives that token ratio 1, as TRL's vLLM correction does. No gradient."""
     old_log_prob, rollout_log_prob, mask = per_token_inputs(
         {"old_log_prob": old_log_prob, "rollout_log_prob": rollout_log_prob}, mask)
     require_choice("level", level, reference.CORRECTION_LEVELS)

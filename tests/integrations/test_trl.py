@@ -434,6 +434,30 @@ def test_grpo_loss_door_refuses_what_it_cannot_follow(tmp_path):
         pf_trl.grpo_compute_loss(trainer, trainer.model, batch)
 
 
+def test_a_30_step_bf16_run_with_the_patch_matches_trls_own(tmp_path, patched):
+    """TRL's default bf16 (autocast over fp32 masters), 30 GRPO steps with beta > 0 and TRL's default
+    bias-corrected KL: with patch(loss=True) the run samples the same completions at every step as
+    TRL's own run (the same rewards: the policies never drift apart), and logs the same losses to
+    bf16 rounding — as long as two runs of TRL's own agree (identical here: CPU, one seed)."""
+    def run(name, loss):
+        if loss:
+            patched(loss=True)
+        trainer = tiny_grpo_trainer(tmp_path / name, steps=30, bf16=True, beta=0.04, loss_type="dapo")
+        trainer.train()
+        if loss:
+            pf_trl.unpatch()
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        return [h["reward"] for h in history], [h["loss"] for h in history]
+
+    trl_a, trl_b = run("trl_a", False), run("trl_b", False)
+    assert trl_a == trl_b  # TRL's own two runs: identical
+    calls = pf_trl.CALLS["grpo_compute_loss"]
+    rewards, run_losses = run("ppo_fast", True)
+    assert pf_trl.CALLS["grpo_compute_loss"] > calls
+    assert len(rewards) == 30 and rewards == trl_a[0]
+    assert run_losses == pytest.approx(trl_a[1], rel=1e-2, abs=1e-3)
+
+
 def test_patched_loss_trains_like_trl(tmp_path, patched):
     """patch(loss=True): GRPOTrainer's loss through fused_linear_ppo_loss, a few real training steps,
     the same losses as TRL's own."""

@@ -279,3 +279,147 @@ def test_verls_newer_objectives_match_verls_own(backend, name, mode, weights):
     metrics = compare_with_verls_own(name, verl_name, (old, log_prob, adv, mask), mode, config, is_weights)
     if name == "ppo_fast_clip_cov":  # the cut happened (the bounds admit tokens), so the test can tell
         assert metrics["actor/pg_clipfrac"] > 0
+
+
+# ----------------------------------------------------------------------------- verl in one config line
+# What `import verl` needs that its package __init__ imports but the registration path never calls
+# (ray, tensordict, codetiming: verl's runtime, not installed with --no-deps), stood in for in the
+# fresh process by a sitecustomize that answers any import under those names with an empty module.
+STAND_IN_SITE = '''
+import importlib.abc, importlib.machinery, sys, types
+STAND_IN = ("ray", "tensordict", "codetiming")
+class _Module(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = type(name, (), {"__init__": lambda self, *a, **k: None})
+        setattr(self, name, value)
+        return value
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in STAND_IN and importlib.machinery.PathFinder.find_spec(name.split(".")[0]) is None:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    def create_module(self, spec):
+        module = _Module(spec.name)
+        module.__path__ = []
+        return module
+    def exec_module(self, module):
+        pass
+sys.meta_path.append(_Finder())
+'''
+
+
+def fresh_verl_process(tmp_path, code, **env):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(STAND_IN_SITE)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path), **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+REGISTERED = ("import verl.trainer.ppo.core_algos as c; "
+              "print(all(n in c.POLICY_LOSS_REGISTRY for n in ('ppo_fast', 'ppo_fast_dro', 'ppo_fast_geo_mean')), "
+              "'ppo_fast_grpo' in c.ADV_ESTIMATOR_REGISTRY)")
+
+
+def test_import_verl_alone_finds_ppo_fast_through_its_entry_point(tmp_path):
+    """A fresh process that imports only verl (as a Ray worker does): the `verl.plugins` entry point
+    of ppo_fast's pyproject.toml registers every loss mode and estimator; with verl's plugin
+    discovery off, nothing is registered (the entry point, not an import of ours, did it)."""
+    pytest.importorskip("verl")
+    assert fresh_verl_process(tmp_path, REGISTERED) == "True True"
+    assert fresh_verl_process(tmp_path, REGISTERED, VERL_USE_EXTERNAL_PLUGINS="none") == "False False"
+
+
+def test_importing_the_adapter_registers(tmp_path):
+    """external_lib=ppo_fast.integrations.verl (verl's own switch) works: the import registers."""
+    pytest.importorskip("verl")
+    code = "import ppo_fast.integrations.verl; " + REGISTERED
+    assert fresh_verl_process(tmp_path, code, VERL_USE_EXTERNAL_PLUGINS="none") == "True True"
+
+
+def test_fused_linear_for_ppo_follows_impl_backend():
+    """verl's two implementations give the same values, and ppo_fast computes both; another name is
+    refused with verl's message."""
+    hidden, weight = randn(2, 5, 16, seed=40), randn(97, 16, seed=41, scale=0.3)
+    ids = torch.randint(0, 97, (2, 5), device=DEVICE)
+    a = pf.FusedLinearForPPO(chunk_size=4, impl_backend="torch")(hidden, weight, ids, 0.9)
+    b = pf.FusedLinearForPPO(chunk_size=4, impl_backend="liger")(hidden, weight, ids, 0.9)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Unsupported FusedLinearForPPO backend: flash. Choose 'torch' or 'liger'."):
+        pf.FusedLinearForPPO(impl_backend="flash")
+
+
+@pytest.mark.op("fused_linear_logprobs")
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_linear_cross_entropy_door(backend, reduction):
+    """verl.utils.kernel.linear_cross_entropy's contract (its Triton kernel needs a GPU; its values
+    are log_softmax(h W^T / T)[label] flattened, summed or averaged, and the per-token entropy)
+    against float64; gradients through both outputs."""
+    hidden, weight = randn(3, 7, 16, seed=42), randn(101, 16, seed=43, scale=0.3)
+    labels = torch.randint(0, 101, (3, 7), device=DEVICE)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = pf.linear_cross_entropy(h, w, labels, 0.8, reduction)
+    grads = torch.autograd.grad(logp.sum() + 0.5 * entropy.sum(), (h, w))
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    all64 = (h64.reshape(-1, 16) @ w64.T / 0.8).log_softmax(-1)
+    logp64 = all64.gather(-1, labels.reshape(-1, 1)).squeeze(-1)
+    logp64 = {"none": logp64, "sum": logp64.sum(), "mean": logp64.mean()}[reduction]
+    entropy64 = -(all64.exp() * all64).sum(-1)
+    grads64 = torch.autograd.grad(logp64.sum() + 0.5 * entropy64.sum(), (h64, w64))
+    assert logp.shape == logp64.shape and entropy.shape == (21,)
+    assert_close_f64(logp, logp64, "logp")
+    assert_close_f64(entropy, entropy64, "entropy")
+    for name, a, b in zip(("hidden", "weight"), grads, grads64):
+        assert_close_f64(a, b, name)
+    with pytest.raises(TypeError, match="temperature: expected a float"):
+        pf.linear_cross_entropy(hidden, weight, labels, 1, reduction)
+    with pytest.raises(ValueError, match="Invalid reduction: max"):
+        pf.linear_cross_entropy(hidden, weight, labels, 1.0, "max")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="verl's linear_cross_entropy is a Triton kernel on CUDA")
+def test_linear_cross_entropy_matches_verls_own_kernel():
+    from peers import load
+
+    theirs = load("verl.utils.kernel.linear_cross_entropy", stand_ins=("tensordict",)).linear_cross_entropy
+    hidden, weight = randn(4, 64, 128, seed=44).bfloat16(), randn(1000, 128, seed=45, scale=0.1).bfloat16()
+    labels = torch.randint(0, 1000, (4, 64), device=DEVICE)
+    ours = pf.linear_cross_entropy(hidden, weight, labels, 0.9, "none")
+    want = theirs(hidden, weight, labels, 0.9, "none")
+    for a, b in zip(ours, want):
+        torch.testing.assert_close(a.float(), b.float().reshape(a.shape), rtol=2e-2, atol=2e-2)
+
+
+def test_a_dtensor_weight_is_gathered_once_per_call(tmp_path):
+    """An FSDP2-sharded lm_head (a DTensor sharded on the vocabulary, one gloo rank here: the sharded
+    type and its autograd, not the collective) through FusedLinearForPPO and linear_cross_entropy: the
+    plain weight's values, and the gradient lands on the DTensor."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        hidden, weight = randn(2, 6, 16, seed=46).cpu(), randn(53, 16, seed=47, scale=0.3).cpu()
+        ids = torch.randint(0, 53, (2, 6))
+        sharded = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
+        plain = weight.clone().requires_grad_()
+        for fn in (lambda w: pf.FusedLinearForPPO(chunk_size=4)(hidden, w, ids, 1.0),
+                   lambda w: pf.linear_cross_entropy(hidden, w, ids, 1.0)):
+            got, want = fn(sharded), fn(plain)
+            (got[0].sum() + got[1].sum()).backward()
+            (want[0].sum() + want[1].sum()).backward()
+            torch.testing.assert_close(got[0], want[0])
+            assert isinstance(sharded.grad, DTensor)
+            torch.testing.assert_close(sharded.grad.full_tensor(), plain.grad)
+            sharded.grad = plain.grad = None
+    finally:
+        dist.destroy_process_group()

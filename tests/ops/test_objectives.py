@@ -283,6 +283,22 @@ def test_rollout_correction_matches_float64_and_feeds_the_loss(backend):
     assert torch.isfinite(loss)
 
 
+def test_a_nan_rollout_log_prob_is_ratio_one_as_trls_mapping(backend):
+    """vLLM gives NaN for a token it could not score; TRL's correction maps its log-ratio to 0
+    (nan_to_num of the masked difference): ratio 1, at token and sequence level alike."""
+    old = randn(3, 6, seed=70, scale=0.3) - 2
+    rollout = old + randn(3, 6, seed=71, scale=0.1)
+    rollout[0, 2] = rollout[2, 0] = float("nan")
+    mask = torch.ones(3, 6, dtype=torch.bool, device=DEVICE)
+    mask[1, 4:] = False
+    trl_diff = torch.nan_to_num((old - rollout) * mask, nan=0.0)  # TRL's own lines
+    for level, trl_log_ratio in (("token", trl_diff), ("sequence", trl_diff.sum(-1, keepdim=True))):
+        with on_backend(backend):
+            weights, _, _ = rollout_correction(old, rollout, mask, level=level, mode="truncate", high=2.0)
+        want = torch.clamp(torch.exp(trl_log_ratio), max=2.0)
+        torch.testing.assert_close(weights, want * (mask if level == "token" else 1.0))
+
+
 def test_rollout_correction_bad_inputs():
     old, rollout, mask = correction_inputs()
     with pytest.raises(ValueError, match=r"level: expected one of \('token', 'sequence', 'geometric'\), got 'seq'"):
