@@ -10,9 +10,11 @@ TORCH_SPEC ?= torch==2.13.0
 # The peers the adapter tests compare with (tests/integrations): their own code, installed without
 # their dependencies (never a second torch); omegaconf is the one light package the compared
 # modules need, accelerate and datasets what TRL's trainers need to run (neither depends on torch,
-# so the installed one is kept). A peer that cannot be installed makes its tests skip, saying so.
-PEERS ?= verl==0.9.1 trl==1.16.0 openrlhf==0.11.2 liger-kernel==0.8.5
-PEER_DEPS ?= "omegaconf>=2.3" "accelerate>=1.4" "datasets>=3"
+# so the installed one is kept), tensordict (pure Python, --no-deps: it names torch) and pyvers,
+# cloudpickle, codetiming what verl's DataProto needs. A peer that cannot be installed makes its
+# tests skip, saying so.
+PEERS ?= verl==0.9.1 trl==1.16.0 openrlhf==0.11.2 liger-kernel==0.8.5 tensordict==0.15.3
+PEER_DEPS ?= "omegaconf>=2.3" "accelerate>=1.4" "datasets>=3" "pyvers>=0.2,<0.3" cloudpickle codetiming
 
 .PHONY: install native peers cuda-check test demo bench clean
 

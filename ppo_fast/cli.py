@@ -38,10 +38,16 @@ def cmd_info(_args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """`bench ops` (default): every op vs the reference; `bench e2e`: PPO steps, fused vs reference ops."""
+    """`bench ops` (default): every op vs the reference; `bench e2e`: PPO steps, fused vs reference ops;
+    `bench tp`: the vocabulary-parallel head per group size."""
     from ppo_fast.bench import RESULTS_DIR, records
 
-    if args.kind == "e2e":
+    if args.kind == "tp":
+        from ppo_fast.bench import tensor_parallel
+
+        record = tensor_parallel.run(args.device, worlds=args.world, tp_sizes=args.tp,
+                                     preset="quick" if args.quick else "full")
+    elif args.kind == "e2e":
         from ppo_fast.bench import e2e
         from ppo_fast.ppo.config import ConfigError
 
@@ -187,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="backends available, devices, versions").set_defaults(func=cmd_info)
 
     bench_parser = sub.add_parser("bench", help="benchmarks: `ops` (default), every op vs the reference; `e2e`, "
-                                                "PPO steps with ppo_fast ops vs reference ops")
-    bench_parser.add_argument("kind", nargs="?", choices=("ops", "e2e"), default="ops")
+                                                "PPO steps with ppo_fast ops vs reference ops; `tp`, the "
+                                                "vocabulary-parallel head per group size")
+    bench_parser.add_argument("kind", nargs="?", choices=("ops", "e2e", "tp"), default="ops")
     bench_parser.add_argument("--op", action="append", help="ops: only this op family, e.g. gae (repeatable)")
-    bench_parser.add_argument("--quick", action="store_true", help="ops: small subset, under a minute (--preset quick)")
+    bench_parser.add_argument("--quick", action="store_true",
+                              help="ops: small subset, under a minute (--preset quick); tp: a tiny shape")
     bench_parser.add_argument("--preset", default="full", choices=("full", "quick", "headline"),
                               help="ops: which shapes; headline: the GPU run's figures (tiny sizes on a CPU)")
     bench_parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -199,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--config", default=None, help="e2e: a PPOConfig YAML (default: the embedded task)")
     bench_parser.add_argument("--steps", type=int, default=5, help="e2e: timed PPO steps per run")
     bench_parser.add_argument("--warmup", type=int, default=1, help="e2e: untimed steps first")
+    bench_parser.add_argument("--world", type=int, nargs="+", default=None,
+                              help="tp: group sizes to run as processes (gloo on CPU; a GPU a rank on CUDA; "
+                                   "default 2 on a CPU, every GPU where there are several)")
+    bench_parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8],
+                              help="tp: one rank's share of a TP-n head, timed alone (the local rows)")
     bench_parser.add_argument("overrides", nargs="*", metavar="key=value", help="e2e: PPOConfig fields")
     bench_parser.set_defaults(func=cmd_bench)
 

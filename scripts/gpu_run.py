@@ -12,12 +12,14 @@ next one, and a stage the time left cannot fit is skipped with a line in the sum
             pytest-xdist is installed, no stop at the first failure
     bench   `ppo-fast bench ops --preset headline` (the goals' sizes; then each policy objective beside
             vanilla PPO), saved after every case
+    bench-tp  `ppo-fast bench tp`: one rank's share of the vocabulary-parallel head at TP 1/2/4/8
+            (M=2048 H=4096 V=131072 bf16, Liger #1422's shape), the plain op beside it
     train   the embedded default run (200 steps)
     graphs  the CUDA-graph capture test and torch.compile(fullgraph=True) of the fused loss
 
-DIR receives at most five files: summary.txt (how each stage ended, failing tests, the bench
-table, the run's reward), the benchmark record (JSON and Markdown) and gpu-run.tar.gz with every
-log and result. Exit status: the number of stages that failed or were skipped.
+DIR receives at most six files: summary.txt (how each stage ended, failing tests, the bench
+tables, the run's reward), the two benchmark records (JSON and Markdown) and gpu-run.tar.gz with
+every log and result. Exit status: the number of stages that failed or were skipped.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ PACKING_RESERVE_S = 10  # kept back from the budget for the summary and the arch
 # build, which the GPU's own JIT supersedes) and the host-only tests (backend choice, constants).
 TEST_FILES = [f"tests/ops/test_{name}.py" for name in (
     "logprobs", "numeric_contract", "fused_linear", "fused_linear_ppo_loss", "policy_loss", "objectives",
-    "objective_registry", "value_loss", "kl", "gae", "masked", "input_rules", "checks", "dpo", "group_advantages")]
+    "objective_registry", "value_loss", "kl", "gae", "masked", "input_rules", "checks", "dpo", "group_advantages")] + [
+    "tests/ops/test_vocab_parallel.py::test_a_group_of_one_agrees_with_the_plain_op"]  # the TP head under NCCL
 # The headline bench's op families in order of value: the record is saved after every case, so a
 # stage cut short keeps the first ones.
 BENCH_ORDER = ("logprobs", "fused_linear_ppo_loss", "gae", "policy_loss", "objectives")
@@ -77,12 +80,14 @@ def stages(work: str, dry_run: bool) -> list:
         Stage("build", 100, 30, [[py, "setup.py", "build_ext", "--inplace"],
                                  [py, "-c", f"import {native}; print('{native} loads')"],
                                  [py, "-m", "ppo_fast.cli", "info"]]),
-        Stage("test", 130, 30, [[py, "-m", "pytest", *TEST_FILES, *pytest_flags]]),
-        Stage("bench", 90, 20, [[py, "-m", "ppo_fast.cli", "bench", "ops", "--preset", "headline",
+        Stage("test", 125, 30, [[py, "-m", "pytest", *TEST_FILES, *pytest_flags]]),
+        Stage("bench", 85, 20, [[py, "-m", "ppo_fast.cli", "bench", "ops", "--preset", "headline",
                                  *(arg for op in BENCH_ORDER for arg in ("--op", op)),
                                  "--out", os.path.join(work, "results"), *(["--device", "cpu"] if dry_run else [])]]),
-        Stage("train", 60, 20, [train]),
-        Stage("graphs", 30, 10, [[py, "-m", "pytest", *GRAPH_TESTS, *pytest_flags]]),
+        Stage("bench-tp", 25, 10, [[py, "-m", "ppo_fast.cli", "bench", "tp", "--out", os.path.join(work, "results"),
+                                    *(["--device", "cpu", "--quick"] if dry_run else [])]]),
+        Stage("train", 50, 20, [train]),
+        Stage("graphs", 25, 10, [[py, "-m", "pytest", *GRAPH_TESTS, *pytest_flags]]),
     ]
 
 
@@ -189,16 +194,18 @@ def summary(results: list, work: str, device_lines: list, budget_s: float, elaps
             detail = test_report(text)
         elif r["stage"] == "train":
             detail = train_report(os.path.join(work, "default-run"))
-        elif r["stage"] == "bench":
-            detail = [line for line in bench_tables(work)] or text.strip().splitlines()[-3:]
+        elif r["stage"] in ("bench", "bench-tp"):
+            detail = bench_table(work, r["stage"]) or text.strip().splitlines()[-3:]
         else:
             detail = text.strip().splitlines()[-4:]
         out += ["    " + line for line in detail]
     return "\n".join(out) + "\n"
 
 
-def bench_tables(work: str) -> list:
-    tables = sorted(glob.glob(os.path.join(work, "results", "*.md")))
+def bench_table(work: str, stage: str) -> list:
+    """The lines of the stage's table: the ops record's, or the tensor-parallel one's (tp-*)."""
+    tables = sorted(path for path in glob.glob(os.path.join(work, "results", "*.md"))
+                    if os.path.basename(path).startswith("tp-") == (stage == "bench-tp"))
     return open(tables[-1]).read().strip().splitlines() if tables else []
 
 

@@ -96,6 +96,14 @@ def verl_core_algos():
                 attrs={"verl.utils": {"as_torch_index": None, "group_mean_std": None}})
 
 
+def verl_rollout_corr_helper():
+    """verl's rollout correction (its DataProto needs tensordict, installed by `make peers`)."""
+    pytest.importorskip("tensordict", reason="verl's rollout_corr_helper needs tensordict (make peers)")
+    return load("verl.trainer.ppo.rollout_corr_helper",
+                stand_ins=("ray", "verl.trainer.config", "verl.trainer.config.algorithm", "verl.workers.config",
+                           "verl.workers.config.actor"))
+
+
 def verl_torch_functional():
     return load("verl.utils.torch_functional", stand_ins=("tensordict",))
 

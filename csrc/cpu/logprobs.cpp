@@ -187,8 +187,10 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const RowLay
       const scalar_t* row = layout.row(base, r);
       scalar_t* out = grad + r * V;
       const int64_t y = labels ? labels[r] : -1;
+      // A label outside [0, V) is another rank's column (a vocabulary shard): its -p g_logp still
+      // reaches every column here, its indicator none.
       const bool has_label = y >= 0 && y < V && y != ignore_index;
-      const float g_logp = (grad_logp && has_label) ? grad_logp[r] : 0.0f;
+      const float g_logp = (grad_logp && y != ignore_index) ? grad_logp[r] : 0.0f;
       const float g_entropy = grad_entropy ? grad_entropy[r] : 0.0f;
       const float H = grad_entropy ? entropy[r] : 0.0f;
       // The label's entry is computed before the sweep: `out` may be the logits buffer itself.

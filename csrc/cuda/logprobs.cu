@@ -186,7 +186,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* row_ptr = layout.row(logits, row);
   T* out = grad + row * V;
   const int64_t y = labels ? labels[row] : -1;
-  const float g_logp = (grad_logp && y >= 0 && y < V && y != ignore_index) ? grad_logp[row] : 0.0f;
+  // a label outside [0, V) is another rank's column (a vocabulary shard): -p g_logp still applies
+  const float g_logp = (grad_logp && y != ignore_index) ? grad_logp[row] : 0.0f;
   const float g_entropy = grad_entropy ? grad_entropy[row] : 0.0f;
   const float H = grad_entropy ? entropy[row] : 0.0f;
   const float row_max = norm[2 * row], log_d = norm[2 * row + 1];

@@ -1,5 +1,5 @@
-"""Benchmark records: one JSON schema per kind ("ops", "e2e"), one Markdown table and one save
-for both, PNG plots for op records. See README "Benchmarks" for the fields."""
+"""Benchmark records: one JSON schema per kind ("ops", "e2e", "tp"), one Markdown table and one
+save for all, PNG plots for op records. See README "Benchmarks" for the fields."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import os
 
 
 def markdown_table(record: dict) -> str:
-    """The record as a Markdown table (op or e2e records)."""
-    return _e2e_table(record) if record["kind"] == "e2e" else _ops_table(record)
+    """The record as a Markdown table (op, e2e or tensor-parallel records)."""
+    return {"e2e": _e2e_table, "tp": _tp_table}.get(record["kind"], _ops_table)(record)
 
 
 def _ops_table(record: dict) -> str:
@@ -82,7 +82,7 @@ def save(record: dict, out_dir: str, plots: bool = True) -> str:
     table beside it and, for op records with `plots`, a PNG per function. Returns the JSON's path."""
     os.makedirs(out_dir, exist_ok=True)
     slug = "-".join("".join(c if c.isalnum() else " " for c in record["device"].lower()).split())
-    prefix = "e2e-" if record["kind"] == "e2e" else ""
+    prefix = {"e2e": "e2e-", "tp": "tp-"}.get(record["kind"], "")
     preset = record.get("preset", "full")
     stem = os.path.join(out_dir, f"{prefix}{slug}-{record['date']}{'' if preset == 'full' else '-' + preset}")
     with open(stem + ".json", "w") as f:
@@ -116,4 +116,22 @@ def _e2e_table(record: dict) -> str:
                      f"{r['experience_tokens_per_s']:.0f} | {r['update_tokens_per_s']:.0f} | {gb(r['peak_memory_gb'])} | "
                      f"{gb(r['peak_memory_rollout_gb'])} | {gb(r['peak_memory_experience_gb'])} | "
                      f"{gb(r['peak_memory_update_gb'])} |")
+    return "\n".join(lines)
+
+
+def _tp_table(record: dict) -> str:
+    """One line per tensor-parallel row (bench/tensor_parallel.py), its time against the plain op's
+    (same function and mode)."""
+    plain = {(r["fn"], r["mode"]): r["ms"] for r in record["results"] if r["impl"] == "plain"}
+    lines = [f"Vocabulary-parallel head on {record['device']} — torch {record['torch']}, {record['date']}; "
+             f"group rows: slowest rank, collectives included; local rows: one rank's share, no communication",
+             "", "| op | mode | dtype | shape | rows | tp | impl | columns | ms | plain / this | received MB "
+             "| full-logits gather MB |", "|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in record["results"]:
+        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+        ratio = plain.get((r["fn"], r["mode"]))
+        ratio = f"{ratio / r['ms']:.2f}x" if ratio else "-"
+        lines.append(f"| {r['fn']} | {r['mode']} | {r['dtype']} | {shape} | {r['kind']} | {r['tp']} | {r['impl']} | "
+                     f"{r['columns']} | {r['ms']:.2f} | {ratio} | {r['received_mb']:.2f} | "
+                     f"{r['full_logits_mb']:.2f} |")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from ppo_fast.integrations import unsupported
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the clipped surrogate (and its clip fraction)
+TOKEN_COUNT_TYPES = ("dapo", "cispo", "vespo")  # divided by the caller's token count, not per accumulation step
 
 
 def check(peer: str, loss_type: str) -> None:
@@ -57,4 +58,5 @@ def aggregation(loss_type: str, mask, *, max_completion_length, token_count, acc
         if max_completion_length is None:
             raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
         return {"agg": "token-mean", "num_tokens": float(B * max_completion_length) * accumulation}
+    assert loss_type in TOKEN_COUNT_TYPES, loss_type
     return {"agg": "token-mean", "num_tokens": float(token_count())}

@@ -169,12 +169,9 @@ def _refuse_unsupported(trainer, inputs) -> None:
     args = trainer.args
     grpo_loss_types.check("trl", trainer.loss_type)
     checks = [
-        (trainer.top_entropy_quantile < 1.0, f"top_entropy_quantile={trainer.top_entropy_quantile}",
-         "no high-entropy token mask"),
-        (getattr(trainer, "off_policy_mask_threshold", None) is not None, "off_policy_mask_threshold",
-         "no off-policy sequence mask"),
-        (getattr(trainer, "_entropy_bonus_enabled", False), "entropy_coef (entropy bonus)",
-         "TRL normalises it apart from the policy loss"),
+        (trainer.loss_type == "vespo" and _token_masks_on(trainer),
+         "top_entropy_quantile / off_policy_mask_threshold with loss_type='vespo'",
+         "vespo takes the importance ratios itself; the masks would have to multiply its loss apart from them"),
         (getattr(trainer, "aux_loss_enabled", False), "router auxiliary loss (MoE)", ""),
         (any(inputs.get(k) is not None for k in ("pixel_values", "image_grid_thw", "token_type_ids")),
          "multimodal inputs", "text only"),
@@ -253,14 +250,99 @@ def grpo_compute_loss(trainer, model, inputs):
     train = model.training
     labels = completion_ids.masked_fill(completion_mask == 0, IGNORE)
     compute_dtype = transform.pop("compute_dtype")  # the head's GEMMs in TRL's dtype; fp32 masters stay fp32
+    loss_terms = dict(ref_log_prob=inputs.get("ref_per_token_logps") if trainer.beta != 0.0 else None,
+                      kl_coef=float(trainer.beta), kl_estimator="k3_raw", kl_ratio=_kl_ratio(trainer),
+                      **_objective(trainer), **_aggregation(trainer, mask, inputs, train))
     with torch.autocast(hidden.device.type, dtype=compute_dtype, enabled=compute_dtype != hidden.dtype):
-        loss, stats = ops.fused_linear_ppo_loss(
-            hidden, weight, labels, inputs.get("old_per_token_logps"), advantages, mask, bias=bias,
-            ref_log_prob=inputs.get("ref_per_token_logps") if trainer.beta != 0.0 else None,
-            kl_coef=float(trainer.beta), kl_estimator="k3_raw", kl_ratio=_kl_ratio(trainer), is_weights=is_weights,
-            return_log_prob=True, **transform, **_objective(trainer), **_aggregation(trainer, mask, inputs, train))
+        if _token_masks_on(trainer) or trainer._entropy_bonus_enabled:
+            return _loss_from_token_values(trainer, hidden, weight, bias, labels, transform, inputs, advantages, mask,
+                                           is_weights, loss_terms, train)
+        loss, stats = ops.fused_linear_ppo_loss(hidden, weight, labels, inputs.get("old_per_token_logps"), advantages,
+                                                mask, bias=bias, is_weights=is_weights, return_log_prob=True,
+                                                **transform, **loss_terms)
     _log_metrics(trainer, stats, inputs, advantages, mask, is_weights, train)
     return loss
+
+
+def _token_masks_on(trainer) -> bool:
+    """TRL's masks that read the current log-probs or entropies (before the loss can be formed)."""
+    return trainer.top_entropy_quantile < 1.0 or getattr(trainer, "off_policy_mask_threshold", None) is not None
+
+
+def _loss_from_token_values(trainer, hidden, weight, bias, labels, transform, inputs, advantages, mask, is_weights,
+                            loss_terms, train: bool):
+    """The loss when a term needs the batch's current log-probs or entropies first: TRL's high-entropy
+    token mask (top_entropy_quantile < 1: a quantile over every rank's tokens), its off-policy
+    sequence mask (off_policy_mask_threshold) and its entropy bonus. The head's kernels give the
+    log-probs and entropy [B, T] (differentiable, no [N, V] tensor kept: fused_linear_logprobs), TRL's
+    own methods make the masks from them, detached, and the masks weigh the policy term as TRL's do
+    (with the vLLM importance ratios; the KL term unmasked); then the loss of those log-probs
+    (reference.ppo_loss_of_logprobs: the fused op's generic path) and the bonus by TRL's rule:
+
+        loss -= c_H * sum(H m') / max(sum m', 1) / accumulation,   m' = mask * entropy mask
+
+    c_H TRL's entropy_coef, or its adaptive controller's (_adaptive_entropy_coef). One more GEMM than
+    the fused loss (the head's backward recomputes the logits)."""
+    logp, entropy = ops.fused_linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, **transform)
+    old = inputs.get("old_per_token_logps")
+    old = logp.detach() if old is None else old
+    entropy_mask, policy_weights = None, is_weights
+    if trainer.top_entropy_quantile < 1.0:
+        entropy_mask = trainer.get_high_entropy_mask(entropy.detach(), mask, 1 - trainer.top_entropy_quantile).float()
+        policy_weights = entropy_mask if policy_weights is None else policy_weights * entropy_mask
+    if trainer.off_policy_mask_threshold is not None:  # TRL's rule: the sampler's log-probs where it has them
+        given = inputs["advantages"]  # [B] or [B, T], as TRL reads it
+        kept = trainer.get_off_policy_mask(given.unsqueeze(1) if given.dim() == 1 else given, logp.detach(),
+                                           inputs.get("sampling_per_token_logps", old), mask,
+                                           trainer.off_policy_mask_threshold).float()
+        policy_weights = kept if policy_weights is None else policy_weights * kept
+    loss, stats = reference.ppo_loss_of_logprobs(logp, entropy, old, advantages, mask, is_weights=policy_weights,
+                                                 **loss_terms)
+    stats["log_prob"] = logp.detach()
+    if trainer._entropy_bonus_enabled:
+        loss = _with_entropy_bonus(trainer, loss, entropy, mask if entropy_mask is None else mask * entropy_mask, train)
+    _log_metrics(trainer, stats, inputs, advantages, mask, is_weights, train)
+    return loss
+
+
+def _with_entropy_bonus(trainer, loss, entropy, effective_mask, train: bool):
+    """TRL's entropy bonus on top of the loss (see _loss_from_token_values), its policy_loss and
+    entropy_coef metrics, and its adaptive controller's step (trainer state, as TRL keeps it)."""
+    mode = "train" if train else "eval"
+    accumulation = trainer.current_gradient_accumulation_steps if train else 1.0
+    effective_mask = effective_mask.float()
+    bonus = (entropy * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation
+    coef = trainer.entropy_coef
+    if trainer.use_adaptive_entropy and trainer._last_world_entropy > trainer.args.entropy_target:
+        coef = 0.0  # the controller's gate from the end of the previous optimizer step
+    per_step = 1.0 if trainer.loss_type in grpo_loss_types.TOKEN_COUNT_TYPES else accumulation
+    policy_loss = loss.detach() * per_step  # TRL logs it before the accumulation divisor
+    trainer._metrics[mode]["policy_loss"].append(trainer.accelerator.gather(policy_loss).nanmean().item())
+    if trainer.use_adaptive_entropy and train:
+        _adaptive_entropy_step(trainer, entropy.detach(), effective_mask)
+    if train and trainer.accelerator.sync_gradients:
+        trainer._metrics[mode]["entropy_coef"].append(trainer.entropy_coef)
+    return loss - coef * bonus
+
+
+def _adaptive_entropy_step(trainer, entropy, effective_mask) -> None:
+    """TRL's adaptive entropy controller: the window's token-weighted entropy over every rank, at each
+    optimizer step, moves entropy_coef by entropy_coef_delta toward keeping it above entropy_target
+    (within [entropy_coef_min, entropy_coef_max])."""
+    args = trainer.args
+    stats = torch.stack([(entropy * effective_mask).sum(), effective_mask.sum()])
+    window = trainer._entropy_window_stats
+    trainer._entropy_window_stats = stats if window is None else window + stats
+    if not trainer.accelerator.sync_gradients:
+        return
+    totals = trainer.accelerator.reduce(trainer._entropy_window_stats, reduction="sum")
+    world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+    if world_entropy <= args.entropy_target:
+        trainer.entropy_coef = min(trainer.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+    else:
+        trainer.entropy_coef = max(trainer.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+    trainer._last_world_entropy = world_entropy
+    trainer._entropy_window_stats = None
 
 
 def _kl_ratio(trainer):

@@ -197,13 +197,50 @@ def compute_policy_loss_kl_cov(old_log_prob, log_prob, advantages, response_mask
     return loss, {"actor/ppo_kl": abs_kl.item()}
 
 
+def compute_policy_loss_bypass_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                    config=None, rollout_is_weights=None):
+    """verl's `bypass_mode` (the trainer passes the rollout's log-probs as old_log_prob): verl's own
+    rollout correction from config.policy_loss.rollout_correction — importance weights pi / pi_rollout
+    of the current log-probs (rollout_is token / sequence, rollout_is_threshold TIS or IcePop,
+    rollout_is_batch_normalize), the rejection mask (rollout_rs, rollout_rs_threshold) and its
+    rollout_corr/* diagnostics, by verl's rollout_corr_helper as verl's bypass_mode calls it (the
+    trainer's side, not the loss's) — then ppo_fast's loss on the tokens kept: loss_type ppo_clip,
+    the `vanilla` loss against the rollout policy without the weights (its clip is the correction);
+    reinforce, -w A log_prob (objective gpg with the weights), metric actor/ppo_kl. rollout_is_weights
+    given by the caller are ignored, as verl ignores them here."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    correction = _policy_loss_config(config, "rollout_correction", None)
+    if correction is None:
+        raise ValueError("rollout_correction config not found in policy_loss. When using loss_mode='bypass_mode', "
+                         "ensure rollout_correction config is passed.")
+    loss_type = _config_get(correction, "loss_type", "ppo_clip")
+    if loss_type not in ("ppo_clip", "reinforce"):
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
+    with torch.no_grad():
+        weights, kept_mask, correction_metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask,
+            rollout_is=_config_get(correction, "rollout_is"),
+            rollout_is_threshold=_config_get(correction, "rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=_config_get(correction, "rollout_is_batch_normalize", False),
+            rollout_rs=_config_get(correction, "rollout_rs"),
+            rollout_rs_threshold=_config_get(correction, "rollout_rs_threshold"))
+    if loss_type == "reinforce":
+        weights = weights.batch["rollout_is_weights"] if weights is not None else None
+        loss, metrics = _policy_loss(old_log_prob, log_prob, advantages, kept_mask, loss_agg_mode, config, weights,
+                                     metrics=(None, "actor/ppo_kl", None), objective="gpg")
+    else:
+        loss, metrics = compute_policy_loss(old_log_prob, log_prob, advantages, kept_mask, loss_agg_mode, config)
+    return loss, {**metrics, **correction_metrics}
+
+
 # loss_mode -> verl policy loss, as register() adds them to verl's registry
 POLICY_LOSSES = {"ppo_fast": compute_policy_loss, "ppo_fast_gspo": compute_policy_loss_gspo,
                  "ppo_fast_cispo": compute_policy_loss_cispo, "ppo_fast_gpg": compute_policy_loss_gpg,
                  "ppo_fast_sapo": compute_policy_loss_sapo, "ppo_fast_dro": compute_policy_loss_dro,
                  "ppo_fast_dppo_tv": compute_policy_loss_dppo_tv, "ppo_fast_dppo_kl": compute_policy_loss_dppo_kl,
                  "ppo_fast_geo_mean": compute_policy_loss_geo_mean, "ppo_fast_clip_cov": compute_policy_loss_clip_cov,
-                 "ppo_fast_kl_cov": compute_policy_loss_kl_cov}
+                 "ppo_fast_kl_cov": compute_policy_loss_kl_cov, "ppo_fast_bypass_mode": compute_policy_loss_bypass_mode}
 
 
 def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean", dp_size=1,
@@ -295,18 +332,16 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
     """verl.utils.kernel.linear_cross_entropy (its Triton fused head): (log_probs, entropy) of labels from
     hidden [..., H] and weight [V, H], flattened to [N] as verl returns them; reduction "none" (per
     token), "sum" or "mean" (over the N tokens) of the log-probs, the entropy always per token; both
-    differentiable. A DTensor weight is gathered once per call. dist_process_group (verl's
-    vocab-parallel head): refused until ppo_fast's tensor-parallel head (issue 38) lands."""
+    differentiable. A DTensor weight is gathered once per call. dist_process_group: verl's
+    vocabulary-parallel head, weight this rank's rows (ppo_fast's tp_group)."""
     if not isinstance(temperature, float):
         raise TypeError(f"temperature: expected a float (as verl asserts), got {type(temperature).__name__}")
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"Invalid reduction: {reduction}")
-    if dist_process_group is not None:
-        raise unsupported("verl", "linear_cross_entropy(dist_process_group=...)",
-                          "the vocabulary-parallel head is not in ppo_fast yet; gather the weight instead")
-    logp, entropy = ops.fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), _whole(weight),
+    weight = weight if dist_process_group is not None else _whole(weight)  # a vocabulary shard stays one
+    logp, entropy = ops.fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
                                               labels.reshape(-1).to(torch.int64), temperature=temperature,
-                                              return_entropy=True)
+                                              return_entropy=True, tp_group=dist_process_group)
     if reduction == "sum":
         logp = logp.sum()
     elif reduction == "mean":
@@ -318,7 +353,7 @@ def register() -> None:
     """Make ppo_fast's implementations nameable in verl configs: the policy losses of POLICY_LOSSES
     (actor.policy_loss.loss_mode: ppo_fast, ppo_fast_gspo, ppo_fast_cispo, ppo_fast_gpg, ppo_fast_sapo,
     ppo_fast_dro, ppo_fast_dppo_tv, ppo_fast_dppo_kl, ppo_fast_geo_mean, ppo_fast_clip_cov,
-    ppo_fast_kl_cov; each takes verl's rollout_is_weights) and the advantage estimators
+    ppo_fast_kl_cov, ppo_fast_bypass_mode; each takes verl's rollout_is_weights) and the advantage estimators
     "ppo_fast_grpo", "ppo_fast_rloo" (verl must be importable; its GAE has a path of its own, with
     the values, so use compute_gae_advantage_return directly)."""
     from verl.trainer.ppo import core_algos
@@ -327,6 +362,31 @@ def register() -> None:
         core_algos.POLICY_LOSS_REGISTRY.setdefault(name, fn)
     core_algos.ADV_ESTIMATOR_REGISTRY.setdefault("ppo_fast_grpo", _registered_grpo)
     core_algos.ADV_ESTIMATOR_REGISTRY.setdefault("ppo_fast_rloo", _registered_rloo)
+
+
+def _tensor_parallel_group(tp_group):
+    """The group given, else Megatron's tensor-parallel group (as verl's own functions read it)."""
+    if tp_group is not None:
+        return tp_group
+    try:
+        from megatron.core import parallel_state as mpu
+    except ImportError:
+        raise unsupported("verl", "vocab_parallel_* without megatron.core",
+                          "install megatron-core, or pass tp_group=<the tensor-parallel process group>") from None
+    return mpu.get_tensor_model_parallel_group()
+
+
+def vocab_parallel_log_probs_from_logits(logits, labels, tp_group=None):
+    """verl.utils.megatron.tensor_parallel.vocab_parallel_log_probs_from_logits: log-probs of global
+    labels from this rank's vocabulary shard of the logits [..., V / tp] (Megatron's tensor-parallel
+    group, or tp_group), on ppo_fast's vocabulary-parallel head."""
+    return ops.logprobs_from_logits(logits, labels, tp_group=_tensor_parallel_group(tp_group))
+
+
+def vocab_parallel_entropy(vocab_parallel_logits, tp_group=None):
+    """verl.utils.megatron.tensor_parallel.vocab_parallel_entropy: the entropy of rows whose logits are
+    split over the tensor-parallel group, [N, V / tp] -> [N]."""
+    return ops.entropy_from_logits(vocab_parallel_logits, tp_group=_tensor_parallel_group(tp_group))
 
 
 def _register_if_verl_is_here() -> None:

@@ -20,7 +20,7 @@ from ppo_fast.ops.kl import compute_rewards, kl_penalty
 from ppo_fast.ops.logprobs import entropy_from_logits, logprobs_from_logits
 from ppo_fast.ops.masked import agg_loss, masked_mean, masked_whiten
 from ppo_fast.ops.policy_loss import ppo_policy_loss
-from ppo_fast.ops.rollout_correction import rollout_correction
+from ppo_fast.ops.rollout_correction import rollout_correction, rollout_rejection
 from ppo_fast.ops.value_loss import value_loss
 
 FAMILIES = ("logprobs", "fused_linear", "fused_linear_ppo_loss", "policy_loss", "value_loss", "kl", "masked", "gae",
@@ -45,5 +45,6 @@ __all__ = [
     "masked_whiten",
     "ppo_policy_loss",
     "rollout_correction",
+    "rollout_rejection",
     "value_loss",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 
@@ -21,6 +22,13 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def value_checks_enabled(device: torch.device) -> bool:
     """Whether checks that read tensor values run for tensors on `device` (see the docstring)."""
     return device.type == "cpu" or os.environ.get("PPO_FAST_CHECK_VALUES", "0") == "1"
+
+
+def any_dtensor(*tensors) -> bool:
+    """Whether any of them is a DTensor (never imports torch.distributed.tensor: without it loaded,
+    no DTensor exists)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(isinstance(t, module.DTensor) for t in tensors)
 
 
 def require_tensor(name: str, x) -> None:

@@ -32,6 +32,7 @@ import torch
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import backend_table, dispatch
 from ppo_fast.ops.checks import (
+    any_dtensor,
     require_float,
     require_integer,
     require_labels_in_range,
@@ -234,16 +235,18 @@ FUSED_LINEAR_LOGPROBS = backend_table(_fused_kernels, LAUNCHERS, reference.fused
 IMPLEMENTATIONS = {"fused_linear_logprobs": FUSED_LINEAR_LOGPROBS}
 
 
-def check_linear_inputs(hidden, weight, bias, labels, ignore_index) -> int:
+def check_linear_inputs(hidden, weight, bias, labels, ignore_index, shard=False) -> int:
     """hidden [..., H], weight [V, H] and bias [V] of float dtypes (the weight's and bias's may differ
     from hidden's: see the module docstring), integer labels shaped hidden.shape[:-1] in [0, V) or
     ignore_index, all on one device. Returns V. H = 0 is defined (the logits are the bias, or 0: a
-    uniform distribution); V = 0 is refused (no distribution)."""
+    uniform distribution); V = 0 is refused (no distribution). shard: weight is one rank's vocabulary
+    shard (tp_group), which may be empty; the labels are global ids, checked against the whole
+    vocabulary by the group."""
     require_float("hidden", hidden)
     require_float("weight", weight)
     if hidden.dim() < 1:
         raise ValueError(f"hidden: expected shape [..., H] (at least one dimension), got {tuple(hidden.shape)}")
-    if weight.dim() == 2 and weight.shape[0] == 0:
+    if weight.dim() == 2 and weight.shape[0] == 0 and not shard:
         raise ValueError(f"weight: expected shape [V, H] with V >= 1 (log-probs need at least one token), got "
                          f"{tuple(weight.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -256,7 +259,8 @@ def check_linear_inputs(hidden, weight, bias, labels, ignore_index) -> int:
     require_integer("labels", labels)
     require_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
     require_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
-    require_labels_in_range(labels, V, ignore_index)
+    if not shard:
+        require_labels_in_range(labels, V, ignore_index)
     return V
 
 
@@ -266,7 +270,8 @@ def require_chunk_size(chunk_size) -> None:
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, chunk_size=None, logit_scale=1.0, softcap=None, return_stats=False):
+                          return_entropy=False, chunk_size=None, logit_scale=1.0, softcap=None, return_stats=False,
+                          tp_group=None, tp_invariant=False):
     """Log-probs of `labels` (and the entropy) under softmax(x), x the logits hidden @ weight.T + bias
     over the temperature (optionally scaled and softcapped, as in logprobs_from_logits), equal to
     `logprobs_from_logits(hidden @ weight.T + bias, labels, ...)` without the logits.
@@ -281,11 +286,35 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         chunk_size: rows per chunk in both passes; default from V, H and free memory.
         logit_scale, softcap, return_stats: as in logprobs_from_logits (the statistics from the
             same pass over each chunk's logits).
+        tp_group: a process group over which the LM head is split by vocabulary
+            (ppo_fast/ops/vocab_parallel.py): weight / bias are this rank's rows [V_local, H] / [V_local]
+            (contiguous shards in rank order), hidden the same on every rank, labels global ids;
+            d_hidden is summed over the group, d_weight stays local. Or weight (and bias) a DTensor
+            sharded on dim 0 over one mesh dimension with hidden a DTensor replicated on its mesh
+            (a plain hidden beside it is refused: FSDP's sharded weight or a TP shard?).
+            tp_invariant as in logprobs_from_logits.
 
     Returns float32 logp shaped like labels, (logp, entropy), or (logp, entropy, stats). Gradients
     flow to hidden, weight and bias through logp and entropy; weight and bias gradients are
     accumulated in fp32.
     """
+    if any_dtensor(hidden, weight, bias, labels):  # the LM head sharded on the vocabulary: its mesh's group
+        from ppo_fast.ops import vocab_parallel
+
+        tp_group, local = vocab_parallel.from_dtensors(tp_group, {"weight": (weight, 0), "bias": (bias, 0)},
+                                                       {"hidden": hidden, "labels": labels})
+        hidden, weight, bias, labels = (local[k] for k in ("hidden", "weight", "bias", "labels"))
+    if tp_group is not None:  # labels are global ids: checked against the whole vocabulary there
+        from ppo_fast.ops import vocab_parallel
+
+        check_linear_inputs(hidden, weight, bias, labels, ignore_index, shard=True)
+        require_logit_transform(temperature, logit_scale, softcap)
+        require_chunk_size(chunk_size)
+        return vocab_parallel.fused_linear_logprobs(
+            hidden, weight, labels, tp_group=tp_group, bias=bias, temperature=float(temperature),
+            ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
+            logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
+            return_stats=return_stats, invariant=tp_invariant)
     check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     require_logit_transform(temperature, logit_scale, softcap)
     require_chunk_size(chunk_size)

@@ -38,6 +38,7 @@ from ppo_fast.ops import policy_loss as policy_ops
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import backend_table, dispatch
 from ppo_fast.ops.checks import (
+    any_dtensor,
     contiguous,
     require_choice,
     require_finite,
@@ -78,12 +79,12 @@ class Hyper:
 
 
 # ----------------------------------------------------------------------------- per-token parts
-# backend -> (policy-loss forward, KL backend): the O(tokens) parts of a chunk. The cuda backend
-# runs them on Triton, the cpp backend's KL on torch (neither has its own kernel for them).
+# backend -> (policy-loss forward, KL backend): the O(tokens) parts of a chunk, each the backend's
+# own kernel; the cuda backend has none for them (its head is CUDA, these O(N) parts run on Triton).
 TOKEN_PARTS = {
     "triton": (policy_ops.KERNELS["triton"], "triton"),
     "cuda": (policy_ops.KERNELS["triton"], "triton"),
-    "cpp": (policy_ops.KERNELS["cpp"], "torch"),
+    "cpp": (policy_ops.KERNELS["cpp"], "cpp"),
 }
 # Backends whose log-probs backward may write the gradient into the logits buffer.
 IN_PLACE_BACKWARD = ("triton", "cpp")
@@ -305,7 +306,7 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
                           ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", kl_ratio=None,
                           entropy_coef=0.0, agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None,
                           objective="clip", chunk_size=None, logit_scale=1.0, softcap=None, return_log_prob=False,
-                          **params):
+                          tp_group=None, tp_invariant=False, **params):
     """PPO policy loss from the last hidden states and the LM head, never holding [N, V] logits:
 
         ppo_policy_loss(logp, ...) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref))
@@ -331,6 +332,10 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
             statistic is then the weighted one.
         return_log_prob: also return the per-token log-probs, detached [B, T], as stats["log_prob"]
             (for a trainer's own metrics).
+        tp_group, tp_invariant: the LM head split by vocabulary over a process group, as in
+            fused_linear_logprobs (weight / bias this rank's rows): the vocabulary-parallel head gives
+            the log-probs and entropy, then the generic path's composition (every objective, ratio
+            level, is_weights, entropy bonus, KL term); d_hidden summed over the group.
         chunk_size: tokens per chunk (whole rows, at least one); default from V and free memory.
         logit_scale, softcap: the logits' scale and final-logit softcap, as in logprobs_from_logits.
 
@@ -339,7 +344,16 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
     max_abs_log_ratio (max |logp - old| over valid tokens: 0 exactly on-policy) and (with
     ref_log_prob) kl. Under no_grad, or when nothing requires grad, no gradient work runs.
     """
-    check_linear_inputs(hidden, weight, bias, labels, ignore_index)
+    if any_dtensor(hidden, weight, bias, labels, old_log_prob, advantages, mask, ref_log_prob, is_weights):
+        from ppo_fast.ops import vocab_parallel
+
+        per_token = ("hidden", "labels", "old_log_prob", "advantages", "mask", "ref_log_prob", "is_weights")
+        tp_group, local = vocab_parallel.from_dtensors(
+            tp_group, {"weight": (weight, 0), "bias": (bias, 0)},
+            dict(zip(per_token, (hidden, labels, old_log_prob, advantages, mask, ref_log_prob, is_weights))))
+        hidden, weight, bias = local["hidden"], local["weight"], local["bias"]
+        labels, old_log_prob, advantages, mask, ref_log_prob, is_weights = (local[k] for k in per_token[1:])
+    check_linear_inputs(hidden, weight, bias, labels, ignore_index, shard=tp_group is not None)
     _check_loss_inputs(hidden, labels, old_log_prob, advantages, mask, ref_log_prob)
     require_logit_transform(temperature, logit_scale, softcap)
     require_chunk_size(chunk_size)
@@ -352,6 +366,20 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
         raise ValueError(f"ref_log_prob: required when kl_coef != 0 (got kl_coef={kl_coef})")
     objective = resolve(objective, **params)
     policy_ops.check_is_weights(is_weights, advantages, mask)
+    if tp_group is not None:
+        from ppo_fast.ops import vocab_parallel
+
+        logp, entropy = vocab_parallel.fused_linear_logprobs(
+            hidden, weight, labels, tp_group=tp_group, bias=bias, temperature=float(temperature),
+            ignore_index=ignore_index, return_entropy=True, chunk_size=chunk_size, logit_scale=float(logit_scale),
+            softcap=None if softcap is None else float(softcap), invariant=tp_invariant)
+        loss, stats = reference.ppo_loss_of_logprobs(
+            logp, entropy, old_log_prob, advantages, mask, ref_log_prob=ref_log_prob, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, kl_ratio=kl_ratio, entropy_coef=entropy_coef, agg=agg, num_tokens=num_tokens,
+            num_seqs=num_seqs, is_weights=is_weights, objective=objective)
+        if return_log_prob:
+            stats["log_prob"] = logp.detach()
+        return loss, stats
     return dispatch("fused_linear_ppo_loss", FUSED_LINEAR_PPO_LOSS, hidden.device, hidden, weight, labels, old_log_prob,
                     advantages, mask, bias=bias, temperature=float(temperature), ignore_index=ignore_index,
                     ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_ratio=kl_ratio,

@@ -20,7 +20,9 @@ and the normaliser as the pair norm = (m, log d), m the row's max of x and d = s
 log p_v = (x_v - m) - log d, so no [N, V] fp32 tensor is ever saved. The pair, not lse, keeps
 log p exact where |m| >> log d (a row at -1e8: m + log d rounds to m in fp32). A NaN or +inf logit makes its row's results NaN (as
 log_softmax does); a label outside [0, V) (possible only where value checks are off, see
-ppo_fast.ops.checks) gives logp NaN and is never read. The softcap and the statistics are
+ppo_fast.ops.checks) gives logp NaN and is never read; in the backward it is a column of another
+vocabulary shard (ppo_fast/ops/vocab_parallel.py): its -p g_logp reaches every column, its
+indicator none. The softcap and the statistics are
 compile-time switches: the plain kernel does no work for them.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import backend_table, dispatch, native_module
 from ppo_fast.ops.checks import (
+    any_dtensor,
     FLOAT32_MAX,
     require_float,
     require_integer,
@@ -430,16 +433,17 @@ ENTROPY_FROM_LOGITS = backend_table(_entropy_kernels, LAUNCHERS, reference.entro
 IMPLEMENTATIONS = {"logprobs_from_logits": LOGPROBS_FROM_LOGITS, "entropy_from_logits": ENTROPY_FROM_LOGITS}
 
 
-def _validate_logits(logits, temperature, logit_scale, softcap):
+def _validate_logits(logits, temperature, logit_scale, softcap, shard=False):
+    """shard: logits are one rank's vocabulary shard (tp_group), which may be empty."""
     require_float("logits", logits)
-    if logits.dim() < 1 or logits.shape[-1] == 0:
+    if logits.dim() < 1 or (logits.shape[-1] == 0 and not shard):
         raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     tr = require_logit_transform(temperature, logit_scale, softcap)
     return float(temperature), tr
 
 
 def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, logit_scale=1.0,
-                         softcap=None, return_stats=False):
+                         softcap=None, return_stats=False, tp_group=None, tp_invariant=False):
     """Log-probability of each label under softmax(x), x the logits over the temperature (module
     docstring: optionally scaled and softcapped), in one pass.
 
@@ -454,16 +458,34 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
         return_stats: also return (implies the entropy) a dict of detached per-row statistics:
             log_sum_sq_probs = log sum_v p_v^2, mean_logit = mean_v x_v, is_top1 (bool) = the label
             is the row's first maximum (False for an ignored label).
+        tp_group: a process group over which the vocabulary is split (ppo_fast/ops/vocab_parallel.py):
+            logits are this rank's shard [..., V_local], contiguous shards in rank order, labels
+            global ids; every rank gets the whole rows' results (plain tensors). Or logits a
+            DTensor sharded on its last dim over one mesh dimension (that dimension's group; labels
+            plain or replicated). tp_invariant: results bitwise the same for any group size (shards
+            start on multiples of 128 columns).
 
     Returns:
         float32 logp shaped like labels, (logp, entropy) with return_entropy, or (logp, entropy,
         stats) with return_stats. Differentiable to `logits` through logp and entropy; the
         gradient has logits' dtype.
     """
-    temperature, _ = _validate_logits(logits, temperature, logit_scale, softcap)
+    if any_dtensor(logits, labels):  # logits sharded on the vocabulary: the group is its mesh dimension's
+        from ppo_fast.ops import vocab_parallel
+
+        tp_group, local = vocab_parallel.from_dtensors(tp_group, {"logits": (logits, -1)}, {"labels": labels})
+        logits, labels = local["logits"], local["labels"]
+    temperature, _ = _validate_logits(logits, temperature, logit_scale, softcap, shard=tp_group is not None)
     require_integer("labels", labels)
     require_same_device(logits=logits, labels=labels)
     require_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
+    if tp_group is not None:  # labels are global ids: checked against the whole vocabulary there
+        from ppo_fast.ops import vocab_parallel
+
+        return vocab_parallel.logprobs_from_logits(
+            logits, labels.contiguous(), tp_group=tp_group, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, logit_scale=float(logit_scale),
+            softcap=None if softcap is None else float(softcap), return_stats=return_stats, invariant=tp_invariant)
     require_labels_in_range(labels, logits.shape[-1], ignore_index)
     # labels are read by flat row index, whatever the caller's strides; logits' rows by their strides
     return dispatch("logprobs_from_logits", LOGPROBS_FROM_LOGITS, logits.device, logits, labels.contiguous(),
@@ -472,8 +494,21 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
                     return_stats=return_stats)
 
 
-def entropy_from_logits(logits, *, temperature=1.0, logit_scale=1.0, softcap=None):
-    """Entropy of softmax(x) over the last dim (x as in logprobs_from_logits): float32 [...], differentiable."""
-    temperature, _ = _validate_logits(logits, temperature, logit_scale, softcap)
+def entropy_from_logits(logits, *, temperature=1.0, logit_scale=1.0, softcap=None, tp_group=None, tp_invariant=False):
+    """Entropy of softmax(x) over the last dim (x as in logprobs_from_logits): float32 [...], differentiable;
+    tp_group / tp_invariant as in logprobs_from_logits (a vocabulary shard)."""
+    if any_dtensor(logits):
+        from ppo_fast.ops import vocab_parallel
+
+        tp_group, local = vocab_parallel.from_dtensors(tp_group, {"logits": (logits, -1)}, {})
+        logits = local["logits"]
+    temperature, _ = _validate_logits(logits, temperature, logit_scale, softcap, shard=tp_group is not None)
+    if tp_group is not None:
+        from ppo_fast.ops import vocab_parallel
+
+        return vocab_parallel.logprobs_from_logits(logits, None, tp_group=tp_group, temperature=temperature,
+                                                   logit_scale=float(logit_scale),
+                                                   softcap=None if softcap is None else float(softcap),
+                                                   invariant=tp_invariant)
     return dispatch("entropy_from_logits", ENTROPY_FROM_LOGITS, logits.device, logits, temperature=temperature,
                     logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap))

@@ -253,8 +253,8 @@ policy_rows = register_loss_rows_autograd(policy_loss_rows, _policy_rows)
 
 
 def rows_for(log_prob, old_log_prob, advantages, mask, is_weights, objective: Objective, needs_grad, backend):
-    """The kernel's (row_stats, dloss) for a compiled Objective; ppo_policy_loss and the fused PPO
-    loss's chunks call it."""
+    """The kernel's (row_stats, dloss) for a compiled Objective, through the custom op (ppo_policy_loss;
+    the fused PPO loss calls the kernels of KERNELS directly, inside its own op)."""
     return policy_rows(log_prob, old_log_prob, advantages, mask, is_weights, *objective.to_op_args(), needs_grad,
                        backend)
 

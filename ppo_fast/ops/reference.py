@@ -48,6 +48,8 @@ sums over a row (row_sums).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ppo_fast.ops.constants import GROUP_STD_EPS, K3_CLAMP, LOG_RATIO_CLAMP, WHITEN_EPS
@@ -443,8 +445,19 @@ CORRECTION_LEVELS = ("token", "sequence", "geometric")
 CORRECTION_MODES = ("truncate", "mask")
 
 
+def _rollout_log_ratio(old_log_prob, rollout_log_prob, mask):
+    """(log(pi_old / pi_rollout) in fp32 or fp64, 0 at masked positions and where the rollout
+    log-prob is NaN (a token the sampler could not score: ratio 1, as TRL maps it), the mask as
+    old's dtype)."""
+    old_log_prob = valid_only(_upcast(old_log_prob), mask)
+    rollout_log_prob = valid_only(_upcast(rollout_log_prob), mask)
+    rollout_log_prob = torch.where(torch.isnan(rollout_log_prob), old_log_prob, rollout_log_prob)
+    return old_log_prob - rollout_log_prob, mask.to(old_log_prob.dtype)
+
+
 @torch.no_grad()
-def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", mode="truncate", low=None, high=2.0):
+def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", mode="truncate", low=None, high=2.0,
+                       batch_normalize=False):
     """Importance weights pi_old / pi_rollout that correct for the sampler's distribution, as
     constants for the loss's `is_weights`, with the tokens they keep and their statistics.
 
@@ -462,12 +475,13 @@ def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", m
     policy's perplexity over the rollout's, per token). Masked positions are read as 0 and get weight 0.
     A NaN rollout log-prob (a token the sampler could not score: vLLM's convention) counts as a
     log-ratio of 0, ratio 1, as TRL maps it; a NaN old log-prob stays NaN (the NaN rule).
+
+    batch_normalize (verl's rollout_is_batch_normalize): the weights divided by their mean over
+    the batch's units — valid tokens (token level) or sequences with a valid token (the other
+    levels) — after truncation or masking, when that mean exceeds 1e-8; stats["is_batch_norm_factor"]
+    is the divisor (1 when none applied). The other stats are of the weights before it.
     """
-    old_log_prob = valid_only(_upcast(old_log_prob), mask)
-    rollout_log_prob = valid_only(_upcast(rollout_log_prob), mask)
-    rollout_log_prob = torch.where(torch.isnan(rollout_log_prob), old_log_prob, rollout_log_prob)
-    m = mask.to(old_log_prob.dtype)
-    diff = old_log_prob - rollout_log_prob  # log(pi_old / pi_rollout), 0 at masked positions
+    diff, m = _rollout_log_ratio(old_log_prob, rollout_log_prob, mask)  # 0 at masked positions
     if level == "token":
         log_ratio = diff
     else:
@@ -494,7 +508,63 @@ def rollout_correction(old_log_prob, rollout_log_prob, mask, *, level="token", m
         "rollout_k3": ((torch.exp(diff) - diff - 1.0) * m).sum() / n,
         "rollout_ppl_ratio": torch.exp((-diff * m).sum() / n),
     }
-    return weights * (m.sum(-1, keepdim=True) > 0) if level != "token" else weights * m, keep, stats
+    weights = weights * (m.sum(-1, keepdim=True) > 0) if level != "token" else weights * m
+    if batch_normalize:
+        unit = m if level == "token" else (m.sum(-1, keepdim=True) > 0).to(m.dtype)
+        mean = (weights * unit).sum() / unit.sum().clamp(min=1e-8)
+        factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
+        weights, stats["is_batch_norm_factor"] = weights / factor, factor
+    return weights, keep, stats
+
+
+# The rejection statistics of a token's log-ratio r = log(pi_old / pi_rollout), clamped to +-20:
+# k1 = -r, k2 = r^2 / 2, k3 = exp(r) - 1 - r (Schulman's estimators of KL(rollout || old)).
+REJECTION_ESTIMATORS = {"k1": lambda r: -r, "k2": lambda r: 0.5 * r * r, "k3": lambda r: torch.expm1(r) - r}
+REJECTION_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")
+
+
+@torch.no_grad()
+def rollout_rejection(old_log_prob, rollout_log_prob, mask, *, criteria):
+    """The tokens to keep when the sampler's policy strays too far from the old one (a hard trust
+    region; verl's rollout_rs): each criterion "<level>_<k>" reads a divergence statistic of the
+    log-ratio r_t = log(pi_old / pi_rollout) (clamped to +-20; NaN rollout log-prob: r = 0) —
+    k1 = -r, k2 = r^2 / 2, k3 = e^r - 1 - r — per token (level "token") or per sequence over its
+    valid tokens ("seq_sum", "seq_mean", "seq_max"; max of an empty row: 0), and keeps a unit when
+    the statistic is at most its bound; k1 criteria take ratio bounds (low, high) and keep
+    log(low) <= k1 <= log(high). A token is kept when every criterion keeps it.
+
+    criteria: {name: bound} (bound a float, or (low, high) for k1). Returns (keep [B, T] bool: the
+    valid tokens kept, stats): per criterion "<name>_masked_fraction" (valid tokens it rejects)
+    and "<name>_seq_masked_fraction" (sequences with a valid token where it rejects one, over those
+    sequences), "masked_fraction" and "seq_masked_fraction" (over all of them: every sequence counts
+    in the last), detached scalars.
+    """
+    r, m = _rollout_log_ratio(old_log_prob, rollout_log_prob, mask)
+    r = torch.clamp(r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    valid = mask != 0
+    n, seqs = m.sum().clamp(min=1), valid.any(-1)
+    keep, stats = valid.clone(), {}
+    for name, bound in criteria.items():
+        level, estimator = name.rsplit("_", 1)
+        stat = valid_only(REJECTION_ESTIMATORS[estimator](r), mask)
+        if level == "seq_sum":
+            stat = row_sums(stat)[:, None]
+        elif level == "seq_mean":
+            stat = row_sums(stat)[:, None] / m.sum(-1, keepdim=True).clamp(min=1)
+        elif level == "seq_max":
+            stat = torch.where(valid, stat, torch.full_like(stat, -float("inf"))).amax(-1, keepdim=True)
+            stat = torch.where(seqs[:, None], stat, torch.zeros_like(stat))
+        if estimator == "k1":
+            kept = (stat >= math.log(bound[0])) & (stat <= math.log(bound[1]))
+        else:
+            kept = stat <= bound
+        rejected = valid & ~kept.expand_as(valid)
+        stats[f"{name}_masked_fraction"] = rejected.to(m.dtype).sum() / n
+        stats[f"{name}_seq_masked_fraction"] = rejected.any(-1).to(m.dtype).sum() / seqs.sum().clamp(min=1)
+        keep &= ~rejected
+    stats["masked_fraction"] = (valid & ~keep).to(m.dtype).sum() / n
+    stats["seq_masked_fraction"] = (valid & ~keep).any(-1).to(m.dtype).mean() if keep.numel() else m.new_zeros(())
+    return keep, stats
 
 
 # ----------------------------------------------------------------------------- fused linear

@@ -137,6 +137,8 @@ class PPOConfig(ConfigFile):
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU and for the embedded task's tiny model
     device: str = "auto"  # cuda if available, else cpu
     distributed: str = "auto"  # fsdp: torchrun + FSDP2 (ppo_fast/ppo/distributed.py); auto: when torchrun launched us; none
+    tensor_parallel: int = 1  # under torchrun: ranks per tensor-parallel group, which split the LM heads by vocabulary
+    tensor_parallel_invariant: bool = False  # the head's log-probs bitwise the same at any tensor_parallel (128-col shards)
     seed: int = 0
     steps: int = 200
     # rollout
@@ -231,7 +233,8 @@ class PPOConfig(ConfigFile):
             _require(getattr(self, key) in KL_ESTIMATOR_CHOICES,
                      f"{key}: expected one of {KL_ESTIMATOR_CHOICES}, got {getattr(self, key)!r}")
         for key in ("steps", "rollout_batch_size", "max_prompt_length", "max_new_tokens", "ppo_epochs",
-                    "mini_batch_size", "kl_horizon", "temperature", "lr", "critic_lr", "samples_per_prompt"):
+                    "mini_batch_size", "kl_horizon", "temperature", "lr", "critic_lr", "samples_per_prompt",
+                    "tensor_parallel"):
             _require(getattr(self, key) > 0, f"{key}: expected a value > 0, got {getattr(self, key)}")
         _require(self.micro_batch_size is None or self.micro_batch_size > 0,
                  f"micro_batch_size: expected None or a value > 0, got {self.micro_batch_size}")
@@ -262,6 +265,11 @@ class PPOConfig(ConfigFile):
                  f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
         _require(self.micro_batch_size is None or self.mini_batch_size % self.micro_batch_size == 0,
                  f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        _require(self.tensor_parallel == 1 or self.ops == "fused",
+                 f"tensor_parallel={self.tensor_parallel}: ops=reference has no tensor-parallel head (the reference "
+                 f"ops are one process's spec); use ops=fused")
+        _require(self.tensor_parallel == 1 or self.distributed != "none",
+                 f"tensor_parallel={self.tensor_parallel} needs distributed training (torchrun), not distributed=none")
         self._validate_device()
         if check_sources:
             self._validate_sources()

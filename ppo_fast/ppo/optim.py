@@ -25,14 +25,24 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0
 
 
-def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params: list, max_norm: float, tp_group=None, tp_split=()) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_, also over a mix of sharded (FSDP's DTensor) and whole
-    gradients: the norm is over every rank's gradients (the shards' squares summed over ranks)."""
+    gradients: the norm is over every rank's gradients (the shards' squares summed over ranks);
+    the squares of `tp_split` (plain tensors holding a tensor-parallel group's shards, an LM head
+    split by vocabulary) summed over tp_group."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not any(hasattr(g, "full_tensor") for g in grads):
+    split = [p.grad for p in params if p.grad is not None and any(p is q for q in tp_split)]
+    if not any(hasattr(g, "full_tensor") for g in grads) and not split:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    squares = [g.detach().float().pow(2).sum() for g in grads]
-    total = torch.stack([s.full_tensor() if hasattr(s, "full_tensor") else s for s in squares]).sum().sqrt()
+    # float64 sums of the (exact in float64) squares: a norm that does not depend, beyond float64
+    # rounding, on how the gradients are split (FSDP's or tensor parallelism's shards)
+    squares = [g.detach().double().pow(2).sum() for g in grads if not any(g is h for h in split)]
+    squares = [s.full_tensor() if hasattr(s, "full_tensor") else s for s in squares]
+    if split:
+        split_squares = torch.stack([g.detach().double().pow(2).sum() for g in split]).sum()
+        torch.distributed.all_reduce(split_squares, group=tp_group)
+        squares.append(split_squares)
+    total = (torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)).float()
     coef = min(max_norm / (float(total) + 1e-6), 1.0)
     for g in grads:
         g.mul_(coef)
@@ -43,10 +53,16 @@ class MasterAdamW:
     """AdamW over groups of (name, parameter) pairs, one group per model, each with its lr."""
 
     def __init__(self, named_groups: list, lrs: list, *, weight_decay: float, max_grad_norm: float,
-                 total_steps: int, warmup_steps: int, schedule: str, fused: bool, sharded: bool = False):
+                 total_steps: int, warmup_steps: int, schedule: str, fused: bool, sharded: bool = False,
+                 tp_split=(None, ())):
+        """tp_split: (the tensor-parallel group, the parameters split over it): their gradient norm
+        is summed over the group, and checkpoints name their masters per tensor-parallel rank."""
         self.names = [[name for name, _ in group] for group in named_groups]
         self.params = [[p for _, p in group] for group in named_groups]
         self.masters = [[p if p.dtype == torch.float32 else p.detach().float() for p in group] for group in self.params]
+        self.tp_group = tp_split[0]
+        self.tp_split = [m for params, masters in zip(self.params, self.masters) for p, m in zip(params, masters)
+                         if any(p is q for q in tp_split[1])]
         self.max_grad_norm = max_grad_norm or float("inf")
         # sharded (FSDP): a group mixes DTensor shards and whole tensors, so one tensor at a time
         self.optimizer = torch.optim.AdamW([{"params": m, "lr": lr} for m, lr in zip(self.masters, lrs)],
@@ -61,7 +77,7 @@ class MasterAdamW:
         gradient norm is not finite (counted in `skipped`). Returns the groups' gradient norms."""
         for p, master in self._separate_masters():
             master.grad, p.grad = (None if p.grad is None else p.grad.float()), None
-        norms = [clip_grad_norm_(group, self.max_grad_norm) for group in self.masters]
+        norms = [clip_grad_norm_(group, self.max_grad_norm, self.tp_group, self.tp_split) for group in self.masters]
         if bool(torch.isfinite(torch.stack([loss.detach().float(), *norms])).all()):
             self.optimizer.step()
             self.copy_masters_to_params()
@@ -104,12 +120,17 @@ class MasterAdamW:
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped = state["skipped"]
 
-    def named_state(self) -> dict:
-        """{"<group>.<name>.<field>": tensor}: the AdamW moments and step counts by parameter name
+    def checkpoint_name(self, group: int, name: str, master, tp_suffix: str = "") -> str:
+        """A master's name in a sharded checkpoint: "<group>.<name>", + tp_suffix for a tensor-parallel
+        shard (each rank of the group holds different rows under the same parameter name)."""
+        return f"{group}.{name}" + (tp_suffix if any(master is m for m in self.tp_split) else "")
+
+    def named_state(self, tp_suffix: str = "") -> dict:
+        """{"<checkpoint name>.<field>": tensor}: the AdamW moments and step counts by parameter name
         (what a sharded checkpoint stores), created as zeros if no step has run yet."""
         if not self.optimizer.state:
             self._create_state()
-        return {f"{group}.{name}.{field}": value
+        return {f"{self.checkpoint_name(group, name, master, tp_suffix)}.{field}": value
                 for group in range(len(self.names)) for name, master in self.named_masters(group)
                 for field, value in self.optimizer.state[master].items()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ppo_fast.ppo.distributed import head_group
 from ppo_fast.ppo.models import backbone, cache_keyword, position_ids, returned_cache
 
 
@@ -61,7 +62,7 @@ def sampled_log_prob(ops, hidden, lm_head, logits, filtered, tokens, temperature
     experience's given the same hidden state), minus log of the mass top-k / top-p kept (0
     without them); the entropy before top-k / top-p, as the experience's."""
     logp, entropy = ops.fused_linear_logprobs(hidden, lm_head.weight, tokens, bias=lm_head.bias,
-                                              temperature=temperature, return_entropy=True)
+                                              temperature=temperature, return_entropy=True, **head_group(lm_head))
     if filtered is not logits:
         logp = logp - (torch.logsumexp(filtered, -1) - torch.logsumexp(logits, -1))
     return logp, entropy

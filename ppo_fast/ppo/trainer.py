@@ -51,11 +51,12 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, *, policy=None, tokenizer=None, reward_fn=None, reward_model=None,
                  prompts: list[str] | None = None):
         given = (policy, tokenizer, reward_fn, reward_model, prompts)
-        self.world = distributed.setup(config.distributed, torch.device(config.resolved_device()).type)
+        self.world = distributed.setup(config.distributed, torch.device(config.resolved_device()).type,
+                                       config.tensor_parallel, config.tensor_parallel_invariant)
         self.world.check_same_config(config)  # before anything can fail on one rank only
         self.config = cfg = config.validate(check_sources=all(x is None for x in given))
         self.world.check_sizes(cfg)
-        self.micro_batch_size = cfg.resolved_micro_batch_size(self.world.size)
+        self.micro_batch_size = cfg.resolved_micro_batch_size(self.world.dp_size)
         self.device = torch.device(cfg.resolved_device())
         if self.device.type == "cuda" and self.world.enabled:
             self.device = torch.device("cuda", self.world.local_rank)
@@ -63,7 +64,7 @@ class PPOTrainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.sample_generator = torch.Generator(self.device).manual_seed(cfg.seed)  # each rank uses its rows' draws
         self.data_generator = torch.Generator().manual_seed(cfg.seed)  # prompts: the same stream on every rank
-        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1 + self.world.rank)  # minibatch rows
+        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1 + self.world.dp_rank)  # minibatch rows
         self.ops = reference if cfg.ops == "reference" else fused_ops
         self.objective = cfg.policy_objective()  # the policy objective and its parameters, one object
         self.packed = padding_free(cfg.padding_free, self.device)
@@ -75,7 +76,8 @@ class PPOTrainer:
             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
             total_steps=cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size),
             warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
-            fused=self.device.type == "cuda", sharded=self.world.enabled)
+            fused=self.device.type == "cuda", sharded=self.world.enabled,
+            tp_split=(self.world.tp_group, self.tensor_parallel_params()))
         self.step_count = 0
         self.first_epoch_order = None  # drawn by make_experience for the update's first epoch
         self.consecutive_skips = 0
@@ -264,7 +266,8 @@ class PPOTrainer:
         """Log-probs of labels [B, R] (and entropy) from hidden states [B, R, H] and lm_head.weight."""
         head = model.get_output_embeddings()
         return self.ops.fused_linear_logprobs(hidden, head.weight, labels, bias=head.bias,
-                                              temperature=self.config.temperature, return_entropy=return_entropy)
+                                              temperature=self.config.temperature, return_entropy=return_entropy,
+                                              **distributed.head_group(head))
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> torch.Tensor:
@@ -305,7 +308,7 @@ class PPOTrainer:
                 if order is None or len(order) != len(experience.labels):  # an experience made elsewhere
                     order = torch.randperm(len(experience.labels), generator=self.shuffle_generator).to(self.device)
                 self.first_epoch_order = None
-                for rows in order.split(cfg.mini_batch_size // self.world.size):
+                for rows in order.split(cfg.mini_batch_size // self.world.dp_size):
                     stats = self.minibatch_step(experience.select(rows))
                     largest = stats.pop("max_abs_log_ratio")
                     onpolicy = largest if onpolicy is None else onpolicy  # before any optimiser step
@@ -338,7 +341,7 @@ class PPOTrainer:
         for start in range(0, len(mini.labels), self.micro_batch_size):
             micro = mini.select(slice(start, start + self.micro_batch_size))
             loss, micro_stats = self.micro_batch_loss(micro, num_tokens, num_seqs)
-            (loss * self.world.size).backward()  # ranks' gradients are averaged: the world size makes it their sum
+            (loss * self.world.dp_size).backward()  # data shards' gradients are averaged: ×their count makes it the sum
             loss_sum = loss_sum + loss.detach()
             largest = torch.maximum(largest, micro_stats.pop("max_abs_log_ratio"))
             share = micro.mask.sum() / num_tokens
@@ -367,7 +370,7 @@ class PPOTrainer:
             hidden, head.weight, batch.labels, batch.old_logp, batch.advantages, batch.mask, bias=head.bias,
             temperature=cfg.temperature, ref_log_prob=batch.ref_logp if with_kl else None,
             kl_coef=cfg.kl_loss_coef, kl_estimator=cfg.kl_loss_estimator, entropy_coef=cfg.entropy_coef,
-            is_weights=batch.is_weights, objective=self.objective, **agg)
+            is_weights=batch.is_weights, objective=self.objective, **agg, **distributed.head_group(head))
         if self.critic is None:
             value_loss = value_clipfrac = torch.zeros((), device=loss.device)
         else:
@@ -501,6 +504,9 @@ class PPOTrainer:
         for model in (self.policy, self.critic, self.reference, self.reward_model):
             if model is not None:
                 self.world.shard(model)
+        for model in (self.policy, self.reference):  # tensor_parallel: the LM heads split by vocabulary
+            if model is not None:
+                self.world.shard_lm_head(model, cfg.tensor_parallel_invariant)
 
     def _apply_memory_savers(self) -> None:
         """The reference (a frozen copy, or with LoRA the policy with adapters disabled),
@@ -530,6 +536,12 @@ class PPOTrainer:
         finally:
             for model in self.offloaded:
                 model.to("cpu")
+
+    def tensor_parallel_params(self) -> list:
+        """The trained parameters split over the tensor-parallel group (the policy's LM head shard)."""
+        head = self.policy.get_output_embeddings()
+        return [p for p in (head.weight, head.bias) if p is not None and p.requires_grad] \
+            if getattr(head, "tp_group", None) is not None else []
 
     def named_trainable(self, which: str) -> list:
         """(name, parameter) pairs the optimiser updates, of the "policy" or the "critic"."""

@@ -72,6 +72,35 @@ def test_e2e_record_and_table(tmp_path):
     assert "| fused |" in open(path.replace(".json", ".md")).read()
 
 
+def test_tensor_parallel_record_and_table(tmp_path):
+    """`ppo-fast bench tp` at a tiny size: local rows per TP degree, group rows of two gloo processes,
+    the shards' columns, and the bytes exchanged by their documented formula."""
+    import torch
+
+    from ppo_fast.bench import tensor_parallel
+
+    shape = dict(N=8, H=16, V=300, dtype=torch.float32)
+    record = tensor_parallel.run("cpu", worlds=[2], tp_sizes=[1, 2], shape=shape)
+    rows = record["results"]
+    assert record["kind"] == "tp" and all(r["ms"] > 0 for r in rows)
+    cases = [(fn, mode) for fn in ("fused_linear_logprobs", "logprobs_from_logits") for mode in ("fwd", "fwd+bwd")]
+    expected = {(*c, "local", 1, "plain") for c in cases} | {
+        (*c, kind, tp, impl) for c in cases for kind, tp in (("local", 1), ("local", 2), ("group", 2))
+        for impl in ("tp", "tp-invariant")}
+    assert {(r["fn"], r["mode"], r["kind"], r["tp"], r["impl"]) for r in rows} == expected
+    assert {r["columns"] for r in rows if r["tp"] == 2} == {256}  # whole 128-column blocks: [0, 256) first
+    assert tensor_parallel.vocab_shards(300, 2, aligned=True) == [(0, 256), (256, 300)]
+    fused = next(r for r in rows if r["kind"] == "group" and r["fn"] == "fused_linear_logprobs"
+                 and r["mode"] == "fwd+bwd" and r["impl"] == "tp-invariant")
+    # one other rank's 2 units + its label logit, 3 floats each, per row; d_hidden's ring all-reduce
+    assert fused["received_mb"] == round((1 * 8 * (2 + 1) * 3 * 4 + 2 * 1 / 2 * 8 * 16 * 4) / 1e6, 3)
+    assert fused["full_logits_mb"] == round(1 / 2 * 8 * 300 * 4 / 1e6, 3)
+    path = records.save(record, str(tmp_path))
+    assert os.path.basename(path).startswith("tp-cpu-") and json.load(open(path)) == record
+    assert "| fused_linear_logprobs | fwd+bwd | float32 | N=8 H=16 V=300 | group | 2 | tp-invariant | 256 |" in \
+        open(path.replace(".json", ".md")).read()
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_cpu_peak_memory_is_the_growth_above_the_inputs():
     """A call that holds 256 MiB at its peak and frees it reads as ~256 MB, however much the

@@ -426,11 +426,79 @@ def _float64_head(hidden, weight, bias, targets, temperature, *_):
     return logits.gather(-1, targets[:, None]).squeeze(-1), -(logits.exp() * logits).sum(-1)
 
 
+TOKEN_VALUE_CASES = {
+    "entropy-mask": dict(top_entropy_quantile=0.5),
+    "off-policy-mask": dict(off_policy_mask_threshold=0.0),
+    "entropy-bonus": dict(entropy_coef=0.05),
+    "adaptive-entropy": dict(use_adaptive_entropy=True, entropy_coef=0.02, entropy_target=5.0),
+    "all-three": dict(top_entropy_quantile=0.7, off_policy_mask_threshold=0.0, entropy_coef=0.05),
+}
+ENTROPY_STATE = ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")
+
+
+@pytest.mark.op("fused_linear_ppo_loss")
+@pytest.mark.parametrize("case", TOKEN_VALUE_CASES)
+@pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("dapo", "sequence"), ("cispo", "token")])
+def test_grpo_loss_door_follows_trls_token_masks_and_entropy_bonus(tmp_path, backend, case, loss_type, level):
+    """TRL's options that read the batch's current log-probs or entropies — top_entropy_quantile < 1
+    (its high-entropy token mask), off_policy_mask_threshold (its off-policy sequence mask, from the
+    sampler's log-probs), the entropy bonus (static and adaptive) — against TRL's own _compute_loss
+    on the same micro-batch, with the vLLM importance ratios and TRL's default bias-corrected KL:
+    loss, every parameter gradient, every metric (policy_loss and entropy_coef among them), and the
+    adaptive controller's state after the step (both sides start from the same state)."""
+    extra = dict(epsilon_high=5.0) if loss_type == "cispo" else {}
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, loss_type=loss_type, importance_sampling_level=level, beta=0.04,
+                                **extra, **TOKEN_VALUE_CASES[case])
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    batch = grpo_inputs(trainer, level, True, seed=3)
+    batch["sampling_per_token_logps"] = batch["old_per_token_logps"] + 0.1
+    if case == "adaptive-entropy":
+        trainer._last_world_entropy = 1.0  # below the target: the bonus applies this step
+    start = {k: getattr(trainer, k) for k in ENTROPY_STATE}
+    model = trainer.model.train()
+    results = []
+    for compute in (TRL_COMPUTE_LOSS, pf_trl.grpo_compute_loss):
+        for k, v in start.items():
+            setattr(trainer, k, v)
+        trainer._metrics["train"].clear()
+        model.zero_grad()
+        loss = compute(trainer, model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        {k: v[-1] for k, v in trainer._metrics["train"].items()},
+                        {k: getattr(trainer, k) for k in ENTROPY_STATE}))
+    (want, want_grads, want_metrics, want_state), (got, got_grads, got_metrics, got_state) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert got_metrics.keys() == want_metrics.keys()
+    for key in want_metrics:
+        assert got_metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6, nan_ok=True), key
+    assert got_state == pytest.approx(want_state, rel=1e-6) if case == "adaptive-entropy" else got_state == want_state
+    if case == "adaptive-entropy":
+        assert got_state["entropy_coef"] != start["entropy_coef"]  # the controller moved
+
+
+def test_the_token_masks_drop_something_in_those_cases(tmp_path):
+    """The cases above are not vacuous: on that batch TRL's off-policy mask drops a sequence and its
+    entropy mask a token."""
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, top_entropy_quantile=0.5, off_policy_mask_threshold=0.0)
+    batch = grpo_inputs(trainer, "token", True, seed=3)
+    B, L = batch["completion_ids"].shape
+    logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+        torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1), L, compute_entropy=True)
+    mask = batch["completion_mask"]
+    kept = trainer.get_off_policy_mask(batch["advantages"][:, None], logps, batch["old_per_token_logps"] + 0.1, mask, 0.0)
+    assert 0 < kept.sum() < B
+    assert 0 < trainer.get_high_entropy_mask(entropies, mask, 0.5).sum() < mask.sum()
+
+
 def test_grpo_loss_door_refuses_what_it_cannot_follow(tmp_path):
-    trainer = tiny_grpo_trainer(tmp_path, steps=1, importance_sampling_level="sequence")
-    batch = grpo_inputs(trainer, "sequence", False)
-    trainer = tiny_grpo_trainer(tmp_path, steps=1, top_entropy_quantile=0.5)
-    with pytest.raises(UnsupportedOption, match="top_entropy_quantile=0.5"):
+    trainer = tiny_grpo_trainer(tmp_path, steps=1, loss_type="vespo", top_entropy_quantile=0.5)
+    batch = grpo_inputs(trainer, "token", False)
+    with pytest.raises(UnsupportedOption, match="top_entropy_quantile / off_policy_mask_threshold with loss_type='vespo'"):
         pf_trl.grpo_compute_loss(trainer, trainer.model, batch)
 
 

@@ -3,9 +3,10 @@ verl.utils.torch_functional, loaded by tests/peers.py): values, gradients and me
 import numpy as np
 import pytest
 import torch
-from peers import own_tests, verl_core_algos, verl_torch_functional
+from peers import own_tests, verl_core_algos, verl_rollout_corr_helper, verl_torch_functional
 from support import DEVICE, assert_close_f64, backends_for, on_backend, ragged_mask, randn
 
+from ppo_fast import ops
 from ppo_fast.integrations import UnsupportedOption
 from ppo_fast.integrations import verl as pf
 
@@ -102,7 +103,7 @@ def test_register_adds_every_loss_mode():
     before = dict(registry)
     try:
         pf.register()
-        assert {name: registry[name] for name in [*VERL_LOSSES, *GENERIC_LOSSES]} == pf.POLICY_LOSSES
+        assert {name: registry[name] for name in [*VERL_LOSSES, *GENERIC_LOSSES, "ppo_fast_bypass_mode"]} == pf.POLICY_LOSSES
     finally:
         registry.clear()
         registry.update(before)
@@ -279,6 +280,101 @@ def test_verls_newer_objectives_match_verls_own(backend, name, mode, weights):
     metrics = compare_with_verls_own(name, verl_name, (old, log_prob, adv, mask), mode, config, is_weights)
     if name == "ppo_fast_clip_cov":  # the cut happened (the bounds admit tokens), so the test can tell
         assert metrics["actor/pg_clipfrac"] > 0
+
+
+# ----------------------------------------------------------------------------- rollout correction
+# verl's rollout_rs options with a bound each (k1: verl's "lower_upper" ratio bounds), chosen so that
+# every one rejects some tokens of the inputs below and keeps others
+RS_BOUNDS = {"token_k1": "0.8_1.25", "token_k2": "0.02", "token_k3": "0.02", "seq_sum_k1": "0.5_2.0",
+             "seq_sum_k2": "0.3", "seq_sum_k3": "0.3", "seq_mean_k1": "0.9_1.1", "seq_mean_k2": "0.03",
+             "seq_mean_k3": "0.04", "seq_max_k2": "0.1", "seq_max_k3": "0.1"}
+RS_CASES = [*RS_BOUNDS, "token_k1,seq_max_k3", "seq_mean_k2,token_k3,seq_sum_k1"]
+
+
+def rollout_inputs(seed=30):
+    """(current log-probs, rollout log-probs, ragged mask with an empty row) a sampler's precision apart."""
+    old, log_prob, _, mask = policy_inputs(seed=seed)
+    return log_prob, log_prob + randn(*SHAPE, seed=seed + 7, scale=0.25), mask
+
+
+def criteria_of(rollout_rs):
+    """ppo_fast's criteria for a verl rollout_rs string with RS_BOUNDS."""
+    return {name: tuple(float(b) for b in RS_BOUNDS[name].split("_")) if name.endswith("k1") else float(RS_BOUNDS[name])
+            for name in rollout_rs.split(",")}
+
+
+@pytest.mark.parametrize("rollout_rs", RS_CASES)
+def test_rollout_rejection_matches_verls_own(rollout_rs):
+    """ops.rollout_rejection against verl's compute_rollout_rejection_mask (every rollout_rs option,
+    and chains): the kept tokens, and the masked fractions verl logs (per option and combined)."""
+    helper = verl_rollout_corr_helper()
+    log_prob, rollout, mask = rollout_inputs()
+    keep, stats = ops.rollout_rejection(log_prob, rollout, mask, criteria=criteria_of(rollout_rs))
+    want_mask, want = helper.compute_rollout_rejection_mask(
+        (log_prob - rollout).double(), mask.double(), rollout_rs, ",".join(RS_BOUNDS[n] for n in rollout_rs.split(",")))
+    assert torch.equal(keep, want_mask.bool())
+    assert 0 < stats["masked_fraction"] < 1  # the comparison is not vacuous
+    for name in [*rollout_rs.split(","), None]:
+        for part in ("masked_fraction", "seq_masked_fraction"):
+            ours, theirs = (part, f"rollout_rs_{part}") if name is None else (f"{name}_{part}",
+                                                                                f"rollout_rs_{name}_{part}")
+            assert stats[ours].item() == pytest.approx(want[theirs], rel=1e-6, abs=1e-7), theirs
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("threshold", ["2.0", "0.7_1.5"])
+def test_batch_normalized_is_weights_match_verls_own(level, threshold):
+    """ops.rollout_correction(batch_normalize=True) against verl's compute_rollout_correction_weights
+    with rollout_is_batch_normalize (TIS and IcePop, token and sequence): weights and the factor."""
+    helper = verl_rollout_corr_helper()
+    log_prob, rollout, mask = rollout_inputs()
+    bounds = [float(b) for b in threshold.split("_")]
+    low, high = (None, bounds[0]) if len(bounds) == 1 else bounds
+    weights, _, stats = ops.rollout_correction(log_prob, rollout, mask, level=level,
+                                               mode="truncate" if low is None else "mask", low=low, high=high,
+                                               batch_normalize=True)
+    want, want_metrics = helper.compute_rollout_correction_weights(
+        (log_prob - rollout).double(), mask.double(), level, threshold, rollout_is_batch_normalize=True)
+    assert_close_f64(weights.expand(SHAPE) * mask, want, "weights")
+    assert stats["is_batch_norm_factor"].item() == pytest.approx(want_metrics["rollout_is_batch_norm_factor"], rel=1e-6)
+    assert stats["is_batch_norm_factor"].item() != pytest.approx(1.0)
+
+
+def test_rollout_rejection_refuses_bad_criteria():
+    log_prob, rollout, mask = rollout_inputs()
+    for criteria, match in [({}, "criteria: expected a non-empty dict"), ({"seq_max_k1": (0.5, 2.0)}, "criteria"),
+                            ({"token_k1": 1.5}, r"criteria\['token_k1'\]: expected ratio bounds"),
+                            ({"token_k1": (2.0, 1.0)}, "0 < low <= high"), ({"seq_sum_k3": 0.0}, "bound > 0")]:
+        with pytest.raises(ValueError, match=match):
+            ops.rollout_rejection(log_prob, rollout, mask, criteria=criteria)
+
+
+BYPASS_CASES = {
+    "ppo_clip": dict(loss_type="ppo_clip", rollout_is="token", rollout_rs="token_k1,seq_max_k3",
+                     rollout_rs_threshold="0.8_1.25,0.1"),
+    "reinforce-token-normalized": dict(loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.5,
+                                       rollout_is_batch_normalize=True, rollout_rs="seq_mean_k2",
+                                       rollout_rs_threshold="0.04"),
+    "reinforce-sequence-icepop": dict(loss_type="reinforce", rollout_is="sequence", rollout_is_threshold="0.2_5.0"),
+    "reinforce-no-is": dict(loss_type="reinforce", rollout_rs="token_k3", rollout_rs_threshold="0.02"),
+}
+
+
+@pytest.mark.parametrize("case", BYPASS_CASES)
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
+def test_bypass_mode_matches_verls_own(backend, case, mode):
+    """ppo_fast_bypass_mode against verl's bypass_mode (ppo_clip and reinforce; IS token / sequence,
+    TIS / IcePop, batch-normalised; rejection chains): loss, gradient, and every metric (verl's
+    rollout_corr/* diagnostics among them)."""
+    verl_rollout_corr_helper()  # loaded for both sides' import of it
+    log_prob, rollout, mask = rollout_inputs()
+    adv = randn(*SHAPE, seed=33)
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                         global_batch_info={"dp_size": 1},
+                         policy_loss=PolicyLossConfig(rollout_correction=PolicyLossConfig(BYPASS_CASES[case])))
+    metrics = compare_with_verls_own("ppo_fast_bypass_mode", "bypass_mode", (rollout, log_prob, adv, mask), mode,
+                                     config, None)
+    assert any(key.startswith("rollout_corr/") for key in metrics)
 
 
 # ----------------------------------------------------------------------------- verl in one config line

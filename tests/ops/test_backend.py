@@ -77,6 +77,29 @@ def test_readme_backends_column_is_each_ops_implementation_table():
     assert documented == {op: tuple(table) for op, table in IMPLEMENTATIONS.items()}
 
 
+def test_readme_layout_names_every_module():
+    """The README's Layout names every Python module of the package and every C++/CUDA source and
+    header under csrc/ (an <op>.cpp / <op>.cu by its op name): a file added or renamed without the
+    map saying so fails here."""
+    import os
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    readme = open(os.path.join(root, "README.md")).read()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"[\w.]+", layout))
+    missing = []
+    for top in ("ppo_fast", "csrc"):
+        for folder, _, files in os.walk(os.path.join(root, top)):
+            for name in files:
+                stem, ext = os.path.splitext(name)
+                if ext not in (".py", ".cpp", ".cu", ".h", ".cuh") or name == "__init__.py":
+                    continue
+                if name not in names and not (ext in (".cpp", ".cu") and stem in names):
+                    missing.append(os.path.relpath(os.path.join(folder, name), root))
+    assert not missing, f"README Layout does not name: {missing}"
+
+
 def test_importing_the_ops_loads_neither_the_loop_nor_transformers():
     import subprocess
     import sys

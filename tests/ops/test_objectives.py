@@ -7,7 +7,8 @@ import pytest
 import torch
 from support import DEVICE, assert_close_f64, backends_for, check_loss, on_backend, ragged_mask, randn
 
-from ppo_fast.ops import fused_linear_ppo_loss, objectives, ppo_policy_loss, reference, rollout_correction
+from ppo_fast.ops import (fused_linear_ppo_loss, objectives, ppo_policy_loss, reference, rollout_correction,
+                          rollout_rejection)
 
 OP = "ppo_policy_loss"
 STATS = ("clipfrac", "approx_kl", "clipfrac_lower")
@@ -297,6 +298,41 @@ def test_a_nan_rollout_log_prob_is_ratio_one_as_trls_mapping(backend):
             weights, _, _ = rollout_correction(old, rollout, mask, level=level, mode="truncate", high=2.0)
         want = torch.clamp(torch.exp(trl_log_ratio), max=2.0)
         torch.testing.assert_close(weights, want * (mask if level == "token" else 1.0))
+
+
+@pytest.mark.op("rollout_rejection")
+def test_rollout_rejection_closed_forms(backend):
+    """Each level and estimator against its formula on the valid tokens (verl's own function is the
+    oracle in tests/integrations/test_verl.py); a NaN rollout log-prob is r = 0 (kept); bf16 inputs
+    decide as their fp32 values; an empty batch keeps nothing and reports 0."""
+    old, rollout, mask = correction_inputs(seed=26)
+    rollout[0, 1] = float("nan")
+    m, valid = mask.double(), mask.bool()
+    r = torch.nan_to_num((old - rollout).double(), nan=0.0) * m
+    k1, k2, k3 = -r, 0.5 * r * r, torch.expm1(r) - r
+    cases = {
+        "token_k2": (k2 <= 0.05),
+        "token_k1": (k1 >= math.log(0.8)) & (k1 <= math.log(1.25)),
+        "seq_sum_k3": ((k3 * m).sum(-1, keepdim=True) <= 0.3).expand_as(r),
+        "seq_mean_k1": (lambda s: (s >= math.log(0.9)) & (s <= math.log(1.1)))(
+            (k1 * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(r),
+        "seq_max_k2": (torch.where(valid, k2, -math.inf).amax(-1, keepdim=True).nan_to_num(neginf=0.0) <= 0.1).expand_as(r),
+    }
+    bounds = {"token_k2": 0.05, "token_k1": (0.8, 1.25), "seq_sum_k3": 0.3, "seq_mean_k1": (0.9, 1.1), "seq_max_k2": 0.1}
+    for name, kept in cases.items():
+        keep, stats = rollout_rejection(old, rollout, mask, criteria={name: bounds[name]})
+        assert torch.equal(keep, valid & kept), name
+        assert keep[0, 1] == (valid[0, 1] and kept[0, 1])
+        torch.testing.assert_close(stats["masked_fraction"].double(), ((valid & ~kept).sum() / m.sum()), msg=name)
+    keep, stats = rollout_rejection(old, rollout, mask, criteria=bounds)
+    assert torch.equal(keep, valid & torch.stack(list(cases.values())).all(0))
+    assert 0 < stats["masked_fraction"] < 1
+    keep16, _ = rollout_rejection(old.bfloat16(), rollout.bfloat16(), mask, criteria=bounds)
+    keep32, _ = rollout_rejection(old.bfloat16().float(), rollout.bfloat16().float(), mask, criteria=bounds)
+    assert torch.equal(keep16, keep32)
+    empty = old[:0]
+    keep, stats = rollout_rejection(empty, empty, mask[:0], criteria=bounds)
+    assert keep.shape == (0, old.shape[1]) and all(v.item() == 0 for v in stats.values())
 
 
 def test_rollout_correction_bad_inputs():

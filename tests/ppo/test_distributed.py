@@ -21,8 +21,8 @@ ARGS = ["rollout_batch_size=8", "mini_batch_size=8", "micro_batch_size=2", "ppo_
 COMPARED = ("reward_mean", "kl", "value_loss", "grad_norm", "critic_grad_norm", "tokens", "response_length")
 
 
-def train(out, *extra, ranks=1, check=True):
-    launcher = ["torchrun", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else [sys.executable]
+def train(out, *extra, ranks=1, check=True, torchrun=False):
+    launcher = ["torchrun", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 or torchrun else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1", PPO_FAST_BACKEND="auto")
     result = subprocess.run([*launcher, "-m", "ppo_fast.cli", "train", f"out={out}", *ARGS, *extra],
                             capture_output=True, text=True, timeout=600, env=env)
@@ -149,3 +149,89 @@ def test_the_default_config_runs_unchanged_on_two_ranks(tmp_path):
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["step"] for m in metrics(out)] == [1]
+
+
+# ----------------------------------------------------------------------------- tensor_parallel
+def padded_vocab_models(tmp_path):
+    """A config-only policy and reward model with V = 300 (the digit tokenizer's 12 ids, padded as
+    Megatron pads a vocabulary: two 128-column blocks and a partial one), so the two ranks of a
+    tensor-parallel group both hold columns in either mode (even split 150 / 150; invariant 256 / 44)."""
+    from benchmarks.e2e_models import write
+
+    config = write(str(tmp_path / "models"), vocab=300, hidden=32, layers=1, heads=2)
+    return [f"--config={config}", "max_new_tokens=8", "lr=1e-3", "critic_lr=1e-3"]
+
+
+def whole_head(masters_of_run: dict) -> dict:
+    """Masters with the LM head's tensor-parallel shards ("<name>@tp<r>") joined in rank order."""
+    joined = {k: v for k, v in masters_of_run.items() if "@tp" not in k}
+    for name in {k.split("@tp")[0] for k in masters_of_run if "@tp" in k}:
+        shards = sorted((k for k in masters_of_run if k.startswith(name + "@tp")), key=lambda k: int(k.split("@tp")[1]))
+        joined[name] = torch.cat([masters_of_run[k] for k in shards])
+    return joined
+
+
+def test_tensor_parallel_two_ranks_take_the_step_of_one(tmp_path):
+    """tensor_parallel=2 on 2 processes (the policy's and reference's LM heads split by vocabulary,
+    the same rows on both ranks) against 1 process under torchrun (tensor_parallel=1; with
+    tensor_parallel_invariant its head is a group of one on the invariant path): every metric and
+    every fp32 master bitwise the same after 3 steps; in the default mode to fp32 rounding (2e-6 on
+    the masters here). The invariant run's checkpoint resumes exactly."""
+    models = padded_vocab_models(tmp_path)
+    one, two, even = (str(tmp_path / name) for name in ("one", "two", "even"))
+    train(one, *models, "steps=3", "tensor_parallel_invariant=true", ranks=1, torchrun=True)
+    train(two, *models, "steps=3", "tensor_parallel_invariant=true", "tensor_parallel=2", ranks=2)
+    train(even, *models, "steps=3", "tensor_parallel=2", ranks=2)
+    timing = ("time_", "tokens_per_s", "peak_memory")
+    compared = [k for k in metrics(one)[0] if not k.startswith(timing)]
+    for key in compared:
+        assert [m[key] for m in metrics(two)] == [m[key] for m in metrics(one)], key
+    single, split = whole_head(masters(one, 3)), whole_head(masters(two, 3))
+    assert set(split) == set(single) and "0.lm_head.weight" in single
+    for name, value in single.items():
+        assert torch.equal(split[name], value), name
+    for name, value in whole_head(masters(even, 3)).items():  # measured: at most 2.3e-6 apart
+        torch.testing.assert_close(value, single[name], rtol=1e-4, atol=1e-5, msg=name)
+    for key in ("reward_mean", "kl", "grad_norm", "critic_grad_norm", "entropy"):
+        assert [m[key] for m in metrics(even)] == pytest.approx([m[key] for m in metrics(one)], rel=1e-4, abs=1e-6)
+    assert sorted(os.listdir(os.path.join(two, "checkpoints", "step_00000003"))) == [
+        "dcp", "state_rank0.pt", "state_rank1.pt"]
+
+    resumed = str(tmp_path / "resumed")
+    train(resumed, *models, "steps=2", "tensor_parallel_invariant=true", "tensor_parallel=2", ranks=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PPO_FAST_BACKEND="auto")
+    result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "ppo_fast.cli", "train",
+                             "--resume", "--out", resumed, "--steps", "3"], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["kl"] for m in metrics(resumed)] == [m["kl"] for m in metrics(two)]
+    for name, value in whole_head(masters(resumed, 3)).items():
+        assert torch.equal(value, split[name]), name
+
+
+def test_tensor_parallel_set_ups_are_refused(tmp_path):
+    """A group size that does not divide the world (on every rank), no torchrun, ops=reference."""
+    result = train(str(tmp_path / "three"), "steps=1", "tensor_parallel=2", "rollout_batch_size=6",
+                   "mini_batch_size=6", "micro_batch_size=1", ranks=3, check=False)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count("tensor_parallel=2 does not divide the world size 3") == 3
+    alone = train(str(tmp_path / "alone"), "steps=1", "tensor_parallel=2", check=False)
+    assert alone.returncode != 0 and "tensor_parallel=2 runs the LM head on a process group: it needs torchrun" in alone.stderr
+    from ppo_fast.ppo import PPOConfig
+    from ppo_fast.ppo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ops=reference has no tensor-parallel head"):
+        PPOConfig(tensor_parallel=2, ops="reference").validate()
+
+
+def test_a_tied_lm_head_is_not_split():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ppo_fast.ppo.config import ConfigError
+    from ppo_fast.ppo.distributed import World
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, tie_word_embeddings=True))
+    with pytest.raises(ConfigError, match="ties its LM head to its input embeddings"):
+        # the check comes before the group is used: a stand-in for it will do
+        World(rank=0, size=2, enabled=True, tp_size=2, tp_group=object()).shard_lm_head(model, invariant=False)

@@ -21,27 +21,29 @@ def test_dry_run_goes_through_every_stage(tmp_path):
                          capture_output=True, text=True, timeout=400)
     summary = (tmp_path / "summary.txt").read_text()
     assert out.returncode == 0, summary + out.stderr[-2000:]
-    for stage in ("build", "test", "bench", "train", "graphs"):
+    for stage in ("build", "test", "bench", "bench-tp", "train", "graphs"):
         assert f"\n{stage}: ok in " in summary, summary
     assert "tests collected" in summary and "| ppo_policy_loss | fwd+bwd |" in summary
+    assert "| fused_linear_logprobs | fwd+bwd | float32 | N=64 H=32 V=1000 | local | 8 | tp-invariant |" in summary
     assert "2 steps" in summary
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8 and "gpu-run.tar.gz" in files
     assert any(name.endswith("-headline.json") for name in files) and any(name.endswith("-headline.md") for name in files)
+    assert any(name.startswith("tp-") and name.endswith("-quick.json") for name in files)
     with tarfile.open(tmp_path / "gpu-run.tar.gz") as tar:
         names = tar.getnames()
-    assert {f"logs/{stage}.log" for stage in ("build", "test", "bench", "train", "graphs")} <= set(names)
+    assert {f"logs/{stage}.log" for stage in ("build", "test", "bench", "bench-tp", "train", "graphs")} <= set(names)
     assert "default-run/metrics.jsonl" in names and not any(n.endswith(".safetensors") for n in names)
 
 
 def test_the_stage_selections_exist():
-    for path in gpu_run.TEST_FILES + [t.split("::")[0] for t in gpu_run.GRAPH_TESTS]:
+    for path in [t.split("::")[0] for t in gpu_run.TEST_FILES + gpu_run.GRAPH_TESTS]:
         assert os.path.exists(os.path.join(ROOT, path)), path
 
 
 def test_the_gpu_budgets_fit_the_run():
     plan = gpu_run.stages("/tmp/x", dry_run=False)
-    assert [s.name for s in plan] == ["build", "test", "bench", "train", "graphs"]
+    assert [s.name for s in plan] == ["build", "test", "bench", "bench-tp", "train", "graphs"]
     assert sum(s.budget_s for s in plan) + gpu_run.PACKING_RESERVE_S <= 420
 
 
