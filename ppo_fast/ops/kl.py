@@ -14,6 +14,8 @@ infinite (inf - inf), and the kernels give NaN there too.
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from ppo_fast.ops import reference
@@ -177,8 +179,15 @@ def _launch_rewards(scores, log_prob, ref_log_prob, mask, kl_coef, estimator):
 
 
 # {backend: (kl forward, kl backward, compute_rewards)}: what the custom ops below launch.
-KERNELS = {"triton": (_launch_kl, _launch_kl_backward, _launch_rewards),
-           "cpp": (_cpp_kl, _cpp_kl_backward, _cpp_rewards)}
+class KLKernels(NamedTuple):
+    """One backend's KL launchers: the penalty, its backward, the per-token rewards."""
+    forward: Callable
+    backward: Callable
+    rewards: Callable
+
+
+KERNELS = {"triton": KLKernels(_launch_kl, _launch_kl_backward, _launch_rewards),
+           "cpp": KLKernels(_cpp_kl, _cpp_kl_backward, _cpp_rewards)}
 
 
 def _kl_grad_torch(log_prob, ref, code):
@@ -211,9 +220,9 @@ def kl_and_grad(log_prob, ref_log_prob, estimator, backend):
     the forward (fused_linear_ppo_loss): the backend's kernels, else the reference and _kl_grad_torch."""
     _, grad_code = _codes(estimator)
     if backend in KERNELS:
-        forward, backward, _ = KERNELS[backend]
-        grad, _ = backward(log_prob, ref_log_prob, torch.ones_like(log_prob), grad_code, True, False)
-        return forward(log_prob, ref_log_prob, estimator), grad
+        kernels = KERNELS[backend]
+        grad, _ = kernels.backward(log_prob, ref_log_prob, torch.ones_like(log_prob), grad_code, True, False)
+        return kernels.forward(log_prob, ref_log_prob, estimator), grad
     return reference.kl_penalty(log_prob, ref_log_prob, estimator=estimator), _kl_grad_torch(log_prob, ref_log_prob,
                                                                                             grad_code)
 
@@ -221,7 +230,7 @@ def kl_and_grad(log_prob, ref_log_prob, estimator, backend):
 # ----------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("ppo_fast::kl_forward", mutates_args=())
 def kl_forward(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: str, backend: str) -> torch.Tensor:
-    return KERNELS[backend][0](log_prob, ref_log_prob, estimator)
+    return KERNELS[backend].forward(log_prob, ref_log_prob, estimator)
 
 
 @kl_forward.register_fake
@@ -232,7 +241,7 @@ def _(log_prob, ref_log_prob, estimator, backend):
 @torch.library.custom_op("ppo_fast::kl_backward", mutates_args=())
 def kl_backward(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, upstream: torch.Tensor, grad_code: int,
                 want_log_prob: bool, want_ref: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    grads = KERNELS[backend][1](log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref)
+    grads = KERNELS[backend].backward(log_prob, ref_log_prob, upstream, grad_code, want_log_prob, want_ref)
     return tuple(log_prob.new_empty(0) if g is None else g for g in grads)
 
 
@@ -262,7 +271,7 @@ kl_forward.register_autograd(_kl_backward, setup_context=_kl_setup)
 @torch.library.custom_op("ppo_fast::compute_rewards", mutates_args=())
 def compute_rewards_op(scores: torch.Tensor, log_prob: torch.Tensor, ref_log_prob: torch.Tensor,
                        mask: torch.Tensor, kl_coef: float, estimator: str, backend: str) -> torch.Tensor:
-    return KERNELS[backend][2](scores, log_prob, ref_log_prob, mask, kl_coef, estimator)
+    return KERNELS[backend].rewards(scores, log_prob, ref_log_prob, mask, kl_coef, estimator)
 
 
 @compute_rewards_op.register_fake

@@ -10,6 +10,8 @@ x - c is exact for x near c, so a large mean with a small spread keeps its preci
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from ppo_fast.ops import reference
@@ -92,7 +94,13 @@ def _whiten_cpp(x, mask, shift_mean):
 
 
 # {backend: (row sums, whiten)}: what the custom ops below launch.
-KERNELS = {"triton": (_row_sums_triton, _whiten_triton), "cpp": (_row_sums_cpp, _whiten_cpp)}
+class MaskedKernels(NamedTuple):
+    """One backend's launchers: masked row sums (the row statistics) and whitening."""
+    row_sums: Callable
+    whiten: Callable
+
+
+KERNELS = {"triton": MaskedKernels(_row_sums_triton, _whiten_triton), "cpp": MaskedKernels(_row_sums_cpp, _whiten_cpp)}
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -100,7 +108,7 @@ def _row_sums(x: torch.Tensor, mask: torch.Tensor, needs_grad: bool, backend: st
     """([B, 3] float32 per row: (sum_t m x, sum_t m, sum_t m x^2), and m = d sum_t m x / d x as
     float32 [B, T] when needs_grad, else empty): the row-statistics protocol of ops/rows.py with
     the loss L = x, differentiable to x through the first column."""
-    row_stats = KERNELS[backend][0](x, mask)
+    row_stats = KERNELS[backend].row_sums(x, mask)
     return row_stats, mask.to(torch.float32) if needs_grad else x.new_empty(0, dtype=torch.float32)
 
 
@@ -118,7 +126,7 @@ row_sums = register_loss_rows_autograd(masked_row_sums, _row_sums)
 
 @torch.library.custom_op("ppo_fast::masked_whiten", mutates_args=())
 def masked_whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, backend: str) -> torch.Tensor:
-    return KERNELS[backend][1](x, mask, shift_mean)
+    return KERNELS[backend].whiten(x, mask, shift_mean)
 
 
 @masked_whiten_op.register_fake

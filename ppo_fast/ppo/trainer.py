@@ -223,7 +223,10 @@ class PPOTrainer:
         stats.update(self.world.max(maxima, self.device))
         if cfg.whiten_advantages and cfg.advantage_estimator in ("gae", "reinforce_baseline"):  # every rank's tokens
             advantages = self.world.masked_whiten(advantages, mask, ops)
-        return Experience(seqs, attn, labels, old_logp, ref_logp, values, advantages, returns, is_weights), stats
+        experience = Experience(sequences=seqs, attention_mask=attn, labels=labels, old_logp=old_logp,
+                                ref_logp=ref_logp, old_values=values, advantages=advantages, returns=returns,
+                                is_weights=is_weights)
+        return experience, stats
 
     def group_advantages(self, scores):
         """Per-sequence advantages [B] from the groups of samples_per_prompt responses to a prompt
