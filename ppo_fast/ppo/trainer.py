@@ -469,12 +469,11 @@ class PPOTrainer:
             attn = "flash_attention_2" if models.flash_attn_available(self.device) else "sdpa"
             policy = AutoModelForCausalLM.from_config(tasks.tiny_policy_config(self.tokenizer), dtype=self.dtype,
                                                       attn_implementation=attn)
-            if reward_model is not None or reward_fn is not None:  # the caller's, on the task's prompts
-                pass
-            elif cfg.reward_model:  # a reward model trained on the task (`ppo-fast rm`), in the task's token ids
-                reward_model = models.load_model(cfg.reward_model, "reward", self.dtype, self.device)
-            else:
-                reward_fn = tasks.count_reward
+            if reward_model is None and reward_fn is None:  # else the caller's, on the task's prompts
+                if cfg.reward_model:  # a reward model trained on the task (`ppo-fast rm`), in the task's token ids
+                    reward_model = models.load_model(cfg.reward_model, "reward", self.dtype, self.device)
+                else:
+                    reward_fn = tasks.count_reward
             self.prompt_source = lambda n: tasks.count_prompts(n, self.data_generator)
         else:
             if policy is None:
@@ -503,6 +502,7 @@ class PPOTrainer:
         self.critic = None if cfg.critic_free else models.ValueModel.from_model(
             critic_source, share=cfg.critic == "shared").to(self.device)
         self.cpu_threads = models.set_cpu_threads(cfg.cpu_threads, self.device, self.policy)
+        self._make_reference()
         self._apply_memory_savers()
         for model in (self.policy, self.critic, self.reference, self.reward_model):
             if model is not None:
@@ -511,9 +511,9 @@ class PPOTrainer:
             if model is not None:
                 self.world.shard_lm_head(model, cfg.tensor_parallel_invariant)
 
-    def _apply_memory_savers(self) -> None:
-        """The reference (a frozen copy, or with LoRA the policy with adapters disabled),
-        gradient checkpointing, offloading of the frozen models."""
+    def _make_reference(self) -> None:
+        """The reference: a frozen copy of the policy, or with LoRA the policy with its adapters
+        disabled (self.reference None, self.peft_policy the wrapped policy)."""
         cfg = self.config
         self.peft_policy = None
         if cfg.lora_rank:
@@ -521,6 +521,10 @@ class PPOTrainer:
             self.policy, self.reference = self.peft_policy.get_base_model(), None
         else:
             self.reference = models.frozen_copy(self.policy)
+
+    def _apply_memory_savers(self) -> None:
+        """Gradient checkpointing, offloading of the frozen models."""
+        cfg = self.config
         if cfg.gradient_checkpointing:
             models.enable_gradient_checkpointing(self.policy)
             if self.critic is not None and cfg.critic != "shared":
