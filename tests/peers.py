@@ -134,3 +134,67 @@ def trl_utils():
         return utils
     except ImportError:
         return load("trl.trainer.utils", stand_ins=("pandas", "datasets", "trl.trainer.model_config"))
+
+
+# A sitecustomize for a fresh process that imports a peer whole (its package __init__ included):
+# any import under the given top-level names that is not installed is answered with a module whose
+# every attribute is anything (an attribute, a call, a decorator, an index, a base class). For
+# imports the process's path never uses; the test says which ones those are.
+STAND_IN_SITE = """
+import importlib.abc, importlib.machinery, sys, types
+STAND_IN = {names!r}
+
+
+class _Anything:
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Anything(self._name + "." + name)
+
+    def __call__(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and callable(args[0]):
+            return args[0]  # used as a decorator
+        return _Anything(self._name + "()")
+
+    def __getitem__(self, item):
+        return self
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
+class _Module(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Anything(self.__name__ + "." + name)
+
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        top = name.split(".")[0]
+        if top in STAND_IN and importlib.machinery.PathFinder.find_spec(top) is None:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+
+    def create_module(self, spec):
+        module = _Module(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.append(_Finder())
+"""
+
+
+def stand_in_site(folder, names) -> str:
+    """Write STAND_IN_SITE for `names` as folder/sitecustomize.py; returns the folder (for PYTHONPATH)."""
+    path = os.path.join(str(folder), "sitecustomize.py")
+    with open(path, "w") as f:
+        f.write(STAND_IN_SITE.format(names=tuple(names)))
+    return str(folder)

@@ -133,3 +133,16 @@ def tiny_config(tmp_path, **overrides):
     values = dict(out=str(tmp_path / "run"), device=DEVICE.type, progress=False, rollout_batch_size=16,
                   mini_batch_size=8, micro_batch_size=4, ppo_epochs=1, steps=2)
     return PPOConfig(**{**values, **overrides})
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over digits and a few letters (24 ids: pad 0, eos 1, unk 2), for the
+    peers' trainers on tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{str(i): i + 3 for i in range(10)},
+             **{c: 13 + i for i, c in enumerate("abcdefghij ")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")

@@ -328,6 +328,18 @@ class FusedLinearForPPO(torch.nn.Module):
                                          chunk_size=self.chunk_size)
 
 
+def use_fused_head() -> None:
+    """Make verl's fused LM head ppo_fast's in this process: verl's models, with
+    actor_rollout_ref.model.use_fused_kernels=True and fused_kernel_options.impl_backend torch or liger,
+    build verl.utils.experimental.torch_functional.FusedLinearForPPO at each forward; it becomes
+    FusedLinearForPPO above. In verl's Ray workers, through verl's own switch:
+    actor_rollout_ref.model.external_lib=ppo_fast.integrations.verl_fused_head (that module calls this).
+    The triton impl_backend (verl's linear_cross_entropy kernel) is left as it is."""
+    import verl.utils.experimental.torch_functional as verl_experimental
+
+    verl_experimental.FusedLinearForPPO = FusedLinearForPPO
+
+
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
     """verl.utils.kernel.linear_cross_entropy (its Triton fused head): (log_probs, entropy) of labels from
     hidden [..., H] and weight [V, H], flattened to [N] as verl returns them; reduction "none" (per

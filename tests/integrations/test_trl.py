@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from peers import load, trl_utils
-from support import DEVICE, assert_close_f64, backends_for, on_backend, randn
+from support import DEVICE, assert_close_f64, backends_for, on_backend, randn, tiny_tokenizer
 
 from ppo_fast.integrations import UnsupportedOption, grpo_loss_types
 from ppo_fast.integrations import trl as pf_trl
@@ -146,17 +146,6 @@ def test_chunked_logprob_function_refuses_what_it_cannot_follow():
 
 
 # ----------------------------------------------------------------------------- GRPOTrainer
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{str(i): i + 3 for i in range(10)},
-             **{c: 13 + i for i, c in enumerate("abcdefghij ")}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
 def tiny_grpo_trainer(tmp_path, steps=3, **config):
     """TRL's GRPOTrainer on a 2-layer Llama, in fp32 unless bf16=True is passed (TRL's default is bf16
     autocast, whose rounding both sides share only to bf16 precision)."""

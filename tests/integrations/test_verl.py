@@ -3,7 +3,7 @@ verl.utils.torch_functional, loaded by tests/peers.py): values, gradients and me
 import numpy as np
 import pytest
 import torch
-from peers import own_tests, verl_core_algos, verl_rollout_corr_helper, verl_torch_functional
+from peers import own_tests, stand_in_site, verl_core_algos, verl_rollout_corr_helper, verl_torch_functional
 from support import DEVICE, assert_close_f64, backends_for, on_backend, ragged_mask, randn
 
 from ppo_fast import ops
@@ -380,29 +380,8 @@ def test_bypass_mode_matches_verls_own(backend, case, mode):
 # ----------------------------------------------------------------------------- verl in one config line
 # What `import verl` needs that its package __init__ imports but the registration path never calls
 # (ray, tensordict, codetiming: verl's runtime, not installed with --no-deps), stood in for in the
-# fresh process by a sitecustomize that answers any import under those names with an empty module.
-STAND_IN_SITE = '''
-import importlib.abc, importlib.machinery, sys, types
-STAND_IN = ("ray", "tensordict", "codetiming")
-class _Module(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = type(name, (), {"__init__": lambda self, *a, **k: None})
-        setattr(self, name, value)
-        return value
-class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in STAND_IN and importlib.machinery.PathFinder.find_spec(name.split(".")[0]) is None:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-    def create_module(self, spec):
-        module = _Module(spec.name)
-        module.__path__ = []
-        return module
-    def exec_module(self, module):
-        pass
-sys.meta_path.append(_Finder())
-'''
+# fresh process by tests/peers.py's sitecustomize where they are not installed.
+VERL_RUNTIME = ("ray", "tensordict", "codetiming")
 
 
 def fresh_verl_process(tmp_path, code, **env):
@@ -410,9 +389,9 @@ def fresh_verl_process(tmp_path, code, **env):
     import subprocess
     import sys
 
-    (tmp_path / "sitecustomize.py").write_text(STAND_IN_SITE)
+    site = stand_in_site(tmp_path, VERL_RUNTIME)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(tmp_path), **env})
+                            env={**os.environ, "PYTHONPATH": site, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()[-1]
 
