@@ -6,11 +6,11 @@ the loop nor transformers; `ppo_fast.PPOTrainer` and friends load `ppo_fast.ppo`
 """
 import importlib
 
-from ppo_fast.ops import backend, reference
+from ppo_fast.ops import native, reference
 from ppo_fast.ops.backend import BACKENDS, BackendError, available_backends, requested_backend, use_backend
 
 __version__ = "0.1.0"
-backend.warn_if_native_missing()
+native.warn_if_native_missing()
 
 _FROM_PPO = {"PPOConfig", "PPOTrainer", "FixedKLController", "AdaptiveKLController"}
 

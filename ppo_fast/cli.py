@@ -10,13 +10,8 @@ import torch
 
 def cmd_info(_args) -> int:
     import ppo_fast
-    from ppo_fast.ops.backend import (
-        available_backends,
-        cpu_capability,
-        cpu_kernel_module,
-        requested_backend,
-        triton_interpreted,
-    )
+    from ppo_fast.ops.backend import available_backends, requested_backend, triton_interpreted
+    from ppo_fast.ops.native import cpu_capability, cpu_kernel_module
 
     try:
         import triton

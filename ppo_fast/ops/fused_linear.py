@@ -105,16 +105,16 @@ def accumulate_fp32(acc, a, b):
 
 # ----------------------------------------------------------------------------- custom ops
 # hidden flattened to [N, H], labels to [N]; chunk_size 0 = the defaults above; the logit transform
-# as (inv_t, scale, softcap): ppo_fast.ops.logprobs.LogitTransform's fields.
+# whole, as LogitTransform.to_op_args() (ppo_fast.ops.logprobs).
 @torch.library.custom_op("ppo_fast::fused_linear_logprobs_forward", mutates_args=())
 def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         labels: torch.Tensor, inv_temperature: float, scale: float, softcap: Optional[float],
-                         ignore_index: int, with_entropy: bool, with_stats: bool, chunk_size: int,
+                         labels: torch.Tensor, transform: list[float], ignore_index: int, with_entropy: bool,
+                         with_stats: bool, chunk_size: int,
                          compute_dtype: torch.dtype,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], entropy [N] or empty, norm [N, 2] (logprobs.py), stats [N, 3] or empty), float32."""
     launch_forward = LAUNCHERS[backend][0]
-    tr = LogitTransform(inv_temperature, scale, softcap)
+    tr = LogitTransform.from_op_args(transform)
     weight, bias = in_compute_dtype(compute_dtype, weight, bias)
     (N, H), V = hidden.shape, weight.shape[0]
     chunk = chunk_size or default_chunk_size(N, V, H, chunk_budget_rows(V, hidden.device))
@@ -135,8 +135,8 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
 
 
 @fused_linear_forward.register_fake
-def _(hidden, weight, bias, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats,
-      chunk_size, compute_dtype, backend):
+def _(hidden, weight, bias, labels, transform, ignore_index, with_entropy, with_stats, chunk_size, compute_dtype,
+      backend):
     N = hidden.shape[0]
     return (*(hidden.new_empty(n, dtype=torch.float32) for n in (N, N if with_entropy else 0)),
             hidden.new_empty(N, 2, dtype=torch.float32),
@@ -147,12 +147,12 @@ def _(hidden, weight, bias, labels, inv_temperature, scale, softcap, ignore_inde
 def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           labels: torch.Tensor, norm: torch.Tensor, entropy: Optional[torch.Tensor],
                           grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-                          inv_temperature: float, scale: float, softcap: Optional[float], ignore_index: int,
+                          transform: list[float], ignore_index: int,
                           chunk_size: int, compute_dtype: torch.dtype, want_hidden: bool, want_weight: bool,
                           want_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden, grad_weight, grad_bias), each empty where not wanted; chunks recompute the logits."""
     launch_backward = LAUNCHERS[backend][1]
-    tr = LogitTransform(inv_temperature, scale, softcap)
+    tr = LogitTransform.from_op_args(transform)
     weight_dtype, bias_dtype = weight.dtype, None if bias is None else bias.dtype
     weight, bias = in_compute_dtype(compute_dtype, weight, bias)
     N, V = hidden.shape[0], weight.shape[0]
@@ -180,18 +180,18 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
 
 
 @fused_linear_backward.register_fake
-def _(hidden, weight, bias, labels, norm, entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap,
-      ignore_index, chunk_size, compute_dtype, want_hidden, want_weight, want_bias, backend):
+def _(hidden, weight, bias, labels, norm, entropy, grad_logp, grad_entropy, transform, ignore_index, chunk_size,
+      compute_dtype, want_hidden, want_weight, want_bias, backend):
     return (torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if want_weight else weight.new_empty(0),
             bias.new_empty(weight.shape[0]) if want_bias else weight.new_empty(0))
 
 
 def _fused_linear_setup(ctx, inputs, output):
-    (hidden, weight, bias, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats,
-     chunk_size, compute_dtype, backend) = inputs
+    (hidden, weight, bias, labels, transform, ignore_index, with_entropy, with_stats, chunk_size, compute_dtype,
+     backend) = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[2], output[1] if with_entropy else None)
-    ctx.args = (inv_temperature, scale, softcap, ignore_index, chunk_size, compute_dtype)
+    ctx.args = (transform, ignore_index, chunk_size, compute_dtype)
     ctx.backend, ctx.n_inputs = backend, len(inputs)
     ctx.set_materialize_grads(False)
 
@@ -221,9 +221,9 @@ def _fused_kernels(hidden, weight, labels, *, bias=None, temperature=1.0, ignore
     flat_hidden = hidden.reshape(flat_labels.numel(), hidden.shape[-1])  # explicit N: H may be 0
     compute_dtype = compute_dtype_of(hidden)
     with autocast_off(hidden.device):
-        logp, entropy, _, stats = fused_linear_forward(flat_hidden, weight, bias, flat_labels, tr.inv_t, tr.scale,
-                                                       tr.softcap, ignore_index, return_entropy or return_stats,
-                                                       return_stats, chunk_size or 0, compute_dtype, backend)
+        logp, entropy, _, stats = fused_linear_forward(flat_hidden, weight, bias, flat_labels, tr.to_op_args(),
+                                                       ignore_index, return_entropy or return_stats, return_stats,
+                                                       chunk_size or 0, compute_dtype, backend)
     logp = logp.view(labels.shape)
     if return_stats:
         return logp, entropy.view(labels.shape), split_stats(stats.view(*labels.shape, 3))
@@ -283,7 +283,8 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
             (fp32 master weights): cast inside, their gradients accumulated in fp32 and returned in
             their own dtype.
         labels: [...] integer ids (`ignore_index` positions give logp 0, no gradient via logp).
-        chunk_size: rows per chunk in both passes; default from V, H and free memory.
+        chunk_size: tokens (rows of the flattened [N, H]) per chunk in both passes; default from V, H and
+            free memory.
         logit_scale, softcap, return_stats: as in logprobs_from_logits (the statistics from the
             same pass over each chunk's logits).
         tp_group: a process group over which the LM head is split by vocabulary

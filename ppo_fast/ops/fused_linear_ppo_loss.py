@@ -63,6 +63,8 @@ from ppo_fast.ops.rows import POLICY_ROW_STATS, ROW_LOSS, agg_row_weights, requi
 
 # Per-row sums the forward keeps: the policy loss kernel's columns, then entropy and KL.
 ROW_ENTROPY, ROW_KL = len(POLICY_ROW_STATS), len(POLICY_ROW_STATS) + 1
+# The op's stats vector: the token means of the row sums after the token column, then the max |logp - old|.
+LOSS_STATS = ("clipfrac", "approx_kl", "clipfrac_lower", "entropy", "kl", "max_abs_log_ratio")
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,8 @@ IN_PLACE_BACKWARD = ("triton", "cpp")
 # ----------------------------------------------------------------------------- forward with gradients
 def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, hp: Hyper, backend,
                    want, return_log_prob=False):
-    """(loss, policy_loss, stats [6]: the token means of the row statistics after the token column,
-    then max |logp - old| over valid tokens; grads (hidden, weight, bias) or None where not wanted).
+    """(loss, policy_loss, stats [len(LOSS_STATS)]: the token means of the row statistics after the token
+    column, then max |logp - old| over valid tokens; grads (hidden, weight, bias) or None where not wanted).
 
     hidden [B, T, H]; labels [B, T] int64; old (None: the log-probs computed here, detached), adv,
     mask (float 0/1), ref (or None) [B, T]
@@ -173,15 +175,16 @@ def ratio_weighted_kl(kl, dkl, logp, old, mask, level):
 def fused_ppo_loss_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     old: Optional[torch.Tensor], adv: torch.Tensor, mask: torch.Tensor, ref: Optional[torch.Tensor],
-    is_weights: Optional[torch.Tensor], row_weights: torch.Tensor, inv_temperature: float, scale: float,
-    softcap: Optional[float], ignore_index: int, objective: str, objective_params: str, kl_coef: float,
+    is_weights: Optional[torch.Tensor], row_weights: torch.Tensor, transform: list[float], ignore_index: int,
+    objective: str, objective_params: str, kl_coef: float,
     kl_estimator: str, kl_ratio: Optional[str], entropy_coef: float, chunk_tokens: int, compute_dtype: torch.dtype,
     want_hidden: bool, want_weight: bool, want_bias: bool, return_log_prob: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, policy_loss, stats [6], grad_hidden, grad_weight (fp32), grad_bias (fp32), log_prob [B, T]),
+    """(loss, policy_loss, stats [len(LOSS_STATS)], grad_hidden, grad_weight (fp32), grad_bias (fp32),
+    log_prob [B, T]),
     the gradients of the loss itself, empty where not wanted (log_prob too); chunk_tokens 0 = from
     the memory budget."""
-    hp = Hyper(LogitTransform(inv_temperature, scale, softcap), ignore_index,
+    hp = Hyper(LogitTransform.from_op_args(transform), ignore_index,
                Objective.from_op_args(objective, objective_params), kl_coef, kl_estimator, entropy_coef,
                chunk_tokens or chunk_budget_rows(weight.shape[0], hidden.device), compute_dtype, kl_ratio)
     want = (want_hidden, want_weight, want_bias)
@@ -193,13 +196,13 @@ def fused_ppo_loss_forward(
 
 
 @fused_ppo_loss_forward.register_fake
-def _(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, inv_temperature, scale, softcap,
-      ignore_index, objective, objective_params, kl_coef, kl_estimator, kl_ratio, entropy_coef, chunk_tokens,
-      compute_dtype, want_hidden, want_weight, want_bias, return_log_prob, backend):
+def _(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, transform, ignore_index, objective,
+      objective_params, kl_coef, kl_estimator, kl_ratio, entropy_coef, chunk_tokens, compute_dtype, want_hidden,
+      want_weight, want_bias, return_log_prob, backend):
     def f32(*shape):
         return hidden.new_empty(shape, dtype=torch.float32)
 
-    return (f32(), f32(), f32(6), torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
+    return (f32(), f32(), f32(len(LOSS_STATS)), torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
             f32(*weight.shape) if want_weight else hidden.new_empty(0),
             f32(weight.shape[0]) if want_bias else hidden.new_empty(0), f32(*labels.shape) if return_log_prob else f32(0))
 
@@ -256,14 +259,12 @@ def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bia
     compute_dtype = compute_dtype_of(hidden)
     with autocast_off(hidden.device):
         loss, policy_loss, stats, *_, log_prob = fused_ppo_loss_forward(
-            hidden, weight, bias, labels, old, adv, mask, ref, is_w, row_weights, tr.inv_t, tr.scale, tr.softcap,
-            ignore_index, *objective.to_op_args(), kl_coef, kl_estimator, kl_ratio, entropy_coef, chunk_size or 0,
+            hidden, weight, bias, labels, old, adv, mask, ref, is_w, row_weights, tr.to_op_args(), ignore_index,
+            *objective.to_op_args(), kl_coef, kl_estimator, kl_ratio, entropy_coef, chunk_size or 0,
             compute_dtype, *want, return_log_prob, backend)
-    clipfrac, approx_kl, clipfrac_lower, entropy, kl, max_abs_log_ratio = stats.detach().unbind()
-    stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": clipfrac_lower,
-             "policy_loss": policy_loss.detach(), "entropy": entropy, "max_abs_log_ratio": max_abs_log_ratio}
-    if ref_log_prob is not None:
-        stats["kl"] = kl
+    stats = {**dict(zip(LOSS_STATS, stats.detach().unbind())), "policy_loss": policy_loss.detach()}
+    if ref_log_prob is None:
+        del stats["kl"]
     if return_log_prob:
         stats["log_prob"] = log_prob.detach()
     return loss, stats
@@ -336,7 +337,8 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
             fused_linear_logprobs (weight / bias this rank's rows): the vocabulary-parallel head gives
             the log-probs and entropy, then the generic path's composition (every objective, ratio
             level, is_weights, entropy bonus, KL term); d_hidden summed over the group.
-        chunk_size: tokens per chunk (whole rows, at least one); default from V and free memory.
+        chunk_size: tokens per chunk, rounded down to whole sequences (at least one); default from V and
+            free memory.
         logit_scale, softcap: the logits' scale and final-logit softcap, as in logprobs_from_logits.
 
     Returns (loss, stats): a float32 scalar differentiable to hidden, weight and bias, and

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import backend_table, dispatch, native_module, plain_eager
+from ppo_fast.ops.backend import backend_table, dispatch, plain_eager
+from ppo_fast.ops.native import native_module
 from ppo_fast.ops.checks import native_rows, per_token_inputs, require_nonnegative
 from ppo_fast.ops.triton_helpers import block_t, tl, triton
 

@@ -19,7 +19,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import backend_table, dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch
+from ppo_fast.ops.native import native_module
 from ppo_fast.ops.checks import (
     contiguous,
     native_rows,

@@ -34,7 +34,8 @@ from typing import Optional
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import backend_table, dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch
+from ppo_fast.ops.native import native_module
 from ppo_fast.ops.checks import (
     any_dtensor,
     FLOAT32_MAX,
@@ -67,6 +68,16 @@ class LogitTransform:
         if softcap is None:  # the scale folds into 1/T: the plain kernels' one multiply
             return cls(logit_scale / temperature)
         return cls(1.0 / temperature, logit_scale, softcap)
+
+    def to_op_args(self) -> list:
+        """The transform as a custom op's one argument: [inv_t, scale, softcap] (softcap 0: none; a
+        softcap is > 0)."""
+        return [self.inv_t, self.scale, 0.0 if self.softcap is None else self.softcap]
+
+    @classmethod
+    def from_op_args(cls, values) -> "LogitTransform":
+        inv_t, scale, softcap = values
+        return cls(inv_t, scale, softcap if softcap > 0 else None)
 
 
 def require_logit_transform(temperature, logit_scale, softcap) -> LogitTransform:
@@ -348,20 +359,20 @@ LAUNCHERS = {
 # ----------------------------------------------------------------------------- custom ops
 # torch.library ops, so torch.compile(fullgraph=True) and torch.export see one node each (fake
 # implementations give the output shapes without running). Absent outputs are empty tensors.
-# The transform travels as (inv_t, scale, softcap or None): LogitTransform's fields.
+# The transform travels whole as one list argument (LogitTransform.to_op_args / from_op_args).
 @torch.library.custom_op("ppo_fast::logprobs_forward", mutates_args=())
-def logprobs_forward(logits: torch.Tensor, labels: Optional[torch.Tensor], inv_temperature: float, scale: float,
-                     softcap: Optional[float], ignore_index: int, with_entropy: bool, with_stats: bool,
+def logprobs_forward(logits: torch.Tensor, labels: Optional[torch.Tensor], transform: list[float], ignore_index: int,
+                     with_entropy: bool, with_stats: bool,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp or empty, entropy or empty, norm [..., 2], stats [..., 3] or empty), float32, the leading
     dimensions logits.shape[:-1]."""
-    tr = LogitTransform(inv_temperature, scale, softcap)
+    tr = LogitTransform.from_op_args(transform)
     out = LAUNCHERS[backend][0](logits, labels, tr, ignore_index, with_entropy, with_stats)
     return tuple(logits.new_empty(0, dtype=torch.float32) if t is None else t for t in out)
 
 
 @logprobs_forward.register_fake
-def _(logits, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats, backend):
+def _(logits, labels, transform, ignore_index, with_entropy, with_stats, backend):
     def out(present, *extra):
         return logits.new_empty((*logits.shape[:-1], *extra) if present else (0,), dtype=torch.float32)
 
@@ -371,23 +382,23 @@ def _(logits, labels, inv_temperature, scale, softcap, ignore_index, with_entrop
 @torch.library.custom_op("ppo_fast::logprobs_backward", mutates_args=())
 def logprobs_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], norm: torch.Tensor,
                       entropy: Optional[torch.Tensor], grad_logp: Optional[torch.Tensor],
-                      grad_entropy: Optional[torch.Tensor], inv_temperature: float, scale: float,
-                      softcap: Optional[float], ignore_index: int, backend: str) -> torch.Tensor:
+                      grad_entropy: Optional[torch.Tensor], transform: list[float], ignore_index: int,
+                      backend: str) -> torch.Tensor:
     """grad_logits in the logits' dtype (contiguous)."""
-    tr = LogitTransform(inv_temperature, scale, softcap)
+    tr = LogitTransform.from_op_args(transform)
     return LAUNCHERS[backend][1](logits, labels, norm, entropy, grad_logp, grad_entropy, tr,
                                  ignore_index).view(logits.shape)
 
 
 @logprobs_backward.register_fake
-def _(logits, labels, norm, entropy, grad_logp, grad_entropy, inv_temperature, scale, softcap, ignore_index, backend):
+def _(logits, labels, norm, entropy, grad_logp, grad_entropy, transform, ignore_index, backend):
     return logits.new_empty(logits.shape)
 
 
 def _setup_backward(ctx, inputs, output):
-    logits, labels, inv_temperature, scale, softcap, ignore_index, with_entropy, with_stats, backend = inputs
+    logits, labels, transform, ignore_index, with_entropy, with_stats, backend = inputs
     ctx.save_for_backward(logits, labels, output[2], output[1] if with_entropy else None)
-    ctx.args = (inv_temperature, scale, softcap, ignore_index, backend)
+    ctx.args = (transform, ignore_index, backend)
     ctx.n_inputs = len(inputs)
     ctx.set_materialize_grads(False)
 
@@ -415,7 +426,7 @@ def split_stats(stats: torch.Tensor) -> dict:
 def _logprobs_kernels(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, logit_scale=1.0,
                       softcap=None, return_stats=False, backend):
     tr = LogitTransform.of(temperature, logit_scale, softcap)
-    logp, entropy, _, stats = logprobs_forward(logits, labels, tr.inv_t, tr.scale, tr.softcap, ignore_index,
+    logp, entropy, _, stats = logprobs_forward(logits, labels, tr.to_op_args(), ignore_index,
                                                return_entropy or return_stats, return_stats, backend)
     if return_stats:
         return logp, entropy, split_stats(stats)
@@ -424,7 +435,7 @@ def _logprobs_kernels(logits, labels, *, temperature=1.0, ignore_index=-100, ret
 
 def _entropy_kernels(logits, *, temperature=1.0, logit_scale=1.0, softcap=None, backend):
     tr = LogitTransform.of(temperature, logit_scale, softcap)
-    return logprobs_forward(logits, None, tr.inv_t, tr.scale, tr.softcap, -100, True, False, backend)[1]
+    return logprobs_forward(logits, None, tr.to_op_args(), -100, True, False, backend)[1]
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
@@ -438,8 +449,8 @@ def _validate_logits(logits, temperature, logit_scale, softcap, shard=False):
     require_float("logits", logits)
     if logits.dim() < 1 or (logits.shape[-1] == 0 and not shard):
         raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
-    tr = require_logit_transform(temperature, logit_scale, softcap)
-    return float(temperature), tr
+    require_logit_transform(temperature, logit_scale, softcap)
+    return float(temperature)
 
 
 def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, logit_scale=1.0,
@@ -475,7 +486,7 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
 
         tp_group, local = vocab_parallel.from_dtensors(tp_group, {"logits": (logits, -1)}, {"labels": labels})
         logits, labels = local["logits"], local["labels"]
-    temperature, _ = _validate_logits(logits, temperature, logit_scale, softcap, shard=tp_group is not None)
+    temperature = _validate_logits(logits, temperature, logit_scale, softcap, shard=tp_group is not None)
     require_integer("labels", labels)
     require_same_device(logits=logits, labels=labels)
     require_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
@@ -502,7 +513,7 @@ def entropy_from_logits(logits, *, temperature=1.0, logit_scale=1.0, softcap=Non
 
         tp_group, local = vocab_parallel.from_dtensors(tp_group, {"logits": (logits, -1)}, {})
         logits = local["logits"]
-    temperature, _ = _validate_logits(logits, temperature, logit_scale, softcap, shard=tp_group is not None)
+    temperature = _validate_logits(logits, temperature, logit_scale, softcap, shard=tp_group is not None)
     if tp_group is not None:
         from ppo_fast.ops import vocab_parallel
 

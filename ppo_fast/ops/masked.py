@@ -15,7 +15,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import backend_table, dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch
+from ppo_fast.ops.native import native_module
 from ppo_fast.ops.checks import native_rows, per_token_inputs
 from ppo_fast.ops.constants import WHITEN_EPS
 from ppo_fast.ops.rows import ROW_TOKENS, register_loss_rows_autograd, require_agg, weighted_row_total

@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import backend_table, dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch
+from ppo_fast.ops.native import native_module
 from ppo_fast.ops.checks import native_rows, per_token_inputs, require_float, require_same_device, require_values, \
     value_checks_enabled
 from ppo_fast.ops.objectives import Objective, kernel_constants, resolve

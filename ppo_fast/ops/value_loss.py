@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ppo_fast.ops import reference
-from ppo_fast.ops.backend import backend_table, dispatch, native_module
+from ppo_fast.ops.backend import backend_table, dispatch
+from ppo_fast.ops.native import native_module
 from ppo_fast.ops.checks import native_rows, per_token_inputs, require_nonnegative
 from ppo_fast.ops.rows import (
     ROW_CLIPPED,

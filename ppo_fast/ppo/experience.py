@@ -97,6 +97,9 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor
     is_weights: Optional[torch.Tensor] = None  # [B, R] or [B, 1]: rollout correction, constants
+    # The row order of the update's first epoch: the order the old log-probs were computed in, so the
+    # first epoch's first forwards see exactly those micro-batches (None: the update draws one).
+    first_epoch_order: Optional[torch.Tensor] = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -111,8 +114,9 @@ class Experience:
         return self.sequences[:, self.prompt_length:]
 
     def select(self, rows) -> "Experience":
+        """These rows (the per-row tensors; a selection has no epoch order of its own)."""
         return Experience(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
-                             for f in fields(self)})
+                             for f in fields(self) if f.name != "first_epoch_order"})
 
 
 def rows_in_chunks(fn, size: int, *tensors, order=None):

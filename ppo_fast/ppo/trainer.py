@@ -39,6 +39,12 @@ from ppo_fast.ppo.optim import MasterAdamW
 from ppo_fast.ppo.rollout import left_pad, sample
 from ppo_fast.ppo.run_folder import RunFolder
 
+# How a micro-batch's statistic adds up to its minibatch's: "share" — already the micro-batch's share
+# of the minibatch value (the losses, aggregated with the minibatch's global counts); "token" — a
+# token mean over the micro-batch, weighted by its share of the minibatch's tokens.
+MICRO_STATS = {"policy_loss": "share", "value_loss": "share", "clipfrac": "token", "approx_kl": "token",
+               "clipfrac_lower": "token", "value_clipfrac": "token"}
+
 
 class TrainingDiverged(RuntimeError):
     """The run cannot go on: too many non-finite steps in a row, or non-finite sampling logits."""
@@ -79,7 +85,6 @@ class PPOTrainer:
             fused=self.device.type == "cuda", sharded=self.world.enabled,
             tp_split=(self.world.tp_group, self.tensor_parallel_params()))
         self.step_count = 0
-        self.first_epoch_order = None  # drawn by make_experience for the update's first epoch
         self.consecutive_skips = 0
 
     # ------------------------------------------------------------------ the loop
@@ -188,8 +193,8 @@ class PPOTrainer:
         # the micro-batches of the first epoch's first minibatches, row for row: the update's first
         # forwards see exactly the batches the old log-probs came from (exactly on-policy, whatever
         # the backbone's kernels do with batch shapes)
-        self.first_epoch_order = torch.randperm(len(labels), generator=self.shuffle_generator).to(self.device)
-        micro, order = self.micro_batch_size, self.first_epoch_order
+        order = torch.randperm(len(labels), generator=self.shuffle_generator).to(self.device)
+        micro = self.micro_batch_size
         maxima = {}
         if cfg.use_rollout_log_prob:  # old = the sampler's: no policy forward
             old_logp, entropy = rollout.log_prob, rollout.entropy
@@ -225,7 +230,7 @@ class PPOTrainer:
             advantages = self.world.masked_whiten(advantages, mask, ops)
         experience = Experience(sequences=seqs, attention_mask=attn, labels=labels, old_logp=old_logp,
                                 ref_logp=ref_logp, old_values=values, advantages=advantages, returns=returns,
-                                is_weights=is_weights)
+                                is_weights=is_weights, first_epoch_order=order)
         return experience, stats
 
     def group_advantages(self, scores):
@@ -307,10 +312,9 @@ class PPOTrainer:
         totals, n_steps, onpolicy, peak = defaultdict(float), 0, None, None
         try:
             for epoch in range(cfg.ppo_epochs):
-                order = self.first_epoch_order if epoch == 0 else None
-                if order is None or len(order) != len(experience.labels):  # an experience made elsewhere
+                order = experience.first_epoch_order if epoch == 0 else None
+                if order is None:  # later epochs, or an experience made elsewhere
                     order = torch.randperm(len(experience.labels), generator=self.shuffle_generator).to(self.device)
-                self.first_epoch_order = None
                 for rows in order.split(cfg.mini_batch_size // self.world.dp_size):
                     stats = self.minibatch_step(experience.select(rows))
                     largest = stats.pop("max_abs_log_ratio")
@@ -348,8 +352,8 @@ class PPOTrainer:
             loss_sum = loss_sum + loss.detach()
             largest = torch.maximum(largest, micro_stats.pop("max_abs_log_ratio"))
             share = micro.mask.sum() / num_tokens
-            for key, value in micro_stats.items():  # losses are shares already; token-mean stats are not
-                stats[key] = stats[key] + (value if key.endswith("loss") else value * share)
+            for key, value in micro_stats.items():
+                stats[key] = stats[key] + (value if MICRO_STATS[key] == "share" else value * share)
         stats = self.world.reduce_stats({**stats, "loss": loss_sum}, self.device, mean=False)  # over all ranks
         stats.update(self.world.max({"max_abs_log_ratio": largest}, self.device))
         loss_sum = stats.pop("loss")

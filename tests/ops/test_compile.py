@@ -5,6 +5,7 @@ import torch
 from support import DEVICE, backends_for, on_backend, ragged_mask, randn
 
 from ppo_fast import ops
+from ppo_fast.ops.logprobs import LogitTransform
 from ppo_fast.ops.objectives import resolve
 
 B, T, V, H = 3, 6, 11, 8
@@ -25,26 +26,29 @@ def grad(x):
 
 # custom op: (public op whose backends it runs, backends it takes, sample args for a backend)
 def _logprobs_forward(backend):
-    return (grad(randn(B, T, V, seed=1)), labels(), 1.25, 1.1, 5.0, -100, True, True, backend)
+    return (grad(randn(B, T, V, seed=1)), labels(), LogitTransform(1.25, 1.1, 5.0).to_op_args(), -100, True, True,
+            backend)
 
 
 def _logprobs_backward(backend):
     logits = randn(B, T, V, seed=1)
-    _, entropy, norm, _ = LIB.logprobs_forward(logits, labels(), 1.0, 1.0, None, -100, True, False, backend)
-    return (logits, labels(), norm, entropy, randn(B, T, seed=2), randn(B, T, seed=3), 1.0, 1.0, None, -100, backend)
+    plain = LogitTransform(1.0).to_op_args()
+    _, entropy, norm, _ = LIB.logprobs_forward(logits, labels(), plain, -100, True, False, backend)
+    return (logits, labels(), norm, entropy, randn(B, T, seed=2), randn(B, T, seed=3), plain, -100, backend)
 
 
 def _fused_forward(backend):
-    return (grad(randn(B * T, H, seed=4)), grad(randn(V, H, seed=5)), grad(randn(V, seed=6)), labels().view(-1), 1.0,
-            1.0, None, -100, True, True, 5, torch.float32, backend)
+    return (grad(randn(B * T, H, seed=4)), grad(randn(V, H, seed=5)), grad(randn(V, seed=6)), labels().view(-1),
+            LogitTransform(1.0).to_op_args(), -100, True, True, 5, torch.float32, backend)
 
 
 def _fused_backward(backend):
     hidden, weight, bias = randn(B * T, H, seed=4), randn(V, H, seed=5), randn(V, seed=6)
-    _, entropy, norm, _ = LIB.fused_linear_logprobs_forward(hidden, weight, bias, labels().view(-1), 1.0, 0.5, 3.0, -100,
+    softcapped = LogitTransform(1.0, 0.5, 3.0).to_op_args()
+    _, entropy, norm, _ = LIB.fused_linear_logprobs_forward(hidden, weight, bias, labels().view(-1), softcapped, -100,
                                                            True, False, 5, torch.float32, backend)
-    return (hidden, weight, bias, labels().view(-1), norm, entropy, randn(B * T, seed=7), randn(B * T, seed=8), 1.0,
-            0.5, 3.0, -100, 5, torch.float32, True, True, True, backend)
+    return (hidden, weight, bias, labels().view(-1), norm, entropy, randn(B * T, seed=7), randn(B * T, seed=8),
+            softcapped, -100, 5, torch.float32, True, True, True, backend)
 
 
 def _policy_rows(backend):
@@ -86,8 +90,8 @@ def _fused_ppo(backend):
     mask = ragged_mask(B, T, seed=31).float()
     row_weights = mask.sum(-1).gt(0).float() / mask.sum().clamp(min=1)
     return (grad(randn(B, T, H, seed=32)), grad(randn(V, H, seed=33, scale=0.3)), None, labels(), per_token(34) - 1,
-            randn(B, T, seed=35), mask, per_token(36) - 1, randn(B, T, seed=37).abs(), row_weights, 1.0, 1.0, None,
-            -100, *resolve("sapo").to_op_args(), 0.1, "k3", "sequence", 0.01, 7, torch.float32, True, True, False, True,
+            randn(B, T, seed=35), mask, per_token(36) - 1, randn(B, T, seed=37).abs(), row_weights,
+            LogitTransform(1.0).to_op_args(), -100, *resolve("sapo").to_op_args(), 0.1, "k3", "sequence", 0.01, 7, torch.float32, True, True, False, True,
             backend)
 
 

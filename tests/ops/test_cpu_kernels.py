@@ -1,5 +1,5 @@
 """The C++ (CPU) kernels' own machinery: the vectorised exp's error in ulp, the choice of the
-instruction-set build (setup.py CPU_VARIANTS, backend.cpu_capability), and every build that this
+instruction-set build (setup.py CPU_VARIANTS, native.cpu_capability), and every build that this
 CPU runs passing the op tests of the cpp backend (the suite itself runs the best one)."""
 import os
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 import torch
 from support import DEVICE
 
-from ppo_fast.ops import backend
-from ppo_fast.ops.backend import CPU_CAPABILITIES, CPU_VARIANTS, cpu_capability, native_module
+from ppo_fast.ops import native
+from ppo_fast.ops.native import CPU_CAPABILITIES, CPU_VARIANTS, cpu_capability, native_module
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or native_module("_C") is None,
                                 reason="the C++ kernels run on CPU tensors, when built")
@@ -24,7 +24,7 @@ def runnable_builds():
     """The capabilities at or below this CPU's whose build exists (x86: AVX512, AVX2, DEFAULT)."""
     best = torch.backends.cpu.get_cpu_capability()
     start = CPU_CAPABILITIES.index(best) if best in CPU_CAPABILITIES else len(CPU_CAPABILITIES) - 1
-    return [c for c in CPU_CAPABILITIES[start:] if backend._import_native(CPU_VARIANTS[c]) is not None]
+    return [c for c in CPU_CAPABILITIES[start:] if native._import_native(CPU_VARIANTS[c]) is not None]
 
 
 def ulp_error(got, x):
