@@ -33,7 +33,7 @@ install:
 
 native:
 	@mkdir -p build; $(PYTHON) setup.py build_ext --inplace > build/native.log 2>&1 || tail -n 30 build/native.log; \
-	if $(PYTHON) -c "import ppo_fast._C" 2>/dev/null; then echo "native: ppo_fast._C built"; \
+	if $(PYTHON) -c "import sys; from ppo_fast.ops.native import cpu_kernel_module as m; print('native: ppo_fast.' + m() + ' built') if m() else sys.exit(1)" 2>/dev/null; then :; \
 	elif [ "$$PPO_FAST_REQUIRE_NATIVE" = 1 ]; then echo "native: build failed" >&2; exit 1; \
 	else echo "native: build failed; CPU tensors use the torch backend" >&2; fi
 

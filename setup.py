@@ -26,8 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"] + os.environ.get("PPO_FAST_CPU_FLAGS", "").split()
 # The CPU kernels are built once per instruction set, as ATen builds its own (CPU_CAPABILITY):
 # ppo_fast._C for any x86-64 (and every other architecture), _C_avx2 and _C_avx512 with those
-# instructions; ppo_fast.ops.backend imports the best one the CPU runs (torch's own
-# cpu_capability), so a wheel built here runs on any x86-64. at::vec::Vectorized takes its lane
+# instructions; ppo_fast.ops.native imports the best one the CPU runs (torch's own
+# cpu_capability), so a wheel built with PPO_FAST_CPU_ISA=all runs on any x86-64 (a local build
+# makes only the one this CPU loads: cpu_variants_to_build). at::vec::Vectorized takes its lane
 # count and its Sleef exp from the CPU_CAPABILITY macros.
 CPU_VARIANTS = {
     "_C": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
@@ -39,6 +40,23 @@ CPU_VARIANTS = {
 
 def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def cpu_variants_to_build(x86: bool) -> list:
+    """The CPU builds: PPO_FAST_CPU_ISA=all (CI, wheels: a binary for any x86-64 CPU) builds every
+    variant; the default, native, only the one this CPU runs best (torch's own cpu_capability), which
+    is all a local install loads; other architectures build _C alone."""
+    if not x86:
+        return ["_C"]
+    wanted = os.environ.get("PPO_FAST_CPU_ISA", "native").strip().lower()
+    if wanted == "all":
+        return list(CPU_VARIANTS)
+    if wanted != "native":
+        raise ValueError(f"PPO_FAST_CPU_ISA: expected 'native' or 'all', got {wanted!r}")
+    import torch
+
+    best = {"AVX512": "_C_avx512", "AVX2": "_C_avx2"}.get(torch.backends.cpu.get_cpu_capability(), "_C")
+    return [best]
 
 
 def native_extensions():
@@ -53,17 +71,16 @@ def native_extensions():
     include_dirs = [os.path.join(HERE, "csrc")]
     extensions = []
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    for name, flags in CPU_VARIANTS.items() if cpu_sources else ():
-        if name == "_C" or x86:
-            extensions.append(
-                cpp_extension.CppExtension(
-                    f"ppo_fast.{name}",
-                    cpu_sources if name == "_C" else _variant_sources(name, cpu_sources),
-                    include_dirs=include_dirs,
-                    extra_compile_args={"cxx": CPU_FLAGS + flags},
-                    extra_link_args=["-fopenmp"],
-                )
+    for name in cpu_variants_to_build(x86) if cpu_sources else ():
+        extensions.append(
+            cpp_extension.CppExtension(
+                f"ppo_fast.{name}",
+                cpu_sources if name == "_C" else _variant_sources(name, cpu_sources),
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": CPU_FLAGS + CPU_VARIANTS[name]},
+                extra_link_args=["-fopenmp"],
             )
+        )
     if cuda_sources and cpp_extension.CUDA_HOME is not None and _torch_has_cuda():
         extensions.append(
             cpp_extension.CUDAExtension(

@@ -117,7 +117,8 @@ def _why_unavailable(name: str, device: torch.device) -> str:
     if name == "cpp":
         if device.type != "cpu":
             return "The cpp backend runs on CPU tensors only."
-        return "ppo_fast._C was not built (reinstall with `pip install --no-build-isolation -e .`)."
+        return ("ppo_fast._C was not built for this CPU's instruction set or below (reinstall with `pip install "
+                "--no-build-isolation -e .`; PPO_FAST_CPU_ISA=all builds every one).")
     if name == "cuda":
         if device.type != "cuda":
             return "The cuda backend runs on CUDA tensors only."
