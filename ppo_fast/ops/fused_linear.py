@@ -113,7 +113,7 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
                          compute_dtype: torch.dtype,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], entropy [N] or empty, norm [N, 2] (logprobs.py), stats [N, 3] or empty), float32."""
-    launch_forward = LAUNCHERS[backend][0]
+    launch_forward = LAUNCHERS[backend].forward
     tr = LogitTransform.from_op_args(transform)
     weight, bias = in_compute_dtype(compute_dtype, weight, bias)
     (N, H), V = hidden.shape, weight.shape[0]
@@ -151,7 +151,7 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
                           chunk_size: int, compute_dtype: torch.dtype, want_hidden: bool, want_weight: bool,
                           want_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden, grad_weight, grad_bias), each empty where not wanted; chunks recompute the logits."""
-    launch_backward = LAUNCHERS[backend][1]
+    launch_backward = LAUNCHERS[backend].backward
     tr = LogitTransform.from_op_args(transform)
     weight_dtype, bias_dtype = weight.dtype, None if bias is None else bias.dtype
     weight, bias = in_compute_dtype(compute_dtype, weight, bias)

@@ -29,7 +29,7 @@ logits chunk by chunk (four GEMMs; still no [N, V] tensor kept).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -83,10 +83,15 @@ class Hyper:
 # ----------------------------------------------------------------------------- per-token parts
 # backend -> (policy-loss forward, KL backend): the O(tokens) parts of a chunk, each the backend's
 # own kernel; the cuda backend has none for them (its head is CUDA, these O(N) parts run on Triton).
+class TokenParts(NamedTuple):
+    policy_forward: Callable  # policy_loss.py's kernel launcher: (row sums, m is dpg/dy) of a chunk
+    kl_backend: str  # the backend kl.kl_and_grad runs
+
+
 TOKEN_PARTS = {
-    "triton": (policy_ops.KERNELS["triton"], "triton"),
-    "cuda": (policy_ops.KERNELS["triton"], "triton"),
-    "cpp": (policy_ops.KERNELS["cpp"], "cpp"),
+    "triton": TokenParts(policy_ops.KERNELS["triton"], "triton"),
+    "cuda": TokenParts(policy_ops.KERNELS["triton"], "triton"),
+    "cpp": TokenParts(policy_ops.KERNELS["cpp"], "cpp"),
 }
 # Backends whose log-probs backward may write the gradient into the logits buffer.
 IN_PLACE_BACKWARD = ("triton", "cpp")
@@ -104,7 +109,7 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
     want = (hidden, weight, bias) booleans.
     """
     launch_forward, launch_backward = LAUNCHERS[backend]
-    policy_forward, kl_backend = TOKEN_PARTS[backend]
+    parts = TOKEN_PARTS[backend]
     weight, bias = in_compute_dtype(hp.compute_dtype, weight, bias)
     needs_grad = any(want)
     B, T, H = hidden.shape
@@ -129,15 +134,16 @@ def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights
         m = mask[rows]
         old_rows = logp if old is None else old[rows]
         max_abs_log_ratio = torch.maximum(max_abs_log_ratio, masked_max_abs(logp - old_rows, m))
-        policy_rows, dloss = policy_forward(logp, old_rows, adv[rows], m,
-                                            None if is_weights is None else is_weights[rows],
-                                            kernel_constants(hp.objective), needs_grad)
+        policy_rows, dloss = parts.policy_forward(logp, old_rows, adv[rows], m,
+                                                  None if is_weights is None else is_weights[rows],
+                                                  kernel_constants(hp.objective), needs_grad)
         row_stats[rows, :ROW_ENTROPY] = policy_rows
         row_stats[rows, ROW_ENTROPY] = valid_only(entropy, m).sum(-1)
         w = row_weights[rows, None]
         grad_logp = w * dloss if needs_grad else None  # dloss = m is dpg/dy
         if ref is not None:
-            kl, dkl = kl_ops.kl_and_grad(valid_only(logp, m), valid_only(ref[rows], m), hp.kl_estimator, kl_backend)
+            kl, dkl = kl_ops.kl_and_grad(valid_only(logp, m), valid_only(ref[rows], m), hp.kl_estimator,
+                                         parts.kl_backend)
             if hp.kl_ratio is not None:
                 kl, dkl = ratio_weighted_kl(kl, dkl, logp, old_rows, m, hp.kl_ratio)
             row_stats[rows, ROW_KL] = valid_only(kl, m).sum(-1)
@@ -262,9 +268,11 @@ def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bia
             hidden, weight, bias, labels, old, adv, mask, ref, is_w, row_weights, tr.to_op_args(), ignore_index,
             *objective.to_op_args(), kl_coef, kl_estimator, kl_ratio, entropy_coef, chunk_size or 0,
             compute_dtype, *want, return_log_prob, backend)
-    stats = {**dict(zip(LOSS_STATS, stats.detach().unbind())), "policy_loss": policy_loss.detach()}
-    if ref_log_prob is None:
-        del stats["kl"]
+    named = dict(zip(LOSS_STATS, stats.detach().unbind()))
+    kl = named.pop("kl")  # the reference's order: ppo_policy_loss's stats, policy_loss, the rest, kl
+    stats = {**{k: named.pop(k) for k in LOSS_STATS[:3]}, "policy_loss": policy_loss.detach(), **named}
+    if ref_log_prob is not None:
+        stats["kl"] = kl
     if return_log_prob:
         stats["log_prob"] = log_prob.detach()
     return loss, stats

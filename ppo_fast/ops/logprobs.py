@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -349,10 +349,16 @@ def _native_backward(module, logits, labels, norm, entropy, grad_logp, grad_entr
 
 # (forward, backward) launchers per kernel backend: the custom ops below call them by name, and so
 # do the chunks of fused_linear.py and fused_linear_ppo_loss.py.
+class Launchers(NamedTuple):
+    """One backend's log-probs launchers (the signatures of _launch_forward / _launch_backward)."""
+    forward: Callable
+    backward: Callable
+
+
 LAUNCHERS = {
-    "triton": (_launch_forward, _launch_backward),
-    "cuda": (functools.partial(_native_forward, "_C_cuda"), functools.partial(_native_backward, "_C_cuda")),
-    "cpp": (functools.partial(_native_forward, "_C"), functools.partial(_native_backward, "_C")),
+    "triton": Launchers(_launch_forward, _launch_backward),
+    "cuda": Launchers(functools.partial(_native_forward, "_C_cuda"), functools.partial(_native_backward, "_C_cuda")),
+    "cpp": Launchers(functools.partial(_native_forward, "_C"), functools.partial(_native_backward, "_C")),
 }
 
 
@@ -367,7 +373,7 @@ def logprobs_forward(logits: torch.Tensor, labels: Optional[torch.Tensor], trans
     """(logp or empty, entropy or empty, norm [..., 2], stats [..., 3] or empty), float32, the leading
     dimensions logits.shape[:-1]."""
     tr = LogitTransform.from_op_args(transform)
-    out = LAUNCHERS[backend][0](logits, labels, tr, ignore_index, with_entropy, with_stats)
+    out = LAUNCHERS[backend].forward(logits, labels, tr, ignore_index, with_entropy, with_stats)
     return tuple(logits.new_empty(0, dtype=torch.float32) if t is None else t for t in out)
 
 
@@ -386,7 +392,7 @@ def logprobs_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], norm
                       backend: str) -> torch.Tensor:
     """grad_logits in the logits' dtype (contiguous)."""
     tr = LogitTransform.from_op_args(transform)
-    return LAUNCHERS[backend][1](logits, labels, norm, entropy, grad_logp, grad_entropy, tr,
+    return LAUNCHERS[backend].backward(logits, labels, norm, entropy, grad_logp, grad_entropy, tr,
                                  ignore_index).view(logits.shape)
 
 

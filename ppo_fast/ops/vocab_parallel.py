@@ -174,7 +174,7 @@ def unit_partials(logits: torch.Tensor, tr: LogitTransform, backend: str, invari
     if backend == "torch":
         x = transformed(logits, tr)
         return torch.stack([_torch_partials(x[:, a:b], with_stats) for a, b in spans], 1)
-    forward = LAUNCHERS[backend][0]
+    forward = LAUNCHERS[backend].forward
     out = torch.empty(N, len(spans), k, device=logits.device, dtype=torch.float32)
     full = V // VOCAB_BLOCK if invariant else 0
     pieces = []  # (first unit, logits view [rows, cols] whose rows are (row, unit) in order)
@@ -325,7 +325,7 @@ def _local_backward(logits, local_labels, norm, entropy, grad_logp, grad_entropy
     if logits.shape[-1] == 0:
         return torch.zeros_like(logits)
     if backend != "torch":
-        return LAUNCHERS[backend][1](logits, local_labels, norm, entropy, grad_logp, grad_entropy, tr, LOCAL_IGNORE)
+        return LAUNCHERS[backend].backward(logits, local_labels, norm, entropy, grad_logp, grad_entropy, tr, LOCAL_IGNORE)
     with torch.enable_grad():
         z = logits.detach().requires_grad_()
         x = reference.transformed_logits(z, 1.0 / tr.inv_t, tr.scale, tr.softcap) if tr.softcap else \
