@@ -240,11 +240,13 @@ def test_transforms_on_extreme_logits(backend, softcap, logit_scale):
 # ----------------------------------------------------------------------------- the fused head
 def masked_vocab_head(V=131, H=16, N=(3, 9), dtype=torch.float32):
     """hidden, weight and a bias masking part of the vocabulary with finfo.min (padded vocabulary
-    rows), labels in the unmasked part. (With T >= 1 the masked logits stay finite.)"""
+    rows), labels in the unmasked part. (With T >= 1 the masked logits stay finite.) Seeded: the
+    labels fix which policy ratios lie near the clip bounds, where bf16 logits may put a token on the
+    other side of a bound than float64 does (a discrete change of its gradient, not a kernel error)."""
     hidden, weight = randn(*N, H, seed=1, dtype=dtype), randn(V, H, seed=2, scale=0.3, dtype=dtype)
     bias = torch.zeros(V, dtype=dtype, device=DEVICE)
     bias[V // 3:] = torch.finfo(dtype).min
-    labels = torch.randint(0, V // 3, N, device=DEVICE)
+    labels = torch.randint(0, V // 3, N, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     return hidden, weight, bias, labels
 
 
