@@ -11,12 +11,12 @@ TORCH_SPEC ?= torch==2.13.0
 # their dependencies (never a second torch); omegaconf is the one light package the compared
 # modules need, accelerate and datasets what TRL's trainers need to run (neither depends on torch,
 # so the installed one is kept), tensordict (pure Python, --no-deps: it names torch) and pyvers,
-# cloudpickle, codetiming what verl's DataProto needs, hydra-core what verl's worker configs need
-# (tests/integrations/test_verl_actor.py). A peer that cannot be installed makes its tests skip,
+# cloudpickle, codetiming what verl's DataProto needs, hydra-core and orjson what verl's worker
+# configs import (tests/integrations/test_verl_actor.py). A peer that cannot be installed makes its tests skip,
 # saying so.
 PEERS ?= verl==0.9.1 trl==1.16.0 openrlhf==0.11.2 liger-kernel==0.8.5 tensordict==0.15.3
 PEER_DEPS ?= "omegaconf>=2.3" "accelerate>=1.4" "datasets>=3" "pyvers>=0.2,<0.3" cloudpickle codetiming \
-	"hydra-core>=1.3"
+	"hydra-core>=1.3" orjson
 
 .PHONY: install native peers cuda-check test demo bench clean
 
