@@ -281,7 +281,7 @@ def _loss_from_token_values(trainer, hidden, weight, bias, labels, transform, in
 
         loss -= c_H * sum(H m') / max(sum m', 1) / accumulation,   m' = mask * entropy mask
 
-    c_H TRL's entropy_coef, or its adaptive controller's (_adaptive_entropy_coef). One more GEMM than
+    c_H TRL's entropy_coef, gated by its adaptive controller (_adaptive_entropy_step). One more GEMM than
     the fused loss (the head's backward recomputes the logits)."""
     logp, entropy = ops.fused_linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, **transform)
     old = inputs.get("old_per_token_logps")

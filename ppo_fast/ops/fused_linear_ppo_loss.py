@@ -285,6 +285,12 @@ def _generic_loss(hidden, weight, labels, old_log_prob, advantages, mask, *, bia
     logp, entropy = FUSED_HEAD[backend](hidden, weight, labels, bias=bias, temperature=temperature,
                                         ignore_index=ignore_index, return_entropy=True, chunk_size=chunk_size,
                                         logit_scale=logit_scale, softcap=softcap)
+    return _loss_of_head(logp, entropy, old_log_prob, advantages, mask, return_log_prob, **loss_args)
+
+
+def _loss_of_head(logp, entropy, old_log_prob, advantages, mask, return_log_prob, **loss_args):
+    """The generic path after its head (the backend's, or the vocabulary-parallel one): the loss terms
+    under autograd on the [B, T] log-probs and entropy, and the log-probs in the stats if asked."""
     loss, stats = reference.ppo_loss_of_logprobs(logp, entropy, old_log_prob, advantages, mask, **loss_args)
     if return_log_prob:
         stats["log_prob"] = logp.detach()
@@ -383,13 +389,10 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_log_prob, advantages, mask
             hidden, weight, labels, tp_group=tp_group, bias=bias, temperature=float(temperature),
             ignore_index=ignore_index, return_entropy=True, chunk_size=chunk_size, logit_scale=float(logit_scale),
             softcap=None if softcap is None else float(softcap), invariant=tp_invariant)
-        loss, stats = reference.ppo_loss_of_logprobs(
-            logp, entropy, old_log_prob, advantages, mask, ref_log_prob=ref_log_prob, kl_coef=kl_coef,
-            kl_estimator=kl_estimator, kl_ratio=kl_ratio, entropy_coef=entropy_coef, agg=agg, num_tokens=num_tokens,
-            num_seqs=num_seqs, is_weights=is_weights, objective=objective)
-        if return_log_prob:
-            stats["log_prob"] = logp.detach()
-        return loss, stats
+        return _loss_of_head(logp, entropy, old_log_prob, advantages, mask, return_log_prob, ref_log_prob=ref_log_prob,
+                             kl_coef=kl_coef, kl_estimator=kl_estimator, kl_ratio=kl_ratio, entropy_coef=entropy_coef,
+                             agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights,
+                             objective=objective)
     return dispatch("fused_linear_ppo_loss", FUSED_LINEAR_PPO_LOSS, hidden.device, hidden, weight, labels, old_log_prob,
                     advantages, mask, bias=bias, temperature=float(temperature), ignore_index=ignore_index,
                     ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_ratio=kl_ratio,

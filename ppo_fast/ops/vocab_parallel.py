@@ -269,14 +269,29 @@ def transformed(logits: torch.Tensor, tr: LogitTransform) -> torch.Tensor:
     return reference.transformed_logits(logits, 1.0 / tr.inv_t, tr.scale, tr.softcap)
 
 
-def first_max_index(logits, tr, offset, big):
-    """The global index of the first column of this shard where x reaches the row's max (int64 max
-    where none does): is_top1's "the label is the first maximum", min-reduced over the group."""
-    none = torch.full(logits.shape[:1], torch.iinfo(torch.int64).max, device=logits.device)
+NO_COLUMN = torch.iinfo(torch.int64).max
+
+
+def shard_first_max(logits, tr, offset):
+    """(the largest non-NaN x of each row on this shard [N], the global index of its first column
+    [N]): is_top1's candidates, found in the forward's own pass over the logits (-inf and NO_COLUMN
+    for an empty shard)."""
     if logits.shape[-1] == 0:
-        return none
-    hit = transformed(logits, tr) >= big[:, None].to(torch.float32)
-    return torch.where(hit.any(-1), hit.float().argmax(-1) + offset, none)
+        return (torch.full(logits.shape[:1], -math.inf, device=logits.device),
+                torch.full(logits.shape[:1], NO_COLUMN, device=logits.device))
+    x = transformed(logits, tr)
+    x = torch.where(torch.isnan(x), -math.inf, x)
+    best, index = x.max(-1)  # the first maximal column
+    return best, index + offset
+
+
+def first_max_column(best, index, big, group):
+    """The global index of the first column where x reaches the row's max `big` (NO_COLUMN where no
+    column does: a NaN max), from every shard's candidates (shard_first_max), min-reduced over the
+    group: is_top1's "the label is the first maximum"."""
+    first = torch.where(best >= big.to(best.dtype), index, NO_COLUMN)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+    return first
 
 
 # ----------------------------------------------------------------------------- logits sharded
@@ -290,6 +305,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                                  labels, ignore_index, invariant)
         local_labels = None if labels is None else shard_label_ids(labels, offset, V, ignore_index)
         partials = unit_partials(logits, tr, backend, invariant, with_stats)
+        candidates = shard_first_max(logits, tr, offset) if with_stats else None
         x_y = torch.zeros(N, device=logits.device) if labels is None else label_logit(logits, local_labels, tr)
         units, x_y = gather_with_label_logit(partials, x_y, group)
         norm, entropy, stats = combine(units, with_stats)
@@ -301,8 +317,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         out_stats = None
         if with_stats:
-            first = first_max_index(logits, tr, offset, norm[:, 0])
-            dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+            first = first_max_column(*candidates, norm[:, 0], group)
             is_top1 = torch.zeros(N, device=logits.device) if labels is None else \
                 ((labels != ignore_index) & (first == labels)).float()
             out_stats = torch.stack([stats[0], stats[1], is_top1], -1)
@@ -328,8 +343,7 @@ def _local_backward(logits, local_labels, norm, entropy, grad_logp, grad_entropy
         return LAUNCHERS[backend].backward(logits, local_labels, norm, entropy, grad_logp, grad_entropy, tr, LOCAL_IGNORE)
     with torch.enable_grad():
         z = logits.detach().requires_grad_()
-        x = reference.transformed_logits(z, 1.0 / tr.inv_t, tr.scale, tr.softcap) if tr.softcap else \
-            reference._upcast(z) * tr.inv_t
+        x = transformed(z, tr)  # as the forward's partials formed it
         logp_all = (x - norm[:, :1].to(x.dtype)) - norm[:, 1:].to(x.dtype)
         p = logp_all.exp()
         grad_x = torch.zeros_like(x)
@@ -423,11 +437,15 @@ class _VocabParallelLinear(torch.autograd.Function):
         w, b = in_compute_dtype(dtype, weight, bias)
         local_labels = shard_label_ids(labels, offset, V, ignore_index)
         parts, x_y = [], torch.zeros(N, device=hidden.device)
+        best = torch.empty(N, device=hidden.device) if with_stats else None
+        index = torch.empty(N, device=hidden.device, dtype=torch.int64) if with_stats else None
         for start in range(0, N, chunk):
             rows = slice(start, min(start + chunk, N))
             logits = shard_logits(hidden[rows].to(dtype), w, b, invariant)
             parts.append(unit_partials(logits, tr, backend, invariant, with_stats))
             x_y[rows] = label_logit(logits, local_labels[rows], tr)
+            if with_stats:
+                best[rows], index[rows] = shard_first_max(logits, tr, offset)
         partials = torch.cat(parts) if parts else unit_partials(hidden.new_zeros(0, V), tr, "torch", invariant,
                                                                  with_stats)
         units, x_y = gather_with_label_logit(partials, x_y, group)
@@ -438,12 +456,7 @@ class _VocabParallelLinear(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         out_stats = None
         if with_stats:
-            first = torch.full((N,), torch.iinfo(torch.int64).max, device=hidden.device, dtype=torch.int64)
-            for start in range(0, N, chunk):
-                rows = slice(start, min(start + chunk, N))
-                first[rows] = first_max_index(shard_logits(hidden[rows].to(dtype), w, b, invariant), tr, offset,
-                                              norm[rows, 0])
-            dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+            first = first_max_column(best, index, norm[:, 0], group)
             out_stats = torch.stack([stats[0], stats[1], ((labels != ignore_index) & (first == labels)).float()], -1)
             ctx.mark_non_differentiable(out_stats)
         return logp, entropy, out_stats

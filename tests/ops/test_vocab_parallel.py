@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-N, H, V = 6, 16, 600  # V = 4 blocks of 128 and one of 88: shards of unequal size, the last one partial
+N, H, V = 8, 16, 600  # V = 4 blocks of 128 and one of 88: shards of unequal size, the last one partial
 TEMPERATURE = 0.8
 BACKENDS = ["cpp", "torch", "triton"]
 
@@ -36,6 +36,7 @@ def inputs():
     labels[3:6] = torch.tensor([384 - 100, 256 - 100, 512 - 100])
     hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.3
     up = torch.randn(2, N, generator=g)
+    labels[6] = (hidden[6] @ weight.T).argmax()  # the fused head's argmax label: its is_top1
     return logits, labels, hidden, weight, up
 
 
@@ -61,12 +62,13 @@ def worker(rank, world, root, cases):
                 only_entropy = ops.entropy_from_logits(logits[:, lo:hi], temperature=TEMPERATURE,
                                                        tp_group=dist.group.WORLD, tp_invariant=invariant)
                 h, w = hidden.clone().requires_grad_(), weight[lo:hi].clone().requires_grad_()
-                f_logp, f_entropy = ops.fused_linear_logprobs(h, w, labels, return_entropy=True, chunk_size=4,
-                                                              tp_group=dist.group.WORLD, tp_invariant=invariant)
+                f_logp, f_entropy, f_stats = ops.fused_linear_logprobs(h, w, labels, return_stats=True, chunk_size=4,
+                                                                       tp_group=dist.group.WORLD,
+                                                                       tp_invariant=invariant)
                 grad_h, grad_w = torch.autograd.grad((f_logp * up[0]).sum() + (f_entropy * up[1]).sum(), (h, w))
             results[(backend, invariant)] = dict(logp=logp, entropy=entropy, stats=stats, grad=grad,
                                                  only_entropy=only_entropy, f_logp=f_logp, f_entropy=f_entropy,
-                                                 grad_h=grad_h, grad_w=grad_w)
+                                                 f_stats=f_stats, grad_h=grad_h, grad_w=grad_w)
         results["ppo"] = ppo_loss_case(hidden, weight[lo:hi], labels, up)
         results["verl"] = verl_door_case(logits[:, lo:hi], labels, hidden, weight[lo:hi])
         results["dtensor"] = dtensor_case(logits, labels, hidden, weight, up, world)
@@ -194,12 +196,16 @@ def float64_oracle():
         stats = torch.stack([torch.logsumexp(2 * logp_all, -1), x.mean(-1),
                              ((labels != -100) & (x.gather(-1, safe[:, None]).squeeze(-1) >= x.amax(-1))).double()], -1)
     h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    f_all = torch.log_softmax(h @ w.T, -1)
+    f_x = h @ w.T
+    f_all = torch.log_softmax(f_x, -1)
     f_logp = torch.where(labels == -100, 0.0, f_all.gather(-1, safe[:, None]).squeeze(-1))
     f_entropy = -(f_all.exp() * f_all).sum(-1)
     grad_h, grad_w = torch.autograd.grad((f_logp * up[0].double()).sum() + (f_entropy * up[1].double()).sum(), (h, w))
+    with torch.no_grad():
+        f_top1 = (labels != -100) & (f_x.gather(-1, safe[:, None]).squeeze(-1) >= f_x.amax(-1))
+        f_stats = torch.stack([torch.logsumexp(2 * f_all, -1), f_x.mean(-1), f_top1.double()], -1)
     return dict(logp=logp, entropy=entropy, stats=stats, grad=grad, only_entropy=entropy, f_logp=f_logp,
-                f_entropy=f_entropy, grad_h=grad_h, grad_w=grad_w)
+                f_entropy=f_entropy, f_stats=f_stats, grad_h=grad_h, grad_w=grad_w)
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +230,11 @@ def test_every_rank_gets_the_whole_vocabularys_results(groups, backend, invarian
     for got in ranks:
         for name in ("logp", "entropy", "only_entropy", "f_logp", "f_entropy"):
             close(got[name], want[name], name)
-        close(got["stats"]["log_sum_sq_probs"], want["stats"][:, 0], "log_sum_sq_probs")
-        close(got["stats"]["mean_logit"], want["stats"][:, 1], "mean_logit", atol=1e-4)
-        assert torch.equal(got["stats"]["is_top1"], want["stats"][:, 2].bool()), "is_top1"
+        for prefix in ("", "f_"):  # the logits shard's statistics, then the weight shard's
+            stats, oracle = got[f"{prefix}stats"], want[f"{prefix}stats"]
+            close(stats["log_sum_sq_probs"], oracle[:, 0], f"{prefix}log_sum_sq_probs")
+            close(stats["mean_logit"], oracle[:, 1], f"{prefix}mean_logit", atol=1e-4)
+            assert torch.equal(stats["is_top1"], oracle[:, 2].bool()), f"{prefix}is_top1"
         close(got["grad_h"], want["grad_h"], "grad hidden (summed over the group)")
     close(torch.cat([r["grad"] for r in ranks], -1), want["grad"], "grad logits")
     close(torch.cat([r["grad_w"] for r in ranks]), want["grad_w"], "grad weight")
@@ -324,7 +332,7 @@ def bad_worker(rank, world, root):
             except (ValueError, TypeError) as err:
                 errors.append((name, str(err)))
         # an ignore_index that is a column id: label 305 is column 5 of rank 1's shard, never ignored
-        ignoring_5 = torch.tensor([5, 305, 7, 5, 306, 1])
+        ignoring_5 = torch.tensor([5, 305, 7, 5, 306, 1, 5, 300])
         z = half.clone().requires_grad_()
         logp = ops.logprobs_from_logits(z, ignoring_5, ignore_index=5, tp_group=dist.group.WORLD)
         (grad,) = torch.autograd.grad(logp.sum(), z)
@@ -353,7 +361,7 @@ def test_bad_set_ups_are_refused_on_every_rank(tmp_path):
         assert "tp_group: the ranks called with different settings" in errors["dtypes"]
         logits, _, _, _, _ = inputs()
         whole = logits.clone().requires_grad_()
-        want = ops_plain_logprobs(whole, torch.tensor([5, 305, 7, 5, 306, 1]), ignore_index=5)
+        want = ops_plain_logprobs(whole, torch.tensor([5, 305, 7, 5, 306, 1, 5, 300]), ignore_index=5)
         (want_grad,) = torch.autograd.grad(want.sum(), whole)
         logp, grad = errors["ignore_index 5"]
         torch.testing.assert_close(logp, want)
