@@ -137,8 +137,11 @@ class PPOConfig(ConfigFile):
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU and for the embedded task's tiny model
     device: str = "auto"  # cuda if available, else cpu
     distributed: str = "auto"  # fsdp: torchrun + FSDP2 (ppo_fast/ppo/distributed.py); auto: when torchrun launched us; none
-    tensor_parallel: int = 1  # under torchrun: ranks per tensor-parallel group, which split the LM heads by vocabulary
-    tensor_parallel_invariant: bool = False  # the head's log-probs bitwise the same at any tensor_parallel (128-col shards)
+    # under torchrun: ranks per tensor-parallel group, which split the LM heads by vocabulary and the
+    # blocks by the model's TP plan
+    tensor_parallel: int = 1
+    # the run bitwise the same at any tensor_parallel: 128-column head shards, blocks whole on each rank
+    tensor_parallel_invariant: bool = False
     seed: int = 0
     steps: int = 200
     # rollout

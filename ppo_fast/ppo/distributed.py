@@ -14,8 +14,12 @@ ranks with B/N rows each take the step one rank with B rows would.
 With `tensor_parallel=T` the ranks form a 2-D mesh (data x tensor, T consecutive ranks a
 tensor-parallel group): the T ranks of a group hold the same rows and split the policy's and
 the reference's LM heads by vocabulary (VocabParallelLMHead; ppo_fast/ops/vocab_parallel.py
-computes the log-probs on the shards), FSDP2 shards the blocks over the data dimension, and
-everything above that couples rows is reduced over the data dimension only.
+computes the log-probs on the shards), every model's blocks follow the model's own transformers
+TP plan (config.base_model_tp_plan: attention heads and MLP columns split, through torch's
+`parallelize_module` on the tensor dimension of the mesh), FSDP2 shards the blocks over the data
+dimension, and everything above that couples rows is reduced over the data dimension only. With
+`tensor_parallel_invariant` the blocks stay whole on each rank of the group: a row-parallel layer
+sums its partial products over the group, in an order no single process reproduces bitwise.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ class World:
     dp_group: object = None  # the ranks holding this rank's tensor-parallel position (None: all)
     tp_group: object = None  # this rank's tensor-parallel group (None: tp_size 1)
     dp_mesh: object = None  # FSDP's mesh (None: the default one over every rank)
+    tp_mesh: object = None  # the blocks' tensor-parallel mesh (None: blocks whole on every rank)
 
     @property
     def is_main(self) -> bool:
@@ -126,14 +131,17 @@ class World:
                 self.sum(p.grad).div_(self.dp_size)
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """fully_shard each transformer block (gradients reduced in fp32, averaged over ranks). The
-        parameters outside the blocks (embeddings, final norm, LM head, value head) stay whole on
-        every rank: the loop reads the LM head's weight directly (the fused log-prob ops), and
-        average_replicated_grads averages their gradients."""
+        """Split the blocks by the model's TP plan over the tensor-parallel mesh (split_blocks), then
+        fully_shard each transformer block over the data dimension (gradients reduced in fp32,
+        averaged over ranks). The parameters outside the blocks (embeddings, final norm, LM head,
+        value head) stay whole on every rank: the loop reads the LM head's weight directly (the
+        fused log-prob ops), and average_replicated_grads averages their gradients."""
         if not self.enabled:
             return model
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if self.tp_mesh is not None:
+            split_blocks(model, self.tp_mesh)
         for block in transformer_blocks(model):
             fully_shard(block, mesh=self.dp_mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
         return model
@@ -247,7 +255,7 @@ def setup(mode: str, device_type: str, tensor_parallel: int = 1, invariant: bool
 
     mesh = init_device_mesh(device_type, (size // tensor_parallel, tensor_parallel), mesh_dim_names=("dp", "tp"))
     return World(dist.get_rank(), size, local_rank, True, tensor_parallel, mesh.get_group("dp"), mesh.get_group("tp"),
-                 mesh["dp"])
+                 mesh["dp"], None if invariant or tensor_parallel == 1 else mesh["tp"])
 
 
 def check_sizes(world: World, config) -> None:
@@ -283,6 +291,42 @@ def check_same_config(world: World, values: dict) -> None:
     if differing:
         seen = {k: [other.get(k) for other in gathered] for k in differing[:5]}
         raise ConfigError(f"the ranks were given different configs: {seen} (rank order)")
+
+
+def base_model(model: torch.nn.Module):
+    """The transformers base model inside `model` (a *ForCausalLM's `.model`, a ValueModel's
+    body), whose config holds the TP plan; None for a model without one."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel) and m.base_model is m), None)
+
+
+def split_blocks(model: torch.nn.Module, tp_mesh) -> bool:
+    """Apply the model's own transformers TP plan (config.base_model_tp_plan, e.g. Llama's and
+    Qwen2's {"layers.*.self_attn.q_proj": "colwise", ..., "layers.*.mlp.down_proj": "rowwise"}) with
+    torch's parallelize_module on `tp_mesh`: a colwise linear keeps this rank's output columns
+    (its heads), a rowwise one its input columns and all-reduces its output, so the residual
+    stream stays whole and replicated. Returns False (blocks left whole) for a model without a plan;
+    a plan entry of another style, or heads / MLP width the group does not divide, is refused."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    base = base_model(model)
+    plan = getattr(getattr(base, "config", None), "base_model_tp_plan", None) or {}
+    if not plan:
+        return False
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    other = {key: style for key, style in plan.items() if style not in styles}
+    if other:
+        raise ConfigError(f"tensor_parallel: {type(base).__name__}'s TP plan has entries of styles ppo_fast does not "
+                          f"apply: {other}; expected only {sorted(styles)}")
+    size, config = tp_mesh.size(), base.config
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(config, key, None)
+        if value is not None and value % size:
+            raise ConfigError(f"tensor_parallel={size} does not divide {type(base).__name__}'s {key}={value}: "
+                              f"the TP plan splits it over the group")
+    parallelize_module(base, tp_mesh, {key: styles[style]() for key, style in plan.items()})
+    return True
 
 
 def transformer_blocks(model: torch.nn.Module) -> list:

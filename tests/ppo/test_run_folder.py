@@ -25,11 +25,14 @@ def quiet(tmp_path, name="run", **overrides):
 
 
 def tensorboard_steps(out, tag="ppo/reward_mean"):
+    """The steps of the points TensorBoard reads from the folder, in step order: it loads the event
+    files in name order, and a name's parts after the time stamp (host, pid, a per-process counter
+    compared as text: "10" < "5") do not follow the segments."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(out)
     events.Reload()
-    return [e.step for e in events.Scalars(tag)]
+    return sorted(e.step for e in events.Scalars(tag))
 
 
 def kill_during_step(trainer, step):
