@@ -1,11 +1,14 @@
 """Fused PPO ops. Each has the signature of its plain-PyTorch twin in `ppo_fast.ops.reference`
 and runs on the backend chosen by `ppo_fast.use_backend` / PPO_FAST_BACKEND.
 
-One file per op family, in reading order: Triton kernel(s) -> launchers -> custom op with its
-registered autograd -> the public function, which validates its inputs and calls its table of
-implementations {backend: callable with the public signature} through `backend.dispatch`.
-IMPLEMENTATIONS gathers the tables: {op: {backend: implementation}}. The row-statistics protocol
-the losses share is ppo_fast/ops/rows.py.
+One file per op family, in reading order, with the same names in every file: Triton kernel(s) ->
+launchers, gathered in `KERNELS` {backend: launcher, or a NamedTuple of them} -> custom op with its
+registered autograd -> `_<op>_on_kernels(..., backend)`, the op on one backend's kernels -> the
+public function `<op>`, which validates its inputs and calls its table of implementations
+`<OP>` {backend: `_<op>_on_kernels` with that backend bound, "torch": the reference} through
+`backend.dispatch`. Four layers from the public function to a kernel: the implementation, the
+custom op, the launcher. IMPLEMENTATIONS gathers the tables: {op: {backend: implementation}}. The
+row-statistics protocol the losses share is ppo_fast/ops/rows.py.
 """
 import importlib
 

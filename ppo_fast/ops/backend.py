@@ -19,20 +19,56 @@ reference under any backend.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
+from typing import Callable
 
 import torch
 
 from ppo_fast.ops.native import native_module
 
-BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 _local = threading.local()
 
 
 class BackendError(RuntimeError):
     """A backend was asked for that cannot run on the given tensors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBackend:
+    """A backend with kernels of its own: the device types it runs on, whether it is built or
+    installed here, and what to do when it is not."""
+
+    devices: tuple
+    built: Callable[[], bool]
+    missing: str
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_available() -> bool:
+    from ppo_fast.ops.triton_helpers import HAS_TRITON
+
+    return HAS_TRITON
+
+
+# The one place the backends are named: the kernel backends, auto's preference per device type
+# (best first; meta tensors: shapes only, the custom ops' fake implementations answer), and the
+# names use_backend / PPO_FAST_BACKEND accept.
+KERNEL_BACKENDS = {
+    "triton": KernelBackend(("cuda",), triton_available, "Triton is not installed."),
+    "cuda": KernelBackend(("cuda",), lambda: native_module("_C_cuda") is not None,
+                          "ppo_fast._C_cuda was not built (needs a CUDA build of torch and nvcc)."),
+    "cpp": KernelBackend(("cpu",), lambda: native_module("_C") is not None,
+                         "ppo_fast._C was not built for this CPU's instruction set or below (reinstall with `pip "
+                         "install --no-build-isolation -e .`; PPO_FAST_CPU_ISA=all builds every one)."),
+}
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch"), "meta": ("cpp", "triton", "cuda", "torch")}
+BACKENDS = ("auto", *KERNEL_BACKENDS, "torch")
 
 
 def _check_name(name: str, source: str) -> str:
@@ -62,27 +98,16 @@ def use_backend(name: str):
         stack.pop()
 
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-def triton_available() -> bool:
-    from ppo_fast.ops.triton_helpers import HAS_TRITON
-
-    return HAS_TRITON
+def _runs_on(name: str, device: torch.device) -> bool:
+    """Whether kernel backend `name` targets tensors of `device` (Triton: CPU ones when interpreted)."""
+    return device.type in KERNEL_BACKENDS[name].devices or (name == "triton" and device.type == "cpu"
+                                                             and triton_interpreted())
 
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Concrete backends that can run on tensors of `device`."""
     device = torch.device(device)
-    found = ["torch"]
-    if triton_available() and (device.type == "cuda" or triton_interpreted()):
-        found.append("triton")
-    if device.type == "cuda" and native_module("_C_cuda") is not None:
-        found.append("cuda")
-    if device.type == "cpu" and native_module("_C") is not None:
-        found.append("cpp")
-    return found
+    return ["torch"] + [name for name, backend in KERNEL_BACKENDS.items() if _runs_on(name, device) and backend.built()]
 
 
 def resolve_backend(device: torch.device, op: str, implementations) -> str:
@@ -94,13 +119,12 @@ def resolve_backend(device: torch.device, op: str, implementations) -> str:
     supported = tuple(implementations)
     name = requested_backend()
     if device.type == "meta":  # shapes only: the custom ops' fake implementations answer, no kernel runs
-        runnable = [b for b in ("cpp", "triton", "cuda") if b in supported] + ["torch"]
+        runnable = [b for b in AUTO_ORDER["meta"] if b in supported]
         if name == "auto" or name in runnable:
             return runnable[0] if name == "auto" else name
     runnable = [b for b in available_backends(device) if b in supported]
     if name == "auto":
-        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
-        return next(b for b in order if b in runnable)
+        return next(b for b in AUTO_ORDER.get(device.type, ("torch",)) if b in runnable)
     if name not in supported:
         raise BackendError(f"{op}: backend {name!r} does not implement this op (it has {list(supported)})")
     if name not in runnable:
@@ -110,20 +134,10 @@ def resolve_backend(device: torch.device, op: str, implementations) -> str:
 
 
 def _why_unavailable(name: str, device: torch.device) -> str:
-    if name == "triton":
-        if not triton_available():
-            return "Triton is not installed."
-        return "Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors."
-    if name == "cpp":
-        if device.type != "cpu":
-            return "The cpp backend runs on CPU tensors only."
-        return ("ppo_fast._C was not built for this CPU's instruction set or below (reinstall with `pip install "
-                "--no-build-isolation -e .`; PPO_FAST_CPU_ISA=all builds every one).")
-    if name == "cuda":
-        if device.type != "cuda":
-            return "The cuda backend runs on CUDA tensors only."
-        return "ppo_fast._C_cuda was not built (needs a CUDA build of torch and nvcc)."
-    return ""
+    if not _runs_on(name, device):
+        interpreted = ", or on CPU tensors under TRITON_INTERPRET=1" if name == "triton" else " only"
+        return f"The {name} backend runs on {'/'.join(KERNEL_BACKENDS[name].devices).upper()} tensors{interpreted}."
+    return KERNEL_BACKENDS[name].missing
 
 
 def plain_eager(x: torch.Tensor) -> bool:

@@ -39,7 +39,7 @@ from ppo_fast.ops.checks import (
     require_same_device,
     require_shape,
 )
-from ppo_fast.ops.logprobs import LAUNCHERS, LogitTransform, require_logit_transform, split_stats
+from ppo_fast.ops.logprobs import KERNELS, LogitTransform, require_logit_transform, split_stats
 from ppo_fast.ops.reference import GEMM_BLOCK_ROWS, blocked_linear
 
 # ----------------------------------------------------------------------------- chunking
@@ -113,7 +113,7 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
                          compute_dtype: torch.dtype,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], entropy [N] or empty, norm [N, 2] (logprobs.py), stats [N, 3] or empty), float32."""
-    launch_forward = LAUNCHERS[backend].forward
+    launch_forward = KERNELS[backend].forward
     tr = LogitTransform.from_op_args(transform)
     weight, bias = in_compute_dtype(compute_dtype, weight, bias)
     (N, H), V = hidden.shape, weight.shape[0]
@@ -151,7 +151,7 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
                           chunk_size: int, compute_dtype: torch.dtype, want_hidden: bool, want_weight: bool,
                           want_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden, grad_weight, grad_bias), each empty where not wanted; chunks recompute the logits."""
-    launch_backward = LAUNCHERS[backend].backward
+    launch_backward = KERNELS[backend].backward
     tr = LogitTransform.from_op_args(transform)
     weight_dtype, bias_dtype = weight.dtype, None if bias is None else bias.dtype
     weight, bias = in_compute_dtype(compute_dtype, weight, bias)
@@ -212,8 +212,9 @@ fused_linear_forward.register_autograd(_fused_linear_backward, setup_context=_fu
 
 
 # ----------------------------------------------------------------------------- public
-def _fused_kernels(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   chunk_size=None, logit_scale=1.0, softcap=None, return_stats=False, backend):
+def _fused_linear_logprobs_on_kernels(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                                      return_entropy=False, chunk_size=None, logit_scale=1.0, softcap=None,
+                                      return_stats=False, backend):
     """The custom op on hidden flattened to [N, H] and labels to [N] (int64, contiguous), its GEMMs in
     the compute dtype (compute_dtype_of), autocast off inside (the op casts what it needs)."""
     tr = LogitTransform.of(temperature, logit_scale, softcap)
@@ -231,7 +232,7 @@ def _fused_kernels(hidden, weight, labels, *, bias=None, temperature=1.0, ignore
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-FUSED_LINEAR_LOGPROBS = backend_table(_fused_kernels, LAUNCHERS, reference.fused_linear_logprobs)
+FUSED_LINEAR_LOGPROBS = backend_table(_fused_linear_logprobs_on_kernels, KERNELS, reference.fused_linear_logprobs)
 IMPLEMENTATIONS = {"fused_linear_logprobs": FUSED_LINEAR_LOGPROBS}
 
 

@@ -28,7 +28,6 @@ logits chunk by chunk (four GEMMs; still no [N, V] tensor kept).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -56,7 +55,9 @@ from ppo_fast.ops.fused_linear import (
     chunk_budget_rows,
     require_chunk_size,
 )
-from ppo_fast.ops.logprobs import LAUNCHERS, LogitTransform, require_logit_transform
+from ppo_fast.ops.kl import KLKernels
+from ppo_fast.ops.logprobs import KERNELS as HEAD_KERNELS
+from ppo_fast.ops.logprobs import LogitTransform, LogprobsKernels, require_logit_transform
 from ppo_fast.ops.objectives import Objective, kernel_constants, resolve
 from ppo_fast.ops.reference import blocked_linear, masked_max_abs, policy_ratio_vjp, valid_only
 from ppo_fast.ops.rows import POLICY_ROW_STATS, ROW_LOSS, agg_row_weights, require_agg, row_token_means
@@ -67,105 +68,18 @@ ROW_ENTROPY, ROW_KL = len(POLICY_ROW_STATS), len(POLICY_ROW_STATS) + 1
 LOSS_STATS = ("clipfrac", "approx_kl", "clipfrac_lower", "entropy", "kl", "max_abs_log_ratio")
 
 
-@dataclass(frozen=True)
-class Hyper:
-    transform: LogitTransform
-    ignore_index: int
-    objective: Objective
-    kl_coef: float
-    kl_estimator: str
-    entropy_coef: float
-    chunk_tokens: int
-    compute_dtype: torch.dtype
-    kl_ratio: Optional[str] = None  # the KL term times the policy ratio at this level (None: plain)
+# ----------------------------------------------------------------------------- launchers
+class LossKernels(NamedTuple):
+    """One backend's launchers for the compiled path, each from its own op's table."""
+    head: LogprobsKernels  # logprobs.py: y, H and the row normaliser of a chunk's logits; dL/dlogits
+    policy_forward: Callable  # policy_loss.py: a chunk's row sums of the objective and m is dpg/dy
+    kl: KLKernels  # kl.py: the KL term and its derivative to y
 
 
-# ----------------------------------------------------------------------------- per-token parts
-# backend -> (policy-loss forward, KL backend): the O(tokens) parts of a chunk, each the backend's
-# own kernel; the cuda backend has none for them (its head is CUDA, these O(N) parts run on Triton).
-class TokenParts(NamedTuple):
-    policy_forward: Callable  # policy_loss.py's kernel launcher: (row sums, m is dpg/dy) of a chunk
-    kl_backend: str  # the backend kl.kl_and_grad runs
-
-
-TOKEN_PARTS = {
-    "triton": TokenParts(policy_ops.KERNELS["triton"], "triton"),
-    "cuda": TokenParts(policy_ops.KERNELS["triton"], "triton"),
-    "cpp": TokenParts(policy_ops.KERNELS["cpp"], "cpp"),
-}
-# Backends whose log-probs backward may write the gradient into the logits buffer.
-IN_PLACE_BACKWARD = ("triton", "cpp")
-
-
-# ----------------------------------------------------------------------------- forward with gradients
-def loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref, is_weights, row_weights, hp: Hyper, backend,
-                   want, return_log_prob=False):
-    """(loss, policy_loss, stats [len(LOSS_STATS)]: the token means of the row statistics after the token
-    column, then max |logp - old| over valid tokens; grads (hidden, weight, bias) or None where not wanted).
-
-    hidden [B, T, H]; labels [B, T] int64; old (None: the log-probs computed here, detached), adv,
-    mask (float 0/1), ref (or None) [B, T]
-    float32 contiguous; is_weights None or [B, T] / [B, 1] float32; row_weights [B] float32;
-    want = (hidden, weight, bias) booleans.
-    """
-    launch_forward, launch_backward = LAUNCHERS[backend]
-    parts = TOKEN_PARTS[backend]
-    weight, bias = in_compute_dtype(hp.compute_dtype, weight, bias)
-    needs_grad = any(want)
-    B, T, H = hidden.shape
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    row_stats = torch.zeros(B, ROW_KL + 1, **f32)
-    max_abs_log_ratio = torch.zeros((), **f32)
-    grad_h = torch.empty_like(hidden) if want[0] else None
-    grad_w = torch.zeros(weight.shape, **f32) if want[1] else None
-    grad_b = torch.zeros(weight.shape[0], **f32) if want[2] else None
-    token_logp = torch.empty(B, T, **f32) if return_log_prob else None
-    rows_per_chunk = max(1, hp.chunk_tokens // max(T, 1))
-    for start in range(0, B if T else 0, rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, B))
-        k = rows.stop - rows.start
-        h = hidden[rows].reshape(k * T, H).to(hp.compute_dtype)
-        chunk_labels = labels[rows].reshape(-1)
-        logits = blocked_linear(h, weight, bias)
-        logp, entropy, norm, _ = launch_forward(logits, chunk_labels, hp.transform, hp.ignore_index, True)
-        logp, entropy = logp.view(k, T), entropy.view(k, T)
-        if token_logp is not None:
-            token_logp[rows] = logp
-        m = mask[rows]
-        old_rows = logp if old is None else old[rows]
-        max_abs_log_ratio = torch.maximum(max_abs_log_ratio, masked_max_abs(logp - old_rows, m))
-        policy_rows, dloss = parts.policy_forward(logp, old_rows, adv[rows], m,
-                                                  None if is_weights is None else is_weights[rows],
-                                                  kernel_constants(hp.objective), needs_grad)
-        row_stats[rows, :ROW_ENTROPY] = policy_rows
-        row_stats[rows, ROW_ENTROPY] = valid_only(entropy, m).sum(-1)
-        w = row_weights[rows, None]
-        grad_logp = w * dloss if needs_grad else None  # dloss = m is dpg/dy
-        if ref is not None:
-            kl, dkl = kl_ops.kl_and_grad(valid_only(logp, m), valid_only(ref[rows], m), hp.kl_estimator,
-                                         parts.kl_backend)
-            if hp.kl_ratio is not None:
-                kl, dkl = ratio_weighted_kl(kl, dkl, logp, old_rows, m, hp.kl_ratio)
-            row_stats[rows, ROW_KL] = valid_only(kl, m).sum(-1)
-            if needs_grad and hp.kl_coef != 0:
-                grad_logp = grad_logp + (hp.kl_coef * w) * valid_only(dkl, m)
-        if not needs_grad:
-            continue
-        grad_entropy = (-hp.entropy_coef * w * m).reshape(-1) if hp.entropy_coef != 0 else None
-        grad_logits = launch_backward(logits, chunk_labels, norm, entropy.reshape(-1), grad_logp.reshape(-1),
-                                      grad_entropy, hp.transform, hp.ignore_index,
-                                      out=logits if backend in IN_PLACE_BACKWARD else None)
-        if want[0]:
-            grad_h[rows] = blocked_linear(grad_logits, weight.t(), out_dtype=hidden.dtype).view(k, T, H)
-        if want[1]:
-            accumulate_fp32(grad_w, grad_logits.t(), h)
-        if want[2]:
-            grad_b += grad_logits.sum(0, dtype=torch.float32)
-    # agg(x) = sum_b w_b (row sum of m x): the loss terms from the row sums.
-    policy_loss, entropy_agg, kl_agg = (row_weights @ row_stats[:, [ROW_LOSS, ROW_ENTROPY, ROW_KL]]).unbind()
-    loss = policy_loss - hp.entropy_coef * entropy_agg + hp.kl_coef * kl_agg
-    stats = torch.cat([row_token_means(row_stats), max_abs_log_ratio[None]])
-    return loss, policy_loss, stats, (grad_h, grad_w, grad_b), token_logp
+# The backends that have all three parts: triton and cpp. The cuda backend has CUDA kernels for the
+# head only, so it does not implement this op (forced, it raises BackendError; auto runs Triton).
+KERNELS = {backend: LossKernels(HEAD_KERNELS[backend], policy_ops.KERNELS[backend], kl_ops.KERNELS[backend])
+           for backend in HEAD_KERNELS if backend in policy_ops.KERNELS and backend in kl_ops.KERNELS}
 
 
 def ratio_weighted_kl(kl, dkl, logp, old, mask, level):
@@ -186,19 +100,74 @@ def fused_ppo_loss_forward(
     kl_estimator: str, kl_ratio: Optional[str], entropy_coef: float, chunk_tokens: int, compute_dtype: torch.dtype,
     want_hidden: bool, want_weight: bool, want_bias: bool, return_log_prob: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, policy_loss, stats [len(LOSS_STATS)], grad_hidden, grad_weight (fp32), grad_bias (fp32),
-    log_prob [B, T]),
-    the gradients of the loss itself, empty where not wanted (log_prob too); chunk_tokens 0 = from
-    the memory budget."""
-    hp = Hyper(LogitTransform.from_op_args(transform), ignore_index,
-               Objective.from_op_args(objective, objective_params), kl_coef, kl_estimator, entropy_coef,
-               chunk_tokens or chunk_budget_rows(weight.shape[0], hidden.device), compute_dtype, kl_ratio)
+    """(loss, policy_loss, stats [len(LOSS_STATS)]: the token means of the row statistics after the
+    token column, then max |logp - old| over valid tokens; grad_hidden, grad_weight (fp32),
+    grad_bias (fp32): the gradients of the loss itself, empty where not wanted; log_prob [B, T] or
+    empty), the chunk loop of the module docstring.
+
+    hidden [B, T, H]; labels [B, T] int64; old (None: the log-probs computed here, detached), adv,
+    mask (float 0/1), ref (or None) [B, T] float32 contiguous; is_weights None or [B, T] / [B, 1]
+    float32; row_weights [B] float32; chunk_tokens 0 = from the memory budget.
+    """
+    kernels = KERNELS[backend]
+    tr = LogitTransform.from_op_args(transform)
+    constants = kernel_constants(Objective.from_op_args(objective, objective_params))
+    weight, bias = in_compute_dtype(compute_dtype, weight, bias)
     want = (want_hidden, want_weight, want_bias)
-    loss, policy_loss, stats, grads, log_prob = loss_and_grads(hidden, weight, bias, labels, old, adv, mask, ref,
-                                                               is_weights, row_weights, hp, backend, want,
-                                                               return_log_prob)
-    return (loss, policy_loss, stats, *(hidden.new_empty(0) if g is None else g for g in grads),
-            hidden.new_empty(0, dtype=torch.float32) if log_prob is None else log_prob)
+    needs_grad = any(want)
+    B, T, H = hidden.shape
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    row_stats = torch.zeros(B, ROW_KL + 1, **f32)
+    max_abs_log_ratio = torch.zeros((), **f32)
+    grad_h = torch.empty_like(hidden) if want_hidden else hidden.new_empty(0)
+    grad_w = torch.zeros(weight.shape, **f32) if want_weight else hidden.new_empty(0)
+    grad_b = torch.zeros(weight.shape[0], **f32) if want_bias else hidden.new_empty(0)
+    log_prob = torch.empty(B, T, **f32) if return_log_prob else hidden.new_empty(0, dtype=torch.float32)
+    rows_per_chunk = max(1, (chunk_tokens or chunk_budget_rows(weight.shape[0], hidden.device)) // max(T, 1))
+    for start in range(0, B if T else 0, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, B))
+        k = rows.stop - rows.start
+        h = hidden[rows].reshape(k * T, H).to(compute_dtype)
+        chunk_labels = labels[rows].reshape(-1)
+        logits = blocked_linear(h, weight, bias)
+        logp, entropy, norm, _ = kernels.head.forward(logits, chunk_labels, tr, ignore_index, True)
+        logp, entropy = logp.view(k, T), entropy.view(k, T)
+        if return_log_prob:
+            log_prob[rows] = logp
+        m = mask[rows]
+        old_rows = logp if old is None else old[rows]
+        max_abs_log_ratio = torch.maximum(max_abs_log_ratio, masked_max_abs(logp - old_rows, m))
+        policy_rows, dloss = kernels.policy_forward(logp, old_rows, adv[rows], m,
+                                                    None if is_weights is None else is_weights[rows], constants,
+                                                    needs_grad)
+        row_stats[rows, :ROW_ENTROPY] = policy_rows
+        row_stats[rows, ROW_ENTROPY] = valid_only(entropy, m).sum(-1)
+        w = row_weights[rows, None]
+        grad_logp = w * dloss if needs_grad else None  # dloss = m is dpg/dy
+        if ref is not None:
+            kl, dkl = kl_ops.kl_and_grad(valid_only(logp, m), valid_only(ref[rows], m), kl_estimator, kernels.kl)
+            if kl_ratio is not None:
+                kl, dkl = ratio_weighted_kl(kl, dkl, logp, old_rows, m, kl_ratio)
+            row_stats[rows, ROW_KL] = valid_only(kl, m).sum(-1)
+            if needs_grad and kl_coef != 0:
+                grad_logp = grad_logp + (kl_coef * w) * valid_only(dkl, m)
+        if not needs_grad:
+            continue
+        grad_entropy = (-entropy_coef * w * m).reshape(-1) if entropy_coef != 0 else None
+        # dL/dlogits written into the chunk's logits buffer itself (read before overwritten)
+        grad_logits = kernels.head.backward(logits, chunk_labels, norm, entropy.reshape(-1), grad_logp.reshape(-1),
+                                            grad_entropy, tr, ignore_index, out=logits)
+        if want_hidden:
+            grad_h[rows] = blocked_linear(grad_logits, weight.t(), out_dtype=hidden.dtype).view(k, T, H)
+        if want_weight:
+            accumulate_fp32(grad_w, grad_logits.t(), h)
+        if want_bias:
+            grad_b += grad_logits.sum(0, dtype=torch.float32)
+    # agg(x) = sum_b w_b (row sum of m x): the loss terms from the row sums.
+    policy_loss, entropy_agg, kl_agg = (row_weights @ row_stats[:, [ROW_LOSS, ROW_ENTROPY, ROW_KL]]).unbind()
+    loss = policy_loss - entropy_coef * entropy_agg + kl_coef * kl_agg
+    stats = torch.cat([row_token_means(row_stats), max_abs_log_ratio[None]])
+    return loss, policy_loss, stats, grad_h, grad_w, grad_b, log_prob
 
 
 @fused_ppo_loss_forward.register_fake
@@ -242,11 +211,11 @@ fused_ppo_loss_forward.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- public
-def _loss_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None, temperature=1.0,
-                  ignore_index=-100, ref_log_prob=None, kl_coef=0.0, kl_estimator="low_var_kl", kl_ratio=None,
-                  entropy_coef=0.0, agg="token-mean", num_tokens=None, num_seqs=None, is_weights=None,
-                  objective: Objective, chunk_size=None, logit_scale=1.0, softcap=None, return_log_prob=False,
-                  backend):
+def _fused_linear_ppo_loss_on_kernels(hidden, weight, labels, old_log_prob, advantages, mask, *, bias=None,
+                                      temperature=1.0, ignore_index=-100, ref_log_prob=None, kl_coef=0.0,
+                                      kl_estimator="low_var_kl", kl_ratio=None, entropy_coef=0.0, agg="token-mean",
+                                      num_tokens=None, num_seqs=None, is_weights=None, objective: Objective,
+                                      chunk_size=None, logit_scale=1.0, softcap=None, return_log_prob=False, backend):
     if not objective.compiled:
         return _generic_loss(hidden, weight, labels, old_log_prob, advantages, mask, bias=bias, temperature=temperature,
                              ignore_index=ignore_index, ref_log_prob=ref_log_prob, kl_coef=kl_coef,
@@ -298,7 +267,7 @@ def _loss_of_head(logp, entropy, old_log_prob, advantages, mask, return_log_prob
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-FUSED_LINEAR_PPO_LOSS = backend_table(_loss_kernels, TOKEN_PARTS, reference.fused_linear_ppo_loss)
+FUSED_LINEAR_PPO_LOSS = backend_table(_fused_linear_ppo_loss_on_kernels, KERNELS, reference.fused_linear_ppo_loss)
 IMPLEMENTATIONS = {"fused_linear_ppo_loss": FUSED_LINEAR_PPO_LOSS}
 
 

@@ -99,14 +99,14 @@ def _(rewards, values, mask, gamma, lam, backend):
 
 
 # ----------------------------------------------------------------------------- public
-def _gae_on(rewards, values, mask, *, gamma, lam, backend):
+def _gae_on_kernels(rewards, values, mask, *, gamma, lam, backend):
     if plain_eager(rewards):  # no autograd to register: the kernel itself, without the op's dispatch
         return KERNELS[backend](rewards, values, mask, gamma, lam)
     return gae_op(rewards, values, mask, gamma, lam, backend)
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-GAE = backend_table(_gae_on, KERNELS, reference.gae)
+GAE = backend_table(_gae_on_kernels, KERNELS, reference.gae)
 IMPLEMENTATIONS = {"gae": GAE}
 
 

@@ -191,41 +191,18 @@ KERNELS = {"triton": KLKernels(_launch_kl, _launch_kl_backward, _launch_rewards)
            "cpp": KLKernels(_cpp_kl, _cpp_kl_backward, _cpp_rewards)}
 
 
-def _kl_grad_torch(log_prob, ref, code):
-    """d KL / d log_prob in torch, elementwise: the twin of _kl_grad above for the backends
-    without a KL kernel (tests/ops/test_kl.py checks it against autograd of the reference)."""
-    diff = log_prob - ref
-    if code == KL_K1:
-        return torch.ones_like(diff)
-    if code == KL_ABS:
-        return torch.sign(diff)
-    if code == KL_K2:
-        return diff
-    raw = ref - log_prob
-    kappa = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    value = torch.exp(kappa) - kappa - 1.0
-    inside = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)
-    if code != KL_K3_RAW:
-        inside = inside & (value >= -K3_CLAMP) & (value <= K3_CLAMP)
-    return torch.where(inside, 1.0 - torch.exp(kappa), 0.0)
-
-
 def _codes(estimator):
     """(value code, gradient code): a '+' estimator takes the gradient of k2."""
     value_code = KL_ESTIMATOR_CODES[estimator.rstrip("+")]
     return value_code, KL_K2 if estimator.endswith("+") else value_code
 
 
-def kl_and_grad(log_prob, ref_log_prob, estimator, backend):
-    """Per-token (KL, d KL / d log_prob) without autograd, for ops that form their gradient in
-    the forward (fused_linear_ppo_loss): the backend's kernels, else the reference and _kl_grad_torch."""
+def kl_and_grad(log_prob, ref_log_prob, estimator, kernels: KLKernels):
+    """Per-token (KL, d KL / d log_prob) on one backend's KERNELS entry, without autograd, for ops
+    that form their gradient in the forward (fused_linear_ppo_loss)."""
     _, grad_code = _codes(estimator)
-    if backend in KERNELS:
-        kernels = KERNELS[backend]
-        grad, _ = kernels.backward(log_prob, ref_log_prob, torch.ones_like(log_prob), grad_code, True, False)
-        return kernels.forward(log_prob, ref_log_prob, estimator), grad
-    return reference.kl_penalty(log_prob, ref_log_prob, estimator=estimator), _kl_grad_torch(log_prob, ref_log_prob,
-                                                                                            grad_code)
+    grad, _ = kernels.backward(log_prob, ref_log_prob, torch.ones_like(log_prob), grad_code, True, False)
+    return kernels.forward(log_prob, ref_log_prob, estimator), grad
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -281,17 +258,17 @@ def _(scores, log_prob, ref_log_prob, mask, kl_coef, estimator, backend):
 
 
 # ----------------------------------------------------------------------------- public
-def _kl_on(log_prob, ref_log_prob, *, estimator="k1", backend):
+def _kl_penalty_on_kernels(log_prob, ref_log_prob, *, estimator="k1", backend):
     return kl_forward(log_prob, ref_log_prob, estimator, backend)
 
 
-def _rewards_on(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1", backend):
+def _compute_rewards_on_kernels(scores, log_prob, ref_log_prob, mask, *, kl_coef, estimator="k1", backend):
     return compute_rewards_op(scores, log_prob, ref_log_prob, mask, kl_coef, estimator, backend)
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-KL_PENALTY = backend_table(_kl_on, KERNELS, reference.kl_penalty)
-COMPUTE_REWARDS = backend_table(_rewards_on, KERNELS, reference.compute_rewards)
+KL_PENALTY = backend_table(_kl_penalty_on_kernels, KERNELS, reference.kl_penalty)
+COMPUTE_REWARDS = backend_table(_compute_rewards_on_kernels, KERNELS, reference.compute_rewards)
 IMPLEMENTATIONS = {"kl_penalty": KL_PENALTY, "compute_rewards": COMPUTE_REWARDS}
 
 

@@ -349,16 +349,17 @@ def _native_backward(module, logits, labels, norm, entropy, grad_logp, grad_entr
 
 # (forward, backward) launchers per kernel backend: the custom ops below call them by name, and so
 # do the chunks of fused_linear.py and fused_linear_ppo_loss.py.
-class Launchers(NamedTuple):
+class LogprobsKernels(NamedTuple):
     """One backend's log-probs launchers (the signatures of _launch_forward / _launch_backward)."""
     forward: Callable
     backward: Callable
 
 
-LAUNCHERS = {
-    "triton": Launchers(_launch_forward, _launch_backward),
-    "cuda": Launchers(functools.partial(_native_forward, "_C_cuda"), functools.partial(_native_backward, "_C_cuda")),
-    "cpp": Launchers(functools.partial(_native_forward, "_C"), functools.partial(_native_backward, "_C")),
+KERNELS = {
+    "triton": LogprobsKernels(_launch_forward, _launch_backward),
+    "cuda": LogprobsKernels(functools.partial(_native_forward, "_C_cuda"),
+                            functools.partial(_native_backward, "_C_cuda")),
+    "cpp": LogprobsKernels(functools.partial(_native_forward, "_C"), functools.partial(_native_backward, "_C")),
 }
 
 
@@ -373,7 +374,7 @@ def logprobs_forward(logits: torch.Tensor, labels: Optional[torch.Tensor], trans
     """(logp or empty, entropy or empty, norm [..., 2], stats [..., 3] or empty), float32, the leading
     dimensions logits.shape[:-1]."""
     tr = LogitTransform.from_op_args(transform)
-    out = LAUNCHERS[backend].forward(logits, labels, tr, ignore_index, with_entropy, with_stats)
+    out = KERNELS[backend].forward(logits, labels, tr, ignore_index, with_entropy, with_stats)
     return tuple(logits.new_empty(0, dtype=torch.float32) if t is None else t for t in out)
 
 
@@ -392,7 +393,7 @@ def logprobs_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], norm
                       backend: str) -> torch.Tensor:
     """grad_logits in the logits' dtype (contiguous)."""
     tr = LogitTransform.from_op_args(transform)
-    return LAUNCHERS[backend].backward(logits, labels, norm, entropy, grad_logp, grad_entropy, tr,
+    return KERNELS[backend].backward(logits, labels, norm, entropy, grad_logp, grad_entropy, tr,
                                  ignore_index).view(logits.shape)
 
 
@@ -429,8 +430,8 @@ def split_stats(stats: torch.Tensor) -> dict:
     return {STATS[0]: stats[..., 0], STATS[1]: stats[..., 1], STATS[2]: stats[..., 2] > 0.5}
 
 
-def _logprobs_kernels(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, logit_scale=1.0,
-                      softcap=None, return_stats=False, backend):
+def _logprobs_from_logits_on_kernels(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                                     logit_scale=1.0, softcap=None, return_stats=False, backend):
     tr = LogitTransform.of(temperature, logit_scale, softcap)
     logp, entropy, _, stats = logprobs_forward(logits, labels, tr.to_op_args(), ignore_index,
                                                return_entropy or return_stats, return_stats, backend)
@@ -439,14 +440,14 @@ def _logprobs_kernels(logits, labels, *, temperature=1.0, ignore_index=-100, ret
     return (logp, entropy) if return_entropy else logp
 
 
-def _entropy_kernels(logits, *, temperature=1.0, logit_scale=1.0, softcap=None, backend):
+def _entropy_from_logits_on_kernels(logits, *, temperature=1.0, logit_scale=1.0, softcap=None, backend):
     tr = LogitTransform.of(temperature, logit_scale, softcap)
     return logprobs_forward(logits, None, tr.to_op_args(), -100, True, False, backend)[1]
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-LOGPROBS_FROM_LOGITS = backend_table(_logprobs_kernels, LAUNCHERS, reference.logprobs_from_logits)
-ENTROPY_FROM_LOGITS = backend_table(_entropy_kernels, LAUNCHERS, reference.entropy_from_logits)
+LOGPROBS_FROM_LOGITS = backend_table(_logprobs_from_logits_on_kernels, KERNELS, reference.logprobs_from_logits)
+ENTROPY_FROM_LOGITS = backend_table(_entropy_from_logits_on_kernels, KERNELS, reference.entropy_from_logits)
 IMPLEMENTATIONS = {"logprobs_from_logits": LOGPROBS_FROM_LOGITS, "entropy_from_logits": ENTROPY_FROM_LOGITS}
 
 

@@ -136,24 +136,24 @@ def _(x, mask, shift_mean, backend):
 
 
 # ----------------------------------------------------------------------------- public
-def _agg_on(loss, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, backend):
+def _agg_loss_on_kernels(loss, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, backend):
     needs_grad = torch.is_grad_enabled() and loss.requires_grad
     row_stats, _ = row_sums(loss, mask, needs_grad, backend)
     return weighted_row_total(row_stats, agg, num_tokens, num_seqs)
 
 
-def _masked_mean_on(x, mask, *, backend):
-    return _agg_on(x, mask, "token-mean", backend=backend)
+def _masked_mean_on_kernels(x, mask, *, backend):
+    return _agg_loss_on_kernels(x, mask, "token-mean", backend=backend)
 
 
-def _whiten_on(x, mask, *, shift_mean=True, backend):
+def _masked_whiten_on_kernels(x, mask, *, shift_mean=True, backend):
     return masked_whiten_op(x, mask, shift_mean, backend)
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-AGG_LOSS = backend_table(_agg_on, KERNELS, reference.agg_loss)
-MASKED_MEAN = backend_table(_masked_mean_on, KERNELS, reference.masked_mean)
-MASKED_WHITEN = backend_table(_whiten_on, KERNELS, reference.masked_whiten)
+AGG_LOSS = backend_table(_agg_loss_on_kernels, KERNELS, reference.agg_loss)
+MASKED_MEAN = backend_table(_masked_mean_on_kernels, KERNELS, reference.masked_mean)
+MASKED_WHITEN = backend_table(_masked_whiten_on_kernels, KERNELS, reference.masked_whiten)
 IMPLEMENTATIONS = {"agg_loss": AGG_LOSS, "masked_mean": MASKED_MEAN, "masked_whiten": MASKED_WHITEN}
 
 

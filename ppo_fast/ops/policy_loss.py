@@ -227,9 +227,10 @@ def _forward_cpp(log_prob, old_log_prob, advantages, mask, is_weights, constants
                                                    RATIO_LEVEL_CODES[level], *values, needs_grad)
 
 
-# ----------------------------------------------------------------------------- custom op
 KERNELS = {"triton": _forward_triton, "cpp": _forward_cpp}
 
+
+# ----------------------------------------------------------------------------- custom op
 
 def _policy_rows(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                  is_weights: Optional[torch.Tensor], objective: str, objective_params: str, needs_grad: bool,
@@ -253,29 +254,23 @@ def _(log_prob, old_log_prob, advantages, mask, is_weights, objective, objective
 policy_rows = register_loss_rows_autograd(policy_loss_rows, _policy_rows)
 
 
-def rows_for(log_prob, old_log_prob, advantages, mask, is_weights, objective: Objective, needs_grad, backend):
-    """The kernel's (row_stats, dloss) for a compiled Objective, through the custom op (ppo_policy_loss;
-    the fused PPO loss calls the kernels of KERNELS directly, inside its own op)."""
-    return policy_rows(log_prob, old_log_prob, advantages, mask, is_weights, *objective.to_op_args(), needs_grad,
-                       backend)
-
-
 # ----------------------------------------------------------------------------- public
-def _loss_from_rows(log_prob, old_log_prob, advantages, mask, *, objective: Objective, agg, num_tokens, num_seqs,
-                    is_weights, backend):
+def _ppo_policy_loss_on_kernels(log_prob, old_log_prob, advantages, mask, *, objective: Objective, agg, num_tokens,
+                                num_seqs, is_weights, backend):
     """A compiled objective through its kernel; any other through its definition (the generic path)."""
     if not objective.compiled:
         return reference.ppo_policy_loss(log_prob, old_log_prob, advantages, mask, objective=objective, agg=agg,
                                          num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights)
     needs_grad = torch.is_grad_enabled() and log_prob.requires_grad
-    row_stats, _ = rows_for(log_prob, old_log_prob, advantages, mask, is_weights, objective, needs_grad, backend)
+    row_stats, _ = policy_rows(log_prob, old_log_prob, advantages, mask, is_weights, *objective.to_op_args(),
+                               needs_grad, backend)
     clipfrac, approx_kl, lower = row_token_means(row_stats.detach()).unbind()
     loss = weighted_row_total(row_stats, agg, num_tokens, num_seqs)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "clipfrac_lower": lower}
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-PPO_POLICY_LOSS = backend_table(_loss_from_rows, KERNELS, reference.ppo_policy_loss)
+PPO_POLICY_LOSS = backend_table(_ppo_policy_loss_on_kernels, KERNELS, reference.ppo_policy_loss)
 IMPLEMENTATIONS = {"ppo_policy_loss": PPO_POLICY_LOSS}
 
 

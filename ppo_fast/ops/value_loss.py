@@ -79,9 +79,10 @@ def _forward_cpp(values, old_values, returns, mask, clip, needs_grad):
     return native_module("_C").value_loss_forward(*inputs, clip, needs_grad)
 
 
-# ----------------------------------------------------------------------------- custom op
 KERNELS = {"triton": _forward_triton, "cpp": _forward_cpp}
 
+
+# ----------------------------------------------------------------------------- custom op
 
 def _value_rows(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                 clip: float, needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +104,7 @@ value_rows = register_loss_rows_autograd(value_loss_rows, _value_rows)
 
 
 # ----------------------------------------------------------------------------- public
-def _loss_from_rows(values, old_values, returns, mask, *, clip, agg, num_tokens, num_seqs, backend):
+def _value_loss_on_kernels(values, old_values, returns, mask, *, clip, agg, num_tokens, num_seqs, backend):
     needs_grad = torch.is_grad_enabled() and values.requires_grad
     row_stats, _ = value_rows(values, old_values, returns, mask, clip, needs_grad, backend)
     (clipfrac,) = row_token_means(row_stats.detach()).unbind()
@@ -111,7 +112,7 @@ def _loss_from_rows(values, old_values, returns, mask, *, clip, agg, num_tokens,
 
 
 # {backend: implementation with the public signature}; dispatch calls these.
-VALUE_LOSS = backend_table(_loss_from_rows, KERNELS, reference.value_loss)
+VALUE_LOSS = backend_table(_value_loss_on_kernels, KERNELS, reference.value_loss)
 IMPLEMENTATIONS = {"value_loss": VALUE_LOSS}
 
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from ppo_fast.ops import reference
 from ppo_fast.ops.backend import resolve_backend
-from ppo_fast.ops.logprobs import LAUNCHERS, STATS, LogitTransform, split_stats
+from ppo_fast.ops.logprobs import KERNELS, STATS, LogitTransform, split_stats
 from ppo_fast.ops.reference import blocked_linear, row_sums
 
 VOCAB_BLOCK = 128  # columns per unit of the invariant path (shard offsets must be multiples of it)
@@ -174,7 +174,7 @@ def unit_partials(logits: torch.Tensor, tr: LogitTransform, backend: str, invari
     if backend == "torch":
         x = transformed(logits, tr)
         return torch.stack([_torch_partials(x[:, a:b], with_stats) for a, b in spans], 1)
-    forward = LAUNCHERS[backend].forward
+    forward = KERNELS[backend].forward
     out = torch.empty(N, len(spans), k, device=logits.device, dtype=torch.float32)
     full = V // VOCAB_BLOCK if invariant else 0
     pieces = []  # (first unit, logits view [rows, cols] whose rows are (row, unit) in order)
@@ -340,7 +340,7 @@ def _local_backward(logits, local_labels, norm, entropy, grad_logp, grad_entropy
     if logits.shape[-1] == 0:
         return torch.zeros_like(logits)
     if backend != "torch":
-        return LAUNCHERS[backend].backward(logits, local_labels, norm, entropy, grad_logp, grad_entropy, tr, LOCAL_IGNORE)
+        return KERNELS[backend].backward(logits, local_labels, norm, entropy, grad_logp, grad_entropy, tr, LOCAL_IGNORE)
     with torch.enable_grad():
         z = logits.detach().requires_grad_()
         x = transformed(z, tr)  # as the forward's partials formed it
@@ -366,7 +366,7 @@ def logprobs_from_logits(logits, labels, *, tp_group, temperature=1.0, ignore_in
     """logprobs_from_logits on a vocabulary shard logits [..., V_local] (global labels); see the module
     docstring. Called by ppo_fast.ops.logprobs_from_logits with tp_group."""
     tr = LogitTransform.of(temperature, logit_scale, softcap)
-    backend = resolve_backend(logits.device, "logprobs_from_logits", LAUNCHERS | {"torch": None})
+    backend = resolve_backend(logits.device, "logprobs_from_logits", KERNELS | {"torch": None})
     shape = logits.shape[:-1]
     flat = logits.reshape(math.prod(shape), logits.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1).long()

@@ -41,9 +41,19 @@ from ppo_fast.ppo.run_folder import RunFolder
 
 # How a micro-batch's statistic adds up to its minibatch's: "share" — already the micro-batch's share
 # of the minibatch value (the losses, aggregated with the minibatch's global counts); "token" — a
-# token mean over the micro-batch, weighted by its share of the minibatch's tokens.
+# token mean over the micro-batch, weighted by its share of the minibatch's tokens; "max" — the
+# largest over the micro-batches (|log pi - log pi_old|).
 MICRO_STATS = {"policy_loss": "share", "value_loss": "share", "clipfrac": "token", "approx_kl": "token",
-               "clipfrac_lower": "token", "value_clipfrac": "token"}
+               "clipfrac_lower": "token", "value_clipfrac": "token", "max_abs_log_ratio": "max"}
+
+
+def add_up(how: str, total, value, share):
+    """A micro-batch's statistic added to its minibatch's running `total` (None before the first),
+    as MICRO_STATS says; `share` is the micro-batch's share of the minibatch's tokens."""
+    value = value * share if how == "token" else value
+    if total is None:
+        return value
+    return torch.maximum(total, value) if how == "max" else total + value
 
 
 class TrainingDiverged(RuntimeError):
@@ -330,46 +340,40 @@ class PPOTrainer:
         return {**{key: value / n_steps for key, value in totals.items()}, "onpolicy_max_log_ratio": onpolicy,
                 "max_log_ratio": peak}
 
-    def loss_aggregation(self, num_tokens: int, num_seqs: int) -> dict:
-        """The losses' agg keywords for a minibatch of these global counts (Dr. GRPO's
-        seq-mean-token-sum-norm: the token sum over a constant, mini_batch_size x max_new_tokens)."""
-        cfg = self.config
-        if cfg.loss_agg == "seq-mean-token-sum-norm":
-            return dict(agg="token-mean", num_tokens=float(cfg.mini_batch_size * cfg.max_new_tokens), num_seqs=None)
-        return dict(agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
-
     def minibatch_step(self, mini: Experience) -> dict:
-        """Accumulate the micro-batches' gradients, then one optimiser step; the minibatch's stats
-        (max_abs_log_ratio: the largest |log pi - log pi_old| of its tokens, over every rank)."""
+        """One optimiser step: each micro-batch's loss is its share of the minibatch's mean over
+        every rank (the global counts), so their gradients accumulate to the minibatch's; then the
+        step. Returns the minibatch's statistics over every rank, each added up as MICRO_STATS says."""
+        cfg = self.config
         token_counts = mini.mask.sum(-1)
         counts = self.world.sum(torch.stack([token_counts.sum(), (token_counts > 0).sum()]).double())  # global
         num_tokens, num_seqs = (max(int(c), 1) for c in counts.tolist())
-        stats, loss_sum, largest = defaultdict(float), 0.0, torch.zeros((), device=self.device)
+        agg = dict(agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        if cfg.loss_agg == "seq-mean-token-sum-norm":  # Dr. GRPO: the token sum over a constant
+            agg = dict(agg="token-mean", num_tokens=float(cfg.mini_batch_size * cfg.max_new_tokens), num_seqs=None)
+        stats, loss_sum = {}, torch.zeros((), device=self.device)
         for start in range(0, len(mini.labels), self.micro_batch_size):
             micro = mini.select(slice(start, start + self.micro_batch_size))
-            loss, micro_stats = self.micro_batch_loss(micro, num_tokens, num_seqs)
-            (loss * self.world.dp_size).backward()  # data shards' gradients are averaged: ×their count makes it the sum
+            loss, micro_stats = self.loss(micro, agg)
+            (loss * self.world.dp_size).backward()  # FSDP averages over data shards: ×their count gives the sum
             loss_sum = loss_sum + loss.detach()
-            largest = torch.maximum(largest, micro_stats.pop("max_abs_log_ratio"))
             share = micro.mask.sum() / num_tokens
             for key, value in micro_stats.items():
-                stats[key] = stats[key] + (value if MICRO_STATS[key] == "share" else value * share)
+                stats[key] = add_up(MICRO_STATS[key], stats.get(key), value, share)
+        largest = {"max_abs_log_ratio": stats.pop("max_abs_log_ratio")}
         stats = self.world.reduce_stats({**stats, "loss": loss_sum}, self.device, mean=False)  # over all ranks
-        stats.update(self.world.max({"max_abs_log_ratio": largest}, self.device))
-        loss_sum = stats.pop("loss")
+        stats.update(self.world.max(largest, self.device))
         self.world.average_replicated_grads([p for group in self.optimizer.params for p in group])
         skipped_before = self.optimizer.skipped
-        stats["grad_norm"], stats["critic_grad_norm"] = self.optimizer.step(loss_sum)
+        stats["grad_norm"], stats["critic_grad_norm"] = self.optimizer.step(stats.pop("loss"))
         self._count_skips(self.optimizer.skipped > skipped_before)
         return stats
 
-    def micro_batch_loss(self, batch: Experience, num_tokens: float, num_seqs: float):
-        """Loss of a micro-batch as its share of the minibatch mean, and its statistics.
-
-        The policy objective (cfg.objective - entropy bonus + KL loss) comes straight from the
-        hidden states (`fused_linear_ppo_loss`: its gradient is formed in the forward)."""
+    def loss(self, batch: Experience, agg: dict):
+        """A micro-batch's loss, aggregated as `agg` says (the losses' agg keywords), and its statistics:
+        the policy objective (cfg.objective - entropy bonus + KL loss) straight from the hidden states
+        (`fused_linear_ppo_loss`: its gradient is formed in the forward), plus vf_coef x the value loss."""
         cfg, ops = self.config, self.ops
-        agg = self.loss_aggregation(num_tokens, num_seqs)
         hidden = self.policy_hidden(batch.sequences, batch.attention_mask, batch.labels)
         head = self.policy.get_output_embeddings()
         with_kl = cfg.kl_loss_coef > 0
@@ -385,8 +389,7 @@ class PPOTrainer:
             value_loss, value_clipfrac = ops.value_loss(values, batch.old_values, batch.returns, batch.mask,
                                                         clip=cfg.value_clip, **agg)
             loss = loss + cfg.vf_coef * value_loss
-        stats = {k: policy_stats[k] for k in ("clipfrac", "approx_kl", "clipfrac_lower", "policy_loss",
-                                              "max_abs_log_ratio")}
+        stats = {k: policy_stats[k] for k in MICRO_STATS if k in policy_stats}
         stats.update(value_loss=value_loss, value_clipfrac=value_clipfrac)
         return loss, {k: v.detach() for k, v in stats.items()}
 

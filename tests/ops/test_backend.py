@@ -45,7 +45,7 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
     with ppo_fast.use_backend("cuda"), pytest.raises(BackendError, match="runs on CUDA tensors only"):
         resolve_backend(cpu, "op", ALL)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with ppo_fast.use_backend("triton"), pytest.raises(BackendError, match="TRITON_INTERPRET=1 for CPU"):
+    with ppo_fast.use_backend("triton"), pytest.raises(BackendError, match="or on CPU tensors under TRITON_INTERPRET=1"):
         resolve_backend(cpu, "op", ALL)
     with ppo_fast.use_backend("triton"), pytest.raises(BackendError, match="does not implement this op"):
         resolve_backend(cpu, "op", {"torch": None})
@@ -75,6 +75,30 @@ def test_readme_backends_column_is_each_ops_implementation_table():
     documented = {m.group(1): tuple(b.strip() for b in m.group(2).split(","))
                   for m in re.finditer(r"^\| `(\w+)\(.*\| ([a-z, ]+) \|$", readme, re.M)}
     assert documented == {op: tuple(table) for op, table in IMPLEMENTATIONS.items()}
+
+
+def test_every_op_file_has_the_same_shape_and_names():
+    """Each op's table {backend: implementation} binds, for every kernel backend, the one function
+    `_<op>_on_kernels` of the op's own file, whose `KERNELS` table has that backend; the "torch" entry
+    is the reference of the same name. An op file with another layer name or a positional table
+    fails here."""
+    import functools
+    import importlib
+
+    from ppo_fast.ops import FAMILIES, IMPLEMENTATIONS, reference
+
+    family_of = {op: family for family in FAMILIES
+                 for op in importlib.import_module(f"ppo_fast.ops.{family}").IMPLEMENTATIONS}
+    for op, table in IMPLEMENTATIONS.items():
+        module = importlib.import_module(f"ppo_fast.ops.{family_of[op]}")
+        assert table["torch"] is getattr(reference, op), op
+        kernel_backends = [b for b in table if b != "torch"]
+        for backend in kernel_backends:
+            entry = table[backend]
+            assert isinstance(entry, functools.partial) and entry.keywords == {"backend": backend}, (op, backend)
+            assert entry.func is getattr(module, f"_{op}_on_kernels"), (op, backend, entry.func.__name__)
+            assert backend in module.KERNELS, (op, backend)
+        assert not kernel_backends or set(kernel_backends) == set(module.KERNELS), op
 
 
 def test_readme_layout_names_every_module():

@@ -85,6 +85,11 @@ def test_whitened_advantages(tmp_path):
     assert abs(valid.mean()) < 1e-5 and valid.std() == pytest.approx(1.0, rel=1e-4)
 
 
+def agg(num_tokens, num_seqs):
+    """The loss's agg keywords for the default loss_agg (token-mean) and these counts."""
+    return dict(agg="token-mean", num_tokens=num_tokens, num_seqs=num_seqs)
+
+
 def test_micro_batches_accumulate_to_the_minibatch_gradient(trainer):
     """Loss shares normalised by the minibatch token count: 4 micro-batches == 1 big one."""
     exp, _ = trainer.make_experience(trainer.rollout())
@@ -95,7 +100,7 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(trainer):
     def grads(micro_size):
         trainer.optimizer.optimizer.zero_grad(set_to_none=True)
         for start in range(0, 8, micro_size):
-            loss, _ = trainer.micro_batch_loss(mini.select(slice(start, start + micro_size)), num_tokens, num_seqs)
+            loss, _ = trainer.loss(mini.select(slice(start, start + micro_size)), agg(num_tokens, num_seqs))
             loss.backward()
         return [p.grad.clone() for group in trainer.optimizer.params for p in group if p.grad is not None]
 
@@ -106,7 +111,7 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(trainer):
 def test_update_loss_equals_reference_loss(trainer):
     exp, _ = trainer.make_experience(trainer.rollout())
     exp.advantages = torch.randn_like(exp.advantages)
-    _, stats = trainer.micro_batch_loss(exp, int(exp.mask.sum()), exp.mask.shape[0])
+    _, stats = trainer.loss(exp, agg(int(exp.mask.sum()), exp.mask.shape[0]))
     with torch.no_grad():  # first update step: the policy is still the old policy
         logp, _ = full_logits_logprobs(trainer.policy, exp.sequences, exp.attention_mask, exp.labels)
         values = trainer.critic(exp.sequences, exp.attention_mask, exp.prompt_length).double()
@@ -127,7 +132,7 @@ def test_update_gradient_with_entropy_and_kl_terms_equals_the_reference_ops(tmp_
     def loss_and_grads(ops):
         trainer.ops = ops
         trainer.optimizer.optimizer.zero_grad(set_to_none=True)
-        loss, _ = trainer.micro_batch_loss(exp, int(exp.mask.sum()), exp.mask.shape[0])
+        loss, _ = trainer.loss(exp, agg(int(exp.mask.sum()), exp.mask.shape[0]))
         loss.backward()
         return loss.detach(), [p.grad.clone() for group in trainer.optimizer.params for p in group]
 
@@ -141,8 +146,8 @@ def test_update_gradient_with_entropy_and_kl_terms_equals_the_reference_ops(tmp_
 def test_non_finite_step_is_skipped_and_counted(trainer):
     exp, _ = trainer.make_experience(trainer.rollout())
     before = [p.detach().clone() for group in trainer.optimizer.params for p in group]
-    real_loss = trainer.micro_batch_loss
-    trainer.micro_batch_loss = lambda *a: (lambda loss, stats: (loss * float("nan"), stats))(*real_loss(*a))
+    real_loss = trainer.loss
+    trainer.loss = lambda *a: (lambda loss, stats: (loss * float("nan"), stats))(*real_loss(*a))
     trainer.update(exp)
     after = [p.detach() for group in trainer.optimizer.params for p in group]
     assert trainer.skipped_steps == 2  # 16 sequences / mini-batches of 8, one epoch
