@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ppo_fast.bench.timing import environment, synchronize
-from ppo_fast.ops.vocab_parallel import vocab_shards
+from ppo_fast.ops.vocab_parallel import VOCAB_BLOCK, vocab_shards
 
 SHAPES = {"cpu": dict(N=1024, H=256, V=32000, dtype=torch.float32),
           "cuda": dict(N=2048, H=4096, V=131072, dtype=torch.bfloat16),  # Liger #1422's M, H, V
@@ -41,7 +41,7 @@ def received_mb(fn: str, mode: str, invariant: bool, tp: int, N: int, H: int, vo
     """Bytes a rank receives per call (module docstring), in MB."""
     if tp == 1:
         return 0.0
-    units = -(-vocab // tp // 128) if invariant else 1
+    units = -(-vocab // tp // VOCAB_BLOCK) if invariant else 1
     total = (tp - 1) * N * (units + 1) * 3 * 4
     if fn == "fused_linear_logprobs" and mode == "fwd+bwd":
         total += 2 * (tp - 1) / tp * N * H * 4

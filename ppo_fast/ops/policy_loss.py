@@ -231,7 +231,6 @@ KERNELS = {"triton": _forward_triton, "cpp": _forward_cpp}
 
 
 # ----------------------------------------------------------------------------- custom op
-
 def _policy_rows(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                  is_weights: Optional[torch.Tensor], objective: str, objective_params: str, needs_grad: bool,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:

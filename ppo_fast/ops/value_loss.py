@@ -83,7 +83,6 @@ KERNELS = {"triton": _forward_triton, "cpp": _forward_cpp}
 
 
 # ----------------------------------------------------------------------------- custom op
-
 def _value_rows(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                 clip: float, needs_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_stats [B, len(VALUE_ROW_STATS)], m dL/dvalues [B, T] or empty), float32."""

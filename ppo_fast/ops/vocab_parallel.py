@@ -64,8 +64,8 @@ def vocab_shards(vocab: int, size: int, aligned: bool = False) -> list:
 def shard_layout(local_vocab: int, group, device, check: dict, labels=None, ignore_index=-100,
                  invariant=False) -> tuple[int, int]:
     """(offset, total vocabulary) of this rank's shard, from one small all-gather of every rank's shard
-    size, settings (`check`: dtype, device, transform, mode must agree) and label range; a bad
-    set-up raises the same error on every rank (no rank is left waiting in a collective)."""
+    size, settings (`check`, settings_of: dtype, device, transform, mode must agree) and label range; a
+    bad set-up raises the same error on every rank (no rank is left waiting in a collective)."""
     size = dist.get_world_size(group)
     code = float(int(hashlib.sha1(repr(sorted(check.items())).encode()).hexdigest()[:12], 16))  # same on every rank
     counted = labels[labels != ignore_index] if labels is not None else None
@@ -93,6 +93,12 @@ def shard_layout(local_vocab: int, group, device, check: dict, labels=None, igno
                          f"columns; the shards start at {offsets}; pad the vocabulary as Megatron does, or use "
                          f"invariant=False")
     return offsets[dist.get_rank(group)], total
+
+
+def settings_of(dtype, device, tr: LogitTransform, invariant: bool, **more) -> dict:
+    """The settings every rank of the group must call with alike (shard_layout's `check`)."""
+    return {"dtype": str(dtype), "device": device.type, "inv_t": tr.inv_t, "scale": tr.scale, "softcap": tr.softcap,
+            "invariant": invariant, **more}
 
 
 def from_dtensors(tp_group, sharded: dict, replicated: dict):
@@ -294,35 +300,38 @@ def first_max_column(best, index, big, group):
     return first
 
 
+def global_rows(partials, x_y, candidates, labels, ignore_index, group, with_stats):
+    """(logp [N] or None without labels, norm [N, 2], entropy [N], stats [N, 3] or None) of the whole
+    rows, from this rank's unit partials, label logits x_y and is_top1 candidates (shard_first_max):
+    one all-gather, the combine in global order, and with stats one min-reduce for is_top1."""
+    units, x_y = gather_with_label_logit(partials, x_y, group)
+    norm, entropy, stats = combine(units, with_stats)
+    logp = None if labels is None else torch.where(labels == ignore_index, 0.0, (x_y - norm[:, 0]) - norm[:, 1])
+    if not with_stats:
+        return logp, norm, entropy, None
+    first = first_max_column(*candidates, norm[:, 0], group)
+    is_top1 = torch.zeros_like(entropy) if labels is None else ((labels != ignore_index) & (first == labels)).float()
+    return logp, norm, entropy, torch.stack([stats[0], stats[1], is_top1], -1)
+
+
 # ----------------------------------------------------------------------------- logits sharded
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, tr, ignore_index, group, invariant, backend, with_stats):
         N, V = logits.shape
-        offset, _ = shard_layout(V, group, logits.device, {"dtype": str(logits.dtype), "invariant": invariant,
-                                                           "inv_t": tr.inv_t, "scale": tr.scale, "softcap": tr.softcap,
-                                                           "device": logits.device.type},
+        offset, _ = shard_layout(V, group, logits.device, settings_of(logits.dtype, logits.device, tr, invariant),
                                  labels, ignore_index, invariant)
         local_labels = None if labels is None else shard_label_ids(labels, offset, V, ignore_index)
         partials = unit_partials(logits, tr, backend, invariant, with_stats)
         candidates = shard_first_max(logits, tr, offset) if with_stats else None
         x_y = torch.zeros(N, device=logits.device) if labels is None else label_logit(logits, local_labels, tr)
-        units, x_y = gather_with_label_logit(partials, x_y, group)
-        norm, entropy, stats = combine(units, with_stats)
-        logp = None
-        if labels is not None:
-            logp = torch.where(labels == ignore_index, 0.0, (x_y - norm[:, 0]) - norm[:, 1])
+        logp, norm, entropy, stats = global_rows(partials, x_y, candidates, labels, ignore_index, group, with_stats)
         ctx.save_for_backward(logits, local_labels, norm, entropy)
         ctx.tr, ctx.backend = tr, backend
         ctx.set_materialize_grads(False)
-        out_stats = None
-        if with_stats:
-            first = first_max_column(*candidates, norm[:, 0], group)
-            is_top1 = torch.zeros(N, device=logits.device) if labels is None else \
-                ((labels != ignore_index) & (first == labels)).float()
-            out_stats = torch.stack([stats[0], stats[1], is_top1], -1)
-            ctx.mark_non_differentiable(out_stats)
-        return logp, entropy, out_stats
+        if stats is not None:
+            ctx.mark_non_differentiable(stats)
+        return logp, entropy, stats
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_stats):
@@ -425,11 +434,9 @@ class _VocabParallelLinear(torch.autograd.Function):
 
         N, V = hidden.shape[0], weight.shape[0]
         dtype = compute_dtype_of(hidden)
-        offset, total = shard_layout(V, group, hidden.device, {"dtype": str(dtype), "invariant": invariant,
-                                                           "hidden": hidden.shape[-1], "inv_t": tr.inv_t,
-                                                           "scale": tr.scale, "softcap": tr.softcap,
-                                                           "device": hidden.device.type},
-                                 labels, ignore_index, invariant)
+        offset, total = shard_layout(V, group, hidden.device,
+                                     settings_of(dtype, hidden.device, tr, invariant, hidden=hidden.shape[-1]),
+                                     labels, ignore_index, invariant)
         if invariant and not chunk:  # chunks from the whole vocabulary and a fixed budget: the same at any TP
             budget = whole_blocks(INVARIANT_CHUNK_BYTES // (total * BYTES_PER_LOGIT))
             chunk = default_chunk_size(N, total, hidden.shape[-1], budget)
@@ -448,18 +455,14 @@ class _VocabParallelLinear(torch.autograd.Function):
                 best[rows], index[rows] = shard_first_max(logits, tr, offset)
         partials = torch.cat(parts) if parts else unit_partials(hidden.new_zeros(0, V), tr, "torch", invariant,
                                                                  with_stats)
-        units, x_y = gather_with_label_logit(partials, x_y, group)
-        norm, entropy, stats = combine(units, with_stats)
-        logp = torch.where(labels == ignore_index, 0.0, (x_y - norm[:, 0]) - norm[:, 1])
+        logp, norm, entropy, stats = global_rows(partials, x_y, (best, index), labels, ignore_index, group,
+                                                 with_stats)
         ctx.save_for_backward(hidden, weight, bias, local_labels, norm, entropy)
         ctx.args = (tr, group, backend, chunk, dtype, invariant)
         ctx.set_materialize_grads(False)
-        out_stats = None
-        if with_stats:
-            first = first_max_column(best, index, norm[:, 0], group)
-            out_stats = torch.stack([stats[0], stats[1], ((labels != ignore_index) & (first == labels)).float()], -1)
-            ctx.mark_non_differentiable(out_stats)
-        return logp, entropy, out_stats
+        if stats is not None:
+            ctx.mark_non_differentiable(stats)
+        return logp, entropy, stats
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_stats):
